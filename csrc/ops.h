@@ -1,0 +1,81 @@
+// ops.h: the launcher of every tinyvllm kernel, in plain C++ types.
+//
+// This header is the seam between the framework and the kernels. The bindings
+// file (torch_bindings.cpp, the ONLY file that includes torch) checks each
+// tensor, turns it into a raw pointer plus sizes and strides, and calls one of
+// these functions. The .cu files implement them without knowing torch exists,
+// so a learner reads a kernel with no framework noise, and a .cu file compiles
+// in seconds instead of minutes.
+//
+// Conventions:
+//   * Pointers are device pointers. Sizes are element counts. Strides are in
+//     elements (not bytes), like torch's tensor.stride().
+//   * `DType` says what the void* activations hold; all math is float32.
+//   * Every launcher enqueues on `stream` and returns at once; it reports a bad
+//     launch with CUDA_CHECK (common.cuh), which throws std::runtime_error.
+//   * Paged KV cache, per layer: [num_blocks, num_kv_heads, block_size, head_dim].
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace tinyvllm {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ---- normalisation (rmsnorm.cu) -------------------------------------------
+// out[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight.
+// `impl` picks the version of the reduction: 0 = shared-memory tree (the
+// lesson), 1 = warp shuffles + 16-byte loads (the fast one the model uses).
+void rms_norm(void* out, const void* x, const void* weight, int64_t num_tokens, int64_t hidden,
+              int64_t x_row_stride, float eps, DType dtype, int impl, cudaStream_t stream);
+
+// In place: residual += x; x = rms_norm(residual) * weight.
+void fused_add_rms_norm(void* x, void* residual, const void* weight, int64_t num_tokens, int64_t hidden,
+                        float eps, DType dtype, int impl, cudaStream_t stream);
+
+// ---- rotary position embedding (rope.cu) ------------------------------------
+// Rotates q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] in place
+// (rotate-half pairing) using cos_sin_cache [max_position, rot_dim] float32.
+void rotary_embedding(const int64_t* positions, void* query, void* key, const float* cos_sin_cache,
+                      int64_t num_tokens, int num_heads, int num_kv_heads, int head_dim, int rot_dim,
+                      int64_t query_row_stride, int64_t key_row_stride, DType dtype, cudaStream_t stream);
+
+// ---- activation (activation.cu) -------------------------------------------
+// out[t, i] = silu(x[t, i]) * x[t, d + i], x: [T, 2d], out: [T, d].
+void silu_and_mul(void* out, const void* x, int64_t num_tokens, int64_t d, DType dtype, cudaStream_t stream);
+
+// ---- KV-cache write (cache.cu) ---------------------------------------------
+// key/value [T, num_kv_heads, head_dim] (row stride given) -> caches at slot_mapping[t].
+void reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
+                       const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_dim,
+                       int block_size, int64_t key_row_stride, int64_t value_row_stride, DType dtype,
+                       cudaStream_t stream);
+
+// ---- attention (attention/) -------------------------------------------------
+// Decode: out/query [num_seqs, num_heads, head_dim]; block_tables [num_seqs, max_blocks_per_seq].
+// `workspace` holds the flash-decoding partial results; its size in bytes comes
+// from paged_attention_decode_workspace_size().
+size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int head_dim, int max_seq_len);
+void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
+                            const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
+                            int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
+                            int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
+                            DType dtype, cudaStream_t stream);
+
+// Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
+// positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.
+void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,
+                       const int32_t* block_tables, const int32_t* cu_seqlens_q, const int32_t* seq_lens,
+                       int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                       int max_blocks_per_seq, int max_seqlen_q, int64_t query_row_stride, float scale,
+                       DType dtype, cudaStream_t stream);
+
+// ---- GEMM (gemm.cpp) -------------------------------------------------------
+// y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.
+// `handle` is a cublasHandle_t passed as void* so this header needs no cuBLAS.
+void gemm_xwt(void* y, const void* x, const void* w, int64_t m, int64_t n, int64_t k, DType dtype,
+              void* cublas_handle, cudaStream_t stream);
+
+}  // namespace tinyvllm

@@ -1,0 +1,65 @@
+"""A Sequence: one request's tokens and where its KV cache lives."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tinyvllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, no KV blocks yet
+    RUNNING = "running"  # holds KV blocks, being prefilled or decoded
+    FINISHED = "finished"  # done; its blocks are freed
+
+
+@dataclass
+class Sequence:
+    """One request as the engine sees it.
+
+    ``token_ids`` holds the prompt followed by every generated token.
+    ``num_computed_tokens`` counts the tokens whose k/v are already in the cache:
+    the model's next step computes ``token_ids[num_computed_tokens:]``.
+    ``block_table[i]`` is the physical KV block that holds tokens
+    ``i*block_size .. (i+1)*block_size - 1``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,142 @@
+"""The Python face of every tinyvllm op.
+
+The model calls these functions only. Each one runs our CUDA kernel (registered
+as ``torch.ops.tinyvllm.<name>`` by the extension ``tinyvllm._C``) when the
+extension is built, the kernel exists and the input lives on a GPU; otherwise it
+runs the pure-torch reference of the same op from :mod:`tinyvllm.ops.reference`.
+
+Set ``TINYVLLM_REFERENCE_OPS=1`` to force the reference everywhere (useful to
+compare the two paths on one GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinyvllm.ops import reference
+from tinyvllm.ops._kernels import use_kernel
+
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "reshape_and_cache",
+    "paged_attention_decode",
+    "prefill_attention",
+    "linear",
+    "embedding",
+    "reference",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Return rms_norm(x) * weight for x: [num_tokens, hidden]."""
+    out = torch.empty_like(x)
+    if use_kernel("rms_norm", x):
+        torch.ops.tinyvllm.rms_norm(out, x, weight, eps)
+    else:
+        reference.rms_norm(out, x, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x; x = rms_norm(residual) * weight."""
+    if use_kernel("fused_add_rms_norm", x):
+        torch.ops.tinyvllm.fused_add_rms_norm(x, residual, weight, eps)
+    else:
+        reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int, cos_sin_cache: torch.Tensor
+) -> None:
+    """Rotate query [T, H, D] and key [T, Hkv, D] in place by their positions."""
+    if use_kernel("rotary_embedding", query):
+        torch.ops.tinyvllm.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+    else:
+        reference.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Return silu(x[:, :d]) * x[:, d:] for x: [num_tokens, 2d]."""
+    out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
+    if use_kernel("silu_and_mul", x):
+        torch.ops.tinyvllm.silu_and_mul(out, x)
+    else:
+        reference.silu_and_mul(out, x)
+    return out
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [T, Hkv, D] into the paged caches at slot_mapping [T]."""
+    if use_kernel("reshape_and_cache", key):
+        torch.ops.tinyvllm.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D]."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if use_kernel("paged_attention_decode", query):
+        torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    else:
+        reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    return out
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D]."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if use_kernel("prefill_attention", query):
+        torch.ops.tinyvllm.prefill_attention(
+            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
+        )
+    else:
+        reference.prefill_attention(
+            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
+        )
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight^T for x: [M, K], weight: [N, K] (cuBLAS on GPU)."""
+    if use_kernel("linear", x):
+        return torch.ops.tinyvllm.linear(x, weight)
+    return reference.linear(x, weight)
+
+
+def embedding(token_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows of the embedding table for each token id.
+
+    A gather of whole rows is already bandwidth-bound in torch (one kernel, 16-byte
+    accesses); a hand-written copy of it teaches nothing new, so torch's is used.
+    """
+    return torch.nn.functional.embedding(token_ids, table)
