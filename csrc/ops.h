@@ -38,9 +38,12 @@ void fused_add_rms_norm(void* x, void* residual, const void* weight, int64_t num
 // ---- rotary position embedding (rope.cu) ------------------------------------
 // Rotates q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] in place
 // (rotate-half pairing) using cos_sin_cache [max_position, rot_dim] float32.
+// Heads are contiguous inside a row; rows may be strided. A position outside
+// [0, max_position) leaves its token untouched (the kernel cannot raise).
 void rotary_embedding(const int64_t* positions, void* query, void* key, const float* cos_sin_cache,
                       int64_t num_tokens, int num_heads, int num_kv_heads, int head_dim, int rot_dim,
-                      int64_t query_row_stride, int64_t key_row_stride, DType dtype, cudaStream_t stream);
+                      int64_t max_position, int64_t query_row_stride, int64_t key_row_stride, DType dtype,
+                      cudaStream_t stream);
 
 // ---- activation (activation.cu) -------------------------------------------
 // out[t, i] = silu(x[t, i]) * x[t, d + i], x: [T, 2d], out: [T, d].
@@ -48,16 +51,24 @@ void silu_and_mul(void* out, const void* x, int64_t num_tokens, int64_t d, DType
 
 // ---- KV-cache write (cache.cu) ---------------------------------------------
 // key/value [T, num_kv_heads, head_dim] (row stride given) -> caches at slot_mapping[t].
+// Slots < 0 (padding) and slots >= num_blocks * block_size are skipped.
 void reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
                        const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_dim,
-                       int block_size, int64_t key_row_stride, int64_t value_row_stride, DType dtype,
-                       cudaStream_t stream);
+                       int block_size, int64_t num_blocks, int64_t key_row_stride, int64_t value_row_stride,
+                       DType dtype, cudaStream_t stream);
 
 // ---- attention (attention/) -------------------------------------------------
-// Decode: out/query [num_seqs, num_heads, head_dim]; block_tables [num_seqs, max_blocks_per_seq].
-// `workspace` holds the flash-decoding partial results; its size in bytes comes
-// from paged_attention_decode_workspace_size().
-size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int head_dim, int max_seq_len);
+// Decode: out [num_seqs, num_heads, head_dim] contiguous; query the same shape with row
+// stride query_row_stride (heads and head_dim contiguous); block_tables [num_seqs,
+// max_blocks_per_seq] contiguous. max_seq_len is an UPPER BOUND on every seq_lens[i],
+// known on the host (the bindings pass max_blocks_per_seq * block_size), so the grid
+// never depends on device data (CUDA-graph friendly). head_dim 64 or 128; block_size a
+// power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
+// `workspace` holds the flash-decoding partial results (float32); its size in bytes
+// comes from paged_attention_decode_workspace_size() with the same arguments and may
+// be 0 (then workspace may be null). The split count depends on the device's SM count.
+size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                                             int max_seq_len);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
@@ -66,6 +77,9 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
 
 // Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
 // positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.
+// out [T, num_heads, head_dim] contiguous; query row-strided like decode. max_seqlen_q
+// must be >= every q_len (rows past it are not computed). bf16/fp16 use tensor cores
+// (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback.
 void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,
                        const int32_t* block_tables, const int32_t* cu_seqlens_q, const int32_t* seq_lens,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
@@ -74,7 +88,9 @@ void prefill_attention(void* out, const void* query, const void* key_cache, cons
 
 // ---- GEMM (gemm.cpp) -------------------------------------------------------
 // y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.
-// `handle` is a cublasHandle_t passed as void* so this header needs no cuBLAS.
+// `handle` is a cublasHandle_t passed as void* so this header needs no cuBLAS; the
+// bindings pass torch's (at::cuda::getCurrentCUDABlasHandle(): per device and
+// thread, with a per-stream workspace already set). gemm.cpp binds it to `stream`.
 void gemm_xwt(void* y, const void* x, const void* w, int64_t m, int64_t n, int64_t k, DType dtype,
               void* cublas_handle, cudaStream_t stream);
 

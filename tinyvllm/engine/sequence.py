@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from tinyvllm.sampling_params import SamplingParams
 
@@ -36,6 +37,12 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt: str | None = None
+    # Engine-side state (not needed by the ModelRunner):
+    generator: Any = field(default=None, repr=False)  # torch.Generator for a seeded request, else None (engine's generator)
+    detokenizer: Any = field(default=None, repr=False)  # IncrementalDetokenizer, fed one token at a time
+    output_text: str = ""  # detokenized text of the generated tokens (stop string already cut)
+    error: str | None = None  # why the request failed (finish_reason == "error")
+    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -61,5 +68,17 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the next step must run through the model (a whole prompt, or one when decoding)."""
+        return self.num_tokens - self.num_computed_tokens
+
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recomputation: drop the KV cache; the next prefill recomputes every token."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1

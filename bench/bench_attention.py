@@ -1,0 +1,191 @@
+"""Benchmark the attention kernels against torch SDPA on the same data.
+
+    python bench/bench_attention.py            # full sweep (~1-2 min on an H100)
+    python bench/bench_attention.py --quick    # smoke run
+    python bench/bench_attention.py --out bench/results/attention.json
+
+Decode (paged_attention_decode), Llama 3.2 1B shapes (32 q heads, 8 kv heads, head_dim 64,
+block 16, bf16), batch 1/8/64/256 x context 128/512/1024/4096. Reported: time, GB/s of the
+ideal traffic (every k/v byte of the context read once, plus q and out) and its percent of the
+copy bandwidth measured in this run. Peer: torch SDPA (enable_gqa, else repeated kv) on the
+same k/v laid out contiguously [B, kv_heads, L, D] (it does not pay for the block table).
+Targets: >= 80% of copy bandwidth once batch * context >= 64k tokens; faster than SDPA at batch >= 8.
+
+Prefill (prefill_attention), batch 1, 512..8192 tokens, causal, 32 q / 8 kv heads, head_dim 64
+and 128. TFLOP/s counts the causal half: 2 * n^2 * head_dim * num_heads. Peer: SDPA's flash
+backend, is_causal=True, on contiguous q/k/v (kv repeated to 32 heads outside the timing).
+Target: >= 0.7x SDPA flash.
+
+Every repetition starts with a cold L2 (common.time_us overwrites a buffer several times the
+L2 first), so the numbers are HBM numbers. Inputs are random, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Result, copy_bandwidth, device_info, matmul_tflops, print_table, time_us, try_plot, write_json  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, BLOCK = 32, 8, 16
+
+
+def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen: torch.Generator):
+    """k, v [B, Hk, L, D] -> shuffled paged caches [num_blocks, Hk, bs, D] and block tables [B, nb]."""
+    b, hk, length, d = k.shape
+    nb = math.ceil(length / block_size)
+    pad = nb * block_size - length
+    perm = torch.randperm(b * nb, generator=gen, device="cpu").to(k.device)
+    tables = perm.view(b, nb).to(torch.int32)
+    caches = []
+    for x in (k, v):
+        xp = torch.nn.functional.pad(x, (0, 0, 0, pad))  # [B, Hk, nb*bs, D]
+        blocks = xp.view(b, hk, nb, block_size, d).permute(0, 2, 1, 3, 4).reshape(b * nb, hk, block_size, d)
+        cache = torch.empty_like(blocks)
+        cache[perm] = blocks
+        caches.append(cache)
+    return caches[0], caches[1], tables
+
+
+def sdpa_gqa(q, k, v, is_causal=False):
+    try:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        g = q.shape[1] // k.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=is_causal
+        )
+
+
+def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64) -> Result:
+    gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + ctx)
+    q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
+    v = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
+    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    out = torch.empty_like(q)
+    op = torch.ops.tinyvllm.paged_attention_decode
+
+    def ours():
+        op(out, q, kc, vc, tables, lens, scale)
+
+    q4 = q.unsqueeze(2)  # [B, H, 1, D]
+
+    def peer():
+        return sdpa_gqa(q4, k, v)
+
+    ours()
+    ref = peer().squeeze(2)
+    correct = bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2))
+    t_ours = time_us(ours)
+    t_peer = time_us(peer)
+    esize = q.element_size()
+    nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
+    del k, v, kc, vc
+    return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}", str(dtype)[6:],
+                  t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
+                  extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
+
+
+def bench_prefill(n: int, d: int, dtype=torch.bfloat16) -> Result:
+    gen = torch.Generator(device="cpu").manual_seed(n + d)
+    q = torch.randn(n, NUM_HEADS, d, device="cuda", dtype=dtype)
+    k = torch.randn(1, NUM_KV_HEADS, n, d, device="cuda", dtype=dtype)
+    v = torch.randn(1, NUM_KV_HEADS, n, d, device="cuda", dtype=dtype)
+    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    out = torch.empty_like(q)
+    op = torch.ops.tinyvllm.prefill_attention
+
+    def ours():
+        op(out, q, kc, vc, tables, cu, lens, n, scale)
+
+    g = NUM_HEADS // NUM_KV_HEADS
+    qs = q.transpose(0, 1).unsqueeze(0).contiguous()  # [1, H, n, D]
+    ks = k.repeat_interleave(g, 1).contiguous()
+    vs = v.repeat_interleave(g, 1).contiguous()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def peer():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+
+    ours()
+    ref = peer()[0].transpose(0, 1)
+    correct = bool(torch.allclose(out.float(), ref.float(), atol=3e-2, rtol=3e-2))
+    t_ours = time_us(ours, reps=30)
+    t_peer = time_us(peer, reps=30)
+    flops = 2 * n * n * d * NUM_HEADS  # causal half of 4 n^2 d per head
+    return Result("prefill_attention", f"n={n} {NUM_HEADS}/{NUM_KV_HEADS}x{d}", str(dtype)[6:], t_ours, t_peer,
+                  "sdpa flash causal", flops=flops, correct=correct, extra={"tokens": n, "head_dim": d})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
+    ap.add_argument("--out", default="bench/results/attention.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention: needs a CUDA GPU")
+    import tinyvllm._C  # noqa: F401  (registers torch.ops.tinyvllm)
+
+    info = device_info()
+    print(f"{info['device']}  ({info['sm_count']} SMs)  torch {info['torch']}")
+    ceilings = {"copy_GBps": copy_bandwidth(), "matmul_bf16_TFLOPs": matmul_tflops()}
+    print(f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+
+    batches = [1, 64] if args.quick else [1, 8, 64, 256]
+    contexts = [512, 4096] if args.quick else [128, 512, 1024, 4096]
+    prefill_ns = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
+    prefill_ds = [64] if args.quick else [64, 128]
+
+    results: list[Result] = []
+    for b in batches:
+        for L in contexts:
+            results.append(bench_decode(b, L))
+            torch.cuda.empty_cache()
+    for d in prefill_ds:
+        for n in prefill_ns:
+            results.append(bench_prefill(n, d))
+            torch.cuda.empty_cache()
+
+    print()
+    print_table(results, ceilings)
+    dec = [r for r in results if r.op == "paged_attention_decode"]
+    big = [r for r in dec if r.extra["tokens"] >= 65536]
+    pre = [r for r in results if r.op == "prefill_attention"]
+    summary = {
+        "decode_min_pct_copy_bw_at_64k_tokens": min((100 * r.gbps() / ceilings["copy_GBps"] for r in big), default=None),
+        "decode_min_speedup_vs_sdpa_batch_ge_8": min((r.speedup for r in dec if r.extra["batch"] >= 8), default=None),
+        "prefill_min_ratio_vs_sdpa_flash": min((r.speedup for r in pre), default=None),
+        "all_correct": all(r.correct for r in results),
+    }
+    print()
+    for k_, v_ in summary.items():
+        print(f"{k_}: {v_:.3f}" if isinstance(v_, float) else f"{k_}: {v_}")
+    write_json(args.out, info, ceilings, results, summary=summary)
+    try_plot(
+        os.path.splitext(args.out)[0] + ".png",
+        f"attention on {info['device']}",
+        [
+            ("decode: % of copy bandwidth", [r.shape for r in dec],
+             {"ours": [100 * r.gbps() / ceilings["copy_GBps"] for r in dec],
+              "sdpa": [100 * r.bytes / (r.torch_us * 1e-6) / 1e9 / ceilings["copy_GBps"] for r in dec]}, "% copy BW"),
+            ("prefill: TFLOP/s (causal)", [r.shape for r in pre],
+             {"ours": [r.tflops() for r in pre], "sdpa flash": [r.flops / (r.torch_us * 1e-6) / 1e12 for r in pre]},
+             "TFLOP/s"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

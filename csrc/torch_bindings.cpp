@@ -1,0 +1,462 @@
+// torch_bindings.cpp: the ONE file that knows about torch.
+//
+// For every op it (1) checks each input tensor, so that a wrong device, dtype,
+// shape or layout becomes a Python RuntimeError naming the argument instead of a
+// kernel reading garbage or faulting; (2) turns tensors into raw pointers, sizes
+// and strides; (3) calls the plain-C++ launcher from ops.h on torch's current CUDA
+// stream, under a guard that makes the tensors' GPU the current device.
+//
+// The ops are registered with the PyTorch dispatcher (TORCH_LIBRARY) under the
+// namespace `tinyvllm`, so Python calls them as torch.ops.tinyvllm.<name>. A schema
+// marks each tensor the op writes in place with `Tensor!`: that is what lets
+// torch.compile, CUDA graphs and torch.library.opcheck reason about the op.
+//
+// Importing the Python module `tinyvllm._C` loads this library, which runs the
+// registrations; the module itself is empty (see the end of the file). Loading
+// works without a GPU: nothing here touches CUDA until an op is called.
+#include <Python.h>
+
+#include <climits>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace tinyvllm {
+namespace {
+
+// ---- input checks -----------------------------------------------------------------
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ",
+              t.sizes());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+}
+
+// Rows may be strided (stride(0) >= the row), elements inside a row must be dense.
+void check_rows_dense(const at::Tensor& t, const char* name) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
+                " must be dense inside each row (only the first dimension may be strided), got strides ",
+                t.strides(), " for shape ", t.sizes());
+    expected *= t.size(d);
+  }
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+int64_t row_stride(const at::Tensor& t) {
+  int64_t row = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) row *= t.size(d);
+  return t.size(0) <= 1 ? row : t.stride(0);
+}
+
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+// ---- rmsnorm.cu -----------------------------------------------------------------
+void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon, int64_t impl) {
+  check_cuda(input, "input");
+  const DType dtype = dtype_of(input, "input");
+  check_same_device(out, input, "out", "input");
+  check_same_device(weight, input, "weight", "input");
+  check_same_dtype(out, input, "out", "input");
+  check_same_dtype(weight, input, "weight", "input");
+  check_dim(input, 2, "input");
+  check_dim(out, 2, "out");
+  check_dim(weight, 1, "weight");
+  TORCH_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", input.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
+              weight.sizes());
+  check_rows_dense(input, "input");
+  check_contiguous(out, "out");
+  check_contiguous(weight, "weight");
+  TORCH_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
+  const c10::cuda::CUDAGuard guard(input.device());
+  rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), input.size(0), input.size(1), row_stride(input),
+           static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
+}
+
+void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon,
+                           int64_t impl) {
+  check_cuda(input, "input");
+  const DType dtype = dtype_of(input, "input");
+  check_same_device(residual, input, "residual", "input");
+  check_same_device(weight, input, "weight", "input");
+  check_same_dtype(residual, input, "residual", "input");
+  check_same_dtype(weight, input, "weight", "input");
+  check_dim(input, 2, "input");
+  check_dim(residual, 2, "residual");
+  check_dim(weight, 1, "weight");
+  TORCH_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", input.sizes(),
+              ", got ", residual.sizes());
+  TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
+              weight.sizes());
+  check_contiguous(input, "input");
+  check_contiguous(residual, "residual");
+  check_contiguous(weight, "weight");
+  TORCH_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
+  const c10::cuda::CUDAGuard guard(input.device());
+  fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(), input.size(0), input.size(1),
+                     static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
+}
+
+// ---- rope.cu ------------------------------------------------------------------------
+void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_size,
+                         const at::Tensor& cos_sin_cache) {
+  check_cuda(query, "query");
+  const DType dtype = dtype_of(query, "query");
+  check_same_device(key, query, "key", "query");
+  check_same_device(positions, query, "positions", "query");
+  check_same_device(cos_sin_cache, query, "cos_sin_cache", "query");
+  check_same_dtype(key, query, "key", "query");
+  check_dtype(positions, at::kLong, "positions");
+  check_dtype(cos_sin_cache, at::kFloat, "cos_sin_cache");
+  check_dim(query, 3, "query");
+  check_dim(key, 3, "key");
+  check_dim(positions, 1, "positions");
+  check_dim(cos_sin_cache, 2, "cos_sin_cache");
+  const int64_t num_tokens = query.size(0);
+  TORCH_CHECK(positions.size(0) == num_tokens, "positions must have shape [num_tokens] = [", num_tokens,
+              "], got ", positions.sizes());
+  TORCH_CHECK(key.size(0) == num_tokens, "key must have ", num_tokens, " tokens like query, got shape ",
+              key.sizes());
+  TORCH_CHECK(query.size(2) == head_size, "query must have head_size ", head_size, " as its last dimension, got ",
+              query.sizes());
+  TORCH_CHECK(key.size(2) == head_size, "key must have head_size ", head_size, " as its last dimension, got ",
+              key.sizes());
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
+              "cos_sin_cache must have shape [max_position, rot_dim] with rot_dim even and <= head_size (",
+              head_size, "), got ", cos_sin_cache.sizes());
+  check_rows_dense(query, "query");
+  check_rows_dense(key, "key");
+  check_contiguous(positions, "positions");
+  check_contiguous(cos_sin_cache, "cos_sin_cache");
+  TORCH_CHECK(query.size(1) + key.size(1) <= INT_MAX && head_size <= INT_MAX, "query/key have too many heads");
+  const c10::cuda::CUDAGuard guard(query.device());
+  rotary_embedding(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
+                   cos_sin_cache.data_ptr<float>(), num_tokens, static_cast<int>(query.size(1)),
+                   static_cast<int>(key.size(1)), static_cast<int>(head_size), static_cast<int>(rot_dim),
+                   cos_sin_cache.size(0), row_stride(query), row_stride(key), dtype, current_stream());
+}
+
+// ---- activation.cu ---------------------------------------------------------------------
+void silu_and_mul_op(at::Tensor& out, const at::Tensor& input) {
+  check_cuda(input, "input");
+  const DType dtype = dtype_of(input, "input");
+  check_same_device(out, input, "out", "input");
+  check_same_dtype(out, input, "out", "input");
+  check_dim(input, 2, "input");
+  check_dim(out, 2, "out");
+  TORCH_CHECK(input.size(1) % 2 == 0, "input must have an even last dimension [num_tokens, 2 * d], got ",
+              input.sizes());
+  TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2,
+              "out must have shape [num_tokens, d] = [", input.size(0), ", ", input.size(1) / 2, "], got ",
+              out.sizes());
+  check_contiguous(input, "input");
+  check_contiguous(out, "out");
+  const c10::cuda::CUDAGuard guard(input.device());
+  silu_and_mul(out.data_ptr(), input.data_ptr(), input.size(0), input.size(1) / 2, dtype, current_stream());
+}
+
+// ---- cache.cu -------------------------------------------------------------------------------
+void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                          at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cuda(key, "key");
+  const DType dtype = dtype_of(key, "key");
+  check_same_device(value, key, "value", "key");
+  check_same_device(key_cache, key, "key_cache", "key");
+  check_same_device(value_cache, key, "value_cache", "key");
+  check_same_device(slot_mapping, key, "slot_mapping", "key");
+  check_same_dtype(value, key, "value", "key");
+  check_same_dtype(key_cache, key, "key_cache", "key");
+  check_same_dtype(value_cache, key, "value_cache", "key");
+  check_dtype(slot_mapping, at::kLong, "slot_mapping");
+  check_dim(key, 3, "key");
+  check_dim(value, 3, "value");
+  check_dim(key_cache, 4, "key_cache");
+  check_dim(value_cache, 4, "value_cache");
+  check_dim(slot_mapping, 1, "slot_mapping");
+  TORCH_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
+              value.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+              key_cache.sizes(), ", got ", value_cache.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping must have shape [num_tokens] = [", key.size(0),
+              "], got ", slot_mapping.sizes());
+  TORCH_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2),
+              "key_cache must have shape [num_blocks, num_kv_heads=", key.size(1), ", block_size, head_dim=",
+              key.size(2), "], got ", key_cache.sizes());
+  check_rows_dense(key, "key");
+  check_rows_dense(value, "value");
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+  check_contiguous(slot_mapping, "slot_mapping");
+  TORCH_CHECK(key.size(1) <= INT_MAX && key.size(2) <= INT_MAX && key_cache.size(2) <= INT_MAX,
+              "key has too many heads or too large a head_dim / block_size");
+  const c10::cuda::CUDAGuard guard(key.device());
+  reshape_and_cache(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                    slot_mapping.data_ptr<int64_t>(), key.size(0), static_cast<int>(key.size(1)),
+                    static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(2)), key_cache.size(0),
+                    row_stride(key), row_stride(value), dtype, current_stream());
+}
+
+// ==== attention (csrc/attention/) ====
+// Checks shared by both attention ops: query/out [tokens, num_heads, head_dim], the two
+// paged caches [num_blocks, num_kv_heads, block_size, head_dim], block_tables and
+// seq_lens int32. Returns the block size. The kernels read 16 bytes at a time, so the
+// caches, the query and each query row must start on a 16-byte boundary.
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+struct AttentionDims {
+  int num_heads, num_kv_heads, head_dim, block_size, max_blocks_per_seq;
+};
+
+AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, const at::Tensor& query,
+                                     const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                     const at::Tensor& block_tables, const at::Tensor& seq_lens) {
+  check_cuda(query, "query");
+  dtype_of(query, "query");
+  check_same_device(out, query, "out", "query");
+  check_same_device(key_cache, query, "key_cache", "query");
+  check_same_device(value_cache, query, "value_cache", "query");
+  check_same_device(block_tables, query, "block_tables", "query");
+  check_same_device(seq_lens, query, "seq_lens", "query");
+  check_same_dtype(out, query, "out", "query");
+  check_same_dtype(key_cache, query, "key_cache", "query");
+  check_same_dtype(value_cache, query, "value_cache", "query");
+  check_dtype(block_tables, at::kInt, "block_tables");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  check_dim(query, 3, "query");
+  check_dim(out, 3, "out");
+  check_dim(key_cache, 4, "key_cache");
+  check_dim(value_cache, 4, "value_cache");
+  check_dim(block_tables, 2, "block_tables");
+  check_dim(seq_lens, 1, "seq_lens");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, op, ": query head_dim must be 64 or 128, got ", head_dim,
+              " (query shape ", query.sizes(), ")");
+  const int64_t num_heads = query.size(1);
+  const int64_t num_kv_heads = key_cache.size(1);
+  TORCH_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0, op,
+              ": query num_heads (", num_heads, ") must be a multiple of key_cache num_kv_heads (", num_kv_heads,
+              ")");
+  TORCH_CHECK(key_cache.size(3) == head_dim, "key_cache must have shape [num_blocks, num_kv_heads, block_size, ",
+              "head_dim=", head_dim, "] (head_dim of query), got ", key_cache.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+              key_cache.sizes(), ", got ", value_cache.sizes());
+  const int64_t block_size = key_cache.size(2);
+  TORCH_CHECK(block_size >= 8 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
+              "key_cache block_size (dimension 2) must be a power of two from 8 to 128, got ", block_size);
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", query.sizes(), ", got ",
+              out.sizes());
+  check_contiguous(out, "out");
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+  check_contiguous(block_tables, "block_tables");
+  check_contiguous(seq_lens, "seq_lens");
+  check_rows_dense(query, "query");
+  const int64_t vec = 16 / query.element_size();
+  TORCH_CHECK(aligned16(query) && row_stride(query) % vec == 0,
+              "query must start on a 16-byte boundary and its row stride (", row_stride(query),
+              ") must be a multiple of ", vec, " elements");
+  TORCH_CHECK(aligned16(out), "out must start on a 16-byte boundary");
+  TORCH_CHECK(aligned16(key_cache), "key_cache must start on a 16-byte boundary");
+  TORCH_CHECK(aligned16(value_cache), "value_cache must start on a 16-byte boundary");
+  TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables must have one row per sequence (",
+              seq_lens.size(0), " = len(seq_lens)), got shape ", block_tables.sizes());
+  TORCH_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
+  TORCH_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
+              block_tables.size(1), ") for block_size ", block_size);
+  TORCH_CHECK(key_cache.size(0) <= INT_MAX, "key_cache has too many blocks");
+  return AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
+                       static_cast<int>(block_size), static_cast<int>(block_tables.size(1))};
+}
+
+void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                               const at::Tensor& value_cache, const at::Tensor& block_tables,
+                               const at::Tensor& seq_lens, double scale) {
+  const AttentionDims dims =
+      check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens);
+  const int64_t num_seqs = query.size(0);
+  TORCH_CHECK(seq_lens.size(0) == num_seqs, "seq_lens must have shape [num_seqs] = [", num_seqs,
+              "] (one query row per sequence), got ", seq_lens.sizes());
+  const c10::cuda::CUDAGuard guard(query.device());
+  if (num_seqs == 0) return;
+  // An upper bound of every seq_lens[i] known without reading the GPU: the block
+  // table's capacity. The grid and the workspace are sized from it (CUDA-graph safe).
+  const int max_seq_len = dims.max_blocks_per_seq * dims.block_size;
+  const size_t ws_bytes = paged_attention_decode_workspace_size(static_cast<int>(num_seqs), dims.num_heads,
+                                                                dims.num_kv_heads, dims.head_dim, max_seq_len);
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
+  paged_attention_decode(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                         block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), static_cast<int>(num_seqs),
+                         dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size, dims.max_blocks_per_seq,
+                         max_seq_len, row_stride(query), static_cast<float>(scale),
+                         ws_bytes > 0 ? workspace.data_ptr() : nullptr, dtype_of(query, "query"),
+                         current_stream());
+}
+
+void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_tables,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, int64_t max_seqlen_q,
+                          double scale) {
+  const AttentionDims dims =
+      check_attention_inputs("prefill_attention", out, query, key_cache, value_cache, block_tables, seq_lens);
+  check_same_device(cu_seqlens_q, query, "cu_seqlens_q", "query");
+  check_dtype(cu_seqlens_q, at::kInt, "cu_seqlens_q");
+  check_dim(cu_seqlens_q, 1, "cu_seqlens_q");
+  check_contiguous(cu_seqlens_q, "cu_seqlens_q");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must have shape [num_seqs + 1] = [",
+              num_seqs + 1, "], got ", cu_seqlens_q.sizes());
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= INT_MAX / 2, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK(query.size(0) == 0 || max_seqlen_q >= 1, "max_seqlen_q must be >= 1 when query has tokens, got ",
+              max_seqlen_q);
+  TORCH_CHECK(query.size(0) <= INT_MAX, "query has too many tokens");
+  const c10::cuda::CUDAGuard guard(query.device());
+  if (num_seqs == 0 || query.size(0) == 0) return;
+  prefill_attention(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                    block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                    static_cast<int>(num_seqs), dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size,
+                    dims.max_blocks_per_seq, static_cast<int>(max_seqlen_q), row_stride(query),
+                    static_cast<float>(scale), dtype_of(query, "query"), current_stream());
+}
+
+// ==== end attention ====
+
+// ---- gemm.cpp -------------------------------------------------------------------------------
+void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  check_dim(x, 2, "x");
+  check_dim(weight, 2, "weight");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "weight has dtype ", weight.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", x.sizes(),
+              ", weight has shape ", weight.sizes());
+}
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda(x, "x");
+  const DType dtype = dtype_of(x, "x");
+  check_same_device(weight, x, "weight", "x");
+  check_linear_inputs(x, weight);
+  check_contiguous(x, "x");  // call .contiguous() first if you mean it (an explicit copy)
+  check_contiguous(weight, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  if (k == 0) return at::zeros({m, n}, x.options());  // an empty sum; cuBLAS rejects lda = 0
+  at::Tensor y = at::empty({m, n}, x.options());
+  gemm_xwt(y.data_ptr(), x.data_ptr(), weight.data_ptr(), m, n, k, dtype, at::cuda::getCurrentCUDABlasHandle(),
+           current_stream());
+  return y;
+}
+
+// The "fake" (Meta) version of linear: only the output's shape and dtype. torch.compile
+// and torch.library.opcheck trace with it; sym sizes keep it valid for dynamic shapes.
+// (The in-place ops return nothing, and torch derives their fake version by itself.)
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight) {
+  check_linear_inputs(x, weight);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
+}
+
+}  // namespace
+}  // namespace tinyvllm
+
+TORCH_LIBRARY(tinyvllm, m) {
+  m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon, int impl=1) -> ()");
+  m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon, int impl=1) -> ()");
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor! query, Tensor! key, int head_size, Tensor cos_sin_cache) -> ()");
+  m.def("silu_and_mul(Tensor! out, Tensor input) -> ()");
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) "
+      "-> ()");
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  // ==== attention (csrc/attention/): schemas ====
+  m.def(
+      "paged_attention_decode(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+  m.def(
+      "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale) -> ()");
+  // ==== end attention schemas ====
+}
+
+TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) {
+  m.impl("rms_norm", &tinyvllm::rms_norm_op);
+  m.impl("fused_add_rms_norm", &tinyvllm::fused_add_rms_norm_op);
+  m.impl("rotary_embedding", &tinyvllm::rotary_embedding_op);
+  m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
+  m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
+  m.impl("linear", &tinyvllm::linear_op);
+  // ==== attention (csrc/attention/): CUDA impls ====
+  m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
+  m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
+  // ==== end attention impls ====
+}
+
+TORCH_LIBRARY_IMPL(tinyvllm, Meta, m) { m.impl("linear", &tinyvllm::linear_meta); }
+
+// CPU tensors reach the same wrappers, whose first check fails with a message that
+// names the argument ("input must be a CUDA tensor, got device cpu") instead of the
+// dispatcher's generic "could not run ... with arguments from the 'CPU' backend".
+TORCH_LIBRARY_IMPL(tinyvllm, CPU, m) {
+  m.impl("rms_norm", &tinyvllm::rms_norm_op);
+  m.impl("fused_add_rms_norm", &tinyvllm::fused_add_rms_norm_op);
+  m.impl("rotary_embedding", &tinyvllm::rotary_embedding_op);
+  m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
+  m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
+  m.impl("linear", &tinyvllm::linear_op);
+  // ==== attention (csrc/attention/): CPU registrations (same wrappers; they reject CPU tensors) ====
+  m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
+  m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
+  // ==== end attention CPU registrations ====
+}
+
+// `import tinyvllm._C` needs a function PyInit__C. The module is empty on purpose:
+// loading the shared library is what matters, because that runs the registrations
+// above. (This avoids pybind11, whose headers would double this file's compile time.)
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "tinyvllm CUDA kernels (torch.ops.tinyvllm)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One call on the GPU machine answers everything: build the extension, run the GPU
+# tests (kernels, attention, model vs transformers, engine), compute-sanitizer,
+# the benchmarks, and print a short table last.
+#
+#   bash scripts/gpu_check.sh [build] [test] [sanitize] [bench] [e2e]   (default: all)
+#
+# Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+phases=${*:-build test sanitize bench e2e}
+summary=()
+note() { summary+=("$1"); echo ">>> $1"; }
+has() { [[ " $phases " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
+
+if has build; then
+  t0=$(date +%s)
+  if python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    note "build: ok ($(( $(date +%s) - t0 )) s)"
+  else
+    tail -40 "$OUT/build.log"; note "build: FAILED"
+  fi
+  python3 -c 'import tinyvllm._C, torch; print("ops:", sorted(n for n in dir(torch.ops.tinyvllm) if not n.startswith("_")))'
+fi
+
+if has test; then
+  python3 -m pytest -q -rs -p no:cacheprovider \
+    tests/test_kernels.py tests/test_attention_kernels.py tests/test_model_vs_transformers.py tests/test_rope.py \
+    tests/test_engine.py 2>&1 | tee "$OUT/pytest_gpu.log"
+  note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
+fi
+
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
+      tests/test_kernels.py tests/test_attention_kernels.py >"$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
+  done
+fi
+
+if has bench; then
+  python3 bench/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench_kernels.log"
+  note "bench_kernels rc=${PIPESTATUS[0]}"
+  python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
+  note "bench_attention rc=${PIPESTATUS[0]}"
+  cp bench/results/*.png "$OUT/" 2>/dev/null || true
+fi
+
+if has e2e; then
+  python3 bench/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log"
+  note "bench_e2e rc=${PIPESTATUS[0]}"
+fi
+
+echo
+echo "================ summary ($(cat "$OUT/gpu.txt")) ================"
+printf '%s\n' "${summary[@]}"

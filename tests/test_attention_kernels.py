@@ -1,0 +1,325 @@
+"""Attention kernels (csrc/attention/) against the float32 torch reference.
+
+Every test builds a paged KV cache whose blocks are shuffled (a sequence's blocks are
+not contiguous nor in order), fills EVERYTHING that no sequence owns with NaN (unused
+blocks, the tail of each sequence's last block, and the padding entries of the block
+tables point at a NaN block), and poisons `out` with NaN before the launch. So a kernel
+that reads one key past a sequence's end, follows a padding entry of the block table,
+or leaves an output element unwritten, fails loudly instead of passing by luck.
+
+GPU tests skip without a GPU or without the built extension (`pip install -e .`).
+Run:  pytest tests/test_attention_kernels.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tinyvllm.ops import reference
+from tinyvllm.ops._kernels import has_kernel
+
+HAS_GPU = torch.cuda.is_available()
+needs_kernels = pytest.mark.skipif(
+    not (HAS_GPU and has_kernel("paged_attention_decode") and has_kernel("prefill_attention")),
+    reason="needs a CUDA GPU and the built tinyvllm._C extension with the attention kernels",
+)
+pytestmark = needs_kernels
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Tolerances against the float32 reference: the kernel's output is rounded once to the
+# storage dtype (bf16: 8 bits of mantissa, relative step 2^-8 = 0.4%), and prefill also
+# rounds the softmax weights P to 16 bits before P @ V on the tensor cores.
+TOL = {torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3), torch.float32: (2e-4, 2e-4)}
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    return g
+
+
+def make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed, extra_blocks=3, table_width=None):
+    """Random k/v for each sequence in a NaN-filled paged cache with shuffled blocks.
+
+    Returns key_cache, value_cache, block_tables [S, width] int32 (padding entries point
+    at a block full of NaN), seq_lens [S] int32.
+    """
+    g = _gen(seed)
+    need = [max(1, math.ceil(n / block_size)) if n > 0 else 0 for n in seq_lens]
+    width = max([1] + need) if table_width is None else table_width
+    num_blocks = sum(need) + extra_blocks + 1
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    key_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    value_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    perm = torch.randperm(num_blocks - 1, generator=g, device="cuda").tolist()  # block num_blocks-1: the NaN block
+    poison_block = num_blocks - 1
+    tables = torch.full((len(seq_lens), width), poison_block, dtype=torch.int32)
+    nxt = 0
+    for s, n in enumerate(seq_lens):
+        for b in range(need[s]):
+            blk = perm[nxt]
+            nxt += 1
+            tables[s, b] = blk
+            rows = min(block_size, n - b * block_size)
+            for cache in (key_cache, value_cache):
+                cache[blk, :, :rows] = torch.randn(
+                    (num_kv_heads, rows, head_dim), generator=g, device="cuda", dtype=torch.float32
+                ).to(dtype)
+    return (
+        key_cache,
+        value_cache,
+        tables.to("cuda"),
+        torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+    )
+
+
+def _assert_close(out, ref, dtype, what):
+    assert not torch.isnan(out).any(), f"{what}: output has NaN (unwritten element or a read past the end)"
+    atol, rtol = TOL[dtype]
+    err = (out.float() - ref.float()).abs()
+    bad = err > atol + rtol * ref.float().abs()
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at index {idx} "
+            f"(token, head, dim): got {out[tuple(idx)].item():.5f}, want {ref[tuple(idx)].item():.5f}; "
+            f"max abs err {err.max().item():.4g}"
+        )
+
+
+# ------------------------------------------------------------------------------ decode
+def run_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, table_width=None,
+               query_row_pad=0):
+    kc, vc, tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed,
+                                         table_width=table_width)
+    b = len(seq_lens)
+    g = _gen(seed + 1)
+    # q scaled up a little so that the softmax is peaked (exercises the running max)
+    q_full = (2 * torch.randn((b, num_heads * head_dim + query_row_pad), generator=g, device="cuda")).to(dtype)
+    query = q_full[:, : num_heads * head_dim].view(b, num_heads, head_dim)  # row-strided when padded
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.full((b, num_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+    torch.ops.tinyvllm.paged_attention_decode(out, query, kc, vc, tables, lens, scale)
+    ref = torch.empty((b, num_heads, head_dim), dtype=torch.float32, device="cuda")
+    reference.paged_attention_decode(ref, query.float(), kc.float(), vc.float(), tables, lens, scale)
+    torch.cuda.synchronize()
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_decode_dtypes_heads_gqa(dtype, head_dim, group):
+    num_kv_heads = 2
+    seq_lens = [1, 15, 16, 17, 100]
+    out, ref = run_decode(seq_lens, num_kv_heads * group, num_kv_heads, head_dim, 16, dtype, seed=group)
+    _assert_close(out, ref, dtype, f"decode {dtype} d={head_dim} group={group} lens={seq_lens}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_long_contexts_split(dtype, head_dim):
+    # Few sequences, long contexts: many flash-decoding splits and the merge kernel.
+    seq_lens = [1000, 4097, 1, 17]
+    out, ref = run_decode(seq_lens, 32, 8, head_dim, 16, dtype, seed=7)
+    _assert_close(out, ref, dtype, f"decode long {seq_lens}")
+
+
+def test_decode_single_sequence_single_kv_head():
+    # batch 1 and one kv head: the most splits the planner makes (small base).
+    out, ref = run_decode([4097], 8, 1, 128, 16, torch.bfloat16, seed=11)
+    _assert_close(out, ref, torch.bfloat16, "decode 1x4097 kv_heads=1")
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64, 256])
+def test_decode_batches_llama_1b_shape(batch):
+    g = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, 600, (batch,), generator=g).tolist()
+    seq_lens[0] = 1000 if batch <= 8 else seq_lens[0]
+    out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch)
+    _assert_close(out, ref, torch.bfloat16, f"decode batch={batch}")
+
+
+@pytest.mark.parametrize("block_size", [8, 32, 128])
+def test_decode_block_sizes(block_size):
+    seq_lens = [1, block_size - 1, block_size, block_size + 1, 300]
+    out, ref = run_decode(seq_lens, 8, 4, 128, block_size, torch.bfloat16, seed=block_size)
+    _assert_close(out, ref, torch.bfloat16, f"decode block_size={block_size}")
+
+
+def test_decode_group_16_two_head_chunks():
+    # A group larger than 8 query heads per kv head: two blocks per kv head.
+    out, ref = run_decode([1, 33, 700], 16, 1, 64, 16, torch.bfloat16, seed=3)
+    _assert_close(out, ref, torch.bfloat16, "decode group=16")
+
+
+def test_decode_strided_query_and_wide_table():
+    # query is a view into a wider fused-qkv row; the block table is much wider than
+    # needed (its capacity, not the real lengths, sizes the grid and the splits).
+    out, ref = run_decode([5, 40, 129], 12, 4, 64, 16, torch.bfloat16, seed=5, table_width=300,
+                          query_row_pad=2 * 4 * 64)
+    _assert_close(out, ref, torch.bfloat16, "decode strided query")
+
+
+def test_decode_zero_length_sequence_gives_zeros():
+    # A padded batch slot (seq_len 0) must not fault; its output is defined as zeros
+    # (what the reference's empty softmax-weighted sum gives).
+    out, ref = run_decode([0, 20], 8, 2, 64, 16, torch.bfloat16, seed=9)
+    assert torch.equal(out[0].float(), torch.zeros_like(out[0].float()))
+    _assert_close(out[1:], ref[1:], torch.bfloat16, "decode next to a zero-length sequence")
+
+
+# ------------------------------------------------------------------------------ prefill
+def run_prefill(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0,
+                query_row_pad=0, max_seqlen_q=None):
+    kc, vc, tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed)
+    t = sum(q_lens)
+    g = _gen(seed + 1)
+    q_full = (2 * torch.randn((t, num_heads * head_dim + query_row_pad), generator=g, device="cuda")).to(dtype)
+    query = q_full[:, : num_heads * head_dim].view(t, num_heads, head_dim)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(head_dim)
+    mq = max(q_lens) if max_seqlen_q is None else max_seqlen_q
+    out = torch.full((t, num_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+    torch.ops.tinyvllm.prefill_attention(out, query, kc, vc, tables, cu, lens, mq, scale)
+    ref = torch.empty((t, num_heads, head_dim), dtype=torch.float32, device="cuda")
+    reference.prefill_attention(ref, query.float(), kc.float(), vc.float(), tables, cu, lens, mq, scale)
+    torch.cuda.synchronize()
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_no_prefix(dtype, head_dim, group):
+    q_lens = [100]
+    out, ref = run_prefill(q_lens, q_lens, 2 * group, 2, head_dim, 16, dtype, seed=group)
+    _assert_close(out, ref, dtype, f"prefill {dtype} d={head_dim} group={group}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_many_sequences_with_prefix(dtype, head_dim):
+    # Several sequences per launch, some with a cached prefix (seq_len > q_len), lengths
+    # around the 64-row/64-key tiles and the 16-token blocks, one empty query run.
+    q_lens = [1, 17, 64, 65, 0, 130, 30, 1]
+    ctx = [0, 0, 0, 30, 5, 870, 97, 4096]
+    seq_lens = [q + c for q, c in zip(q_lens, ctx)]
+    out, ref = run_prefill(q_lens, seq_lens, 6, 2, head_dim, 16, dtype, seed=head_dim)
+    _assert_close(out, ref, dtype, f"prefill multi {dtype} d={head_dim}")
+
+
+@pytest.mark.parametrize("group", [3, 8])
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_prefill_gqa_block_sizes(group, block_size):
+    q_lens = [50, 200]
+    seq_lens = [50, 333]
+    out, ref = run_prefill(q_lens, seq_lens, 2 * group, 2, 128, block_size, torch.bfloat16, seed=group + block_size)
+    _assert_close(out, ref, torch.bfloat16, f"prefill group={group} block_size={block_size}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_long(head_dim):
+    # 1000 and 4097 new tokens: many query tiles, the diagonal at every offset.
+    out, ref = run_prefill([1000], [1000], 4, 2, head_dim, 16, torch.bfloat16, seed=1)
+    _assert_close(out, ref, torch.bfloat16, f"prefill 1000 d={head_dim}")
+    out, ref = run_prefill([4097], [4097], 2, 1, head_dim, 16, torch.bfloat16, seed=2)
+    _assert_close(out, ref, torch.bfloat16, f"prefill 4097 d={head_dim}")
+
+
+def test_prefill_strided_query_and_loose_max_seqlen():
+    out, ref = run_prefill([33, 70], [40, 70], 8, 2, 64, 16, torch.float16, seed=4, query_row_pad=2 * 2 * 64,
+                           max_seqlen_q=200)
+    _assert_close(out, ref, torch.float16, "prefill strided query")
+
+
+# ------------------------------------------------------------------------------ opcheck
+def test_opcheck_decode():
+    kc, vc, tables, lens = make_paged_kv([5, 37], 2, 64, 16, torch.bfloat16, 0)
+    kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
+    query = torch.randn((2, 4, 64), device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(query)
+    torch.library.opcheck(torch.ops.tinyvllm.paged_attention_decode.default, (out, query, kc, vc, tables, lens, 0.125))
+
+
+def test_opcheck_prefill():
+    kc, vc, tables, lens = make_paged_kv([5, 37], 2, 64, 16, torch.bfloat16, 0)
+    kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
+    query = torch.randn((5 + 20, 4, 64), device="cuda").to(torch.bfloat16)
+    cu = torch.tensor([0, 5, 25], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(query)
+    torch.library.opcheck(
+        torch.ops.tinyvllm.prefill_attention.default, (out, query, kc, vc, tables, cu, lens, 20, 0.125)
+    )
+
+
+# ------------------------------------------------------------------------------ bad input
+def _decode_args(**over):
+    kc, vc, tables, lens = make_paged_kv([5, 37], 2, 64, 16, torch.bfloat16, 0)
+    args = dict(
+        out=torch.empty((2, 4, 64), dtype=torch.bfloat16, device="cuda"),
+        query=torch.randn((2, 4, 64), device="cuda").to(torch.bfloat16),
+        key_cache=kc,
+        value_cache=vc,
+        block_tables=tables,
+        seq_lens=lens,
+        scale=0.125,
+    )
+    args.update(over)
+    return args
+
+
+def _call_decode(a):
+    torch.ops.tinyvllm.paged_attention_decode(
+        a["out"], a["query"], a["key_cache"], a["value_cache"], a["block_tables"], a["seq_lens"], a["scale"]
+    )
+
+
+@pytest.mark.parametrize(
+    "name,make,match",
+    [
+        ("query dtype", lambda a: {"query": a["query"].half(), "out": a["out"].half()}, "key_cache"),
+        ("int64 tables", lambda a: {"block_tables": a["block_tables"].long()}, "block_tables"),
+        ("int64 seq_lens", lambda a: {"seq_lens": a["seq_lens"].long()}, "seq_lens"),
+        ("head_dim 96", lambda a: {"query": torch.randn((2, 4, 96), device="cuda").to(torch.bfloat16),
+                                   "out": torch.empty((2, 4, 96), dtype=torch.bfloat16, device="cuda")}, "head_dim"),
+        ("out shape", lambda a: {"out": torch.empty((2, 4, 32), dtype=torch.bfloat16, device="cuda")}, "out"),
+        ("gqa divisibility", lambda a: {"query": torch.randn((2, 3, 64), device="cuda").to(torch.bfloat16),
+                                        "out": torch.empty((2, 3, 64), dtype=torch.bfloat16, device="cuda")},
+         "num_kv_heads"),
+        ("block size 12", lambda a: {"key_cache": a["key_cache"][:, :, :12], "value_cache": a["value_cache"][:, :, :12]},
+         "block_size"),
+        ("value shape", lambda a: {"value_cache": a["value_cache"][:-1]}, "value_cache"),
+        ("cpu query", lambda a: {"query": a["query"].cpu()}, "query"),
+        ("seq_lens length", lambda a: {"seq_lens": a["seq_lens"][:1]}, "seq_lens|block_tables"),
+        ("int8 dtype", lambda a: {"query": a["query"].to(torch.int8)}, "query"),
+    ],
+)
+def test_decode_bad_inputs(name, make, match):
+    base = _decode_args()
+    args = dict(base)
+    args.update(make(base))
+    with pytest.raises(RuntimeError, match=match):
+        _call_decode(args)
+
+
+def test_prefill_bad_inputs():
+    kc, vc, tables, lens = make_paged_kv([5, 37], 2, 64, 16, torch.bfloat16, 0)
+    query = torch.randn((25, 4, 64), device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(query)
+    cu = torch.tensor([0, 5, 25], dtype=torch.int32, device="cuda")
+    op = torch.ops.tinyvllm.prefill_attention
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        op(out, query, kc, vc, tables, cu.long(), lens, 20, 0.125)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        op(out, query, kc, vc, tables, cu[:2], lens, 20, 0.125)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        q96 = torch.randn((25, 4, 96), device="cuda").to(torch.bfloat16)
+        op(torch.empty_like(q96), q96, kc, vc, tables, cu, lens, 20, 0.125)
+    with pytest.raises(RuntimeError, match="value_cache"):
+        op(out, query, kc, vc.half(), tables, cu, lens, 20, 0.125)
+    with pytest.raises(RuntimeError, match="max_seqlen_q"):
+        op(out, query, kc, vc, tables, cu, lens, -1, 0.125)

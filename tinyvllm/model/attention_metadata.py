@@ -1,0 +1,42 @@
+"""AttentionMetadata: what every attention layer needs to know about the batch.
+
+The model runs a flat batch of ``T`` new tokens drawn from ``S`` sequences
+(token-major, no padding). Every layer's attention needs the same bookkeeping to
+find its keys and values in the paged KV cache, so the ModelRunner builds it once
+per step, on the device, and passes it down:
+
+* where to WRITE each new token's k/v: ``slot_mapping`` (slot = block * block_size + offset);
+* where to READ each sequence's k/v: ``block_tables`` and ``seq_lens`` (tokens cached
+  after this step's write, i.e. including the new ones);
+* for prefill, which query rows belong to which sequence: ``cu_seqlens_q``, and which
+  row is each sequence's last token (the only one whose logits are needed).
+
+Decode (every sequence has exactly one new token, row ``s`` is sequence ``s``) needs no
+``cu_seqlens_q`` and no ``logits_indices``. All tensors live on the model's device; the
+plain ints (``max_seqlen_q``) are known on the host, so nothing here forces a sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool  # True: prefill_attention (any number of new tokens per sequence); False: paged decode
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1 = do not write)
+    block_tables: torch.Tensor  # [S, max_blocks] int32: physical block of each logical block (padded with 0)
+    seq_lens: torch.Tensor  # [S] int32: cached tokens per sequence, INCLUDING this step's
+    max_seqlen_q: int  # longest run of new tokens (1 for decode): a launch-size hint
+    cu_seqlens_q: torch.Tensor | None = None  # [S+1] int32: sequence s owns rows cu[s]..cu[s+1]-1 (prefill)
+    logits_indices: torch.Tensor | None = None  # [S] int64: row of each sequence's last token (prefill)
+
+    @property
+    def is_decode(self) -> bool:
+        return not self.is_prefill
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]

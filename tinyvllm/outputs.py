@@ -1,0 +1,56 @@
+"""What a request returns: RequestOutput holding one CompletionOutput (vLLM's shapes).
+
+``finish_reason`` is ``None`` while the request runs, then one of:
+
+* ``"stop"``   an EOS token, a ``stop_token_ids`` token or a ``stop`` string ended it.
+               ``stop_reason`` is the stop token id (int) or the stop string (str);
+               it is ``None`` when EOS ended the request (as in vLLM).
+* ``"length"`` ``max_tokens`` was reached, or the sequence reached the engine's
+               length limit (``max_model_len`` or the KV-cache capacity).
+* ``"abort"``  the request was aborted (``LLMEngine.abort_request``).
+* ``"error"``  the request could never run (e.g. its prompt is longer than the model
+               allows); ``RequestOutput.error`` holds the message. Other requests of
+               the same batch are not affected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+            f"cumulative_logprob={self.cumulative_logprob}, logprobs={self.logprobs}, "
+            f"finish_reason={self.finish_reason}, stop_reason={self.stop_reason})"
+        )
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None  # set when finish_reason == "error"
+
+    def __repr__(self) -> str:
+        err = f", error={self.error!r}" if self.error else ""
+        return (
+            f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
+            f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, finished={self.finished}{err})"
+        )
