@@ -136,7 +136,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
-    import tinyvllm._C  # noqa: F401  (registers torch.ops.tinyvllm)
+    from tinyvllm.ops._kernels import extension_loaded
+
+    assert extension_loaded(), "tinyvllm._C is not built"  # registers torch.ops.tinyvllm
 
     info = device_info()
     print(f"{info['device']}  ({info['sm_count']} SMs)  torch {info['torch']}")

@@ -230,7 +230,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
-    import tinyvllm._C  # noqa: F401  (registers torch.ops.tinyvllm)
+    from tinyvllm.ops._kernels import extension_loaded
+
+    assert extension_loaded(), "tinyvllm._C is not built"  # registers torch.ops.tinyvllm
 
     dtype = getattr(torch, args.dtype)
     only = [s for s in args.only.split(",") if s]

@@ -18,6 +18,8 @@
 
 #include <climits>
 
+#include <string>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -28,6 +30,15 @@
 
 namespace tinyvllm {
 namespace {
+
+// "[4, 2, 64]": sizes and strides spelled out by hand for error messages. (Streaming
+// IntArrayRef straight into TORCH_CHECK crashed the process on the GPU machine's torch
+// 2.11 build instead of raising; a plain std::string is safe everywhere.)
+std::string dims_str(c10::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
 
 // ---- input checks -----------------------------------------------------------------
 DType dtype_of(const at::Tensor& t, const char* name) {
@@ -53,12 +64,12 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* n
 }
 
 void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", dims_str(t.sizes()));
 }
 
 void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ",
-              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", dims_str(t.strides()), " for shape ",
+              dims_str(t.sizes()));
 }
 
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
@@ -76,11 +87,11 @@ void check_rows_dense(const at::Tensor& t, const char* name) {
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
     TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
                 " must be dense inside each row (only the first dimension may be strided), got strides ",
-                t.strides(), " for shape ", t.sizes());
+                dims_str(t.strides()), " for shape ", dims_str(t.sizes()));
     expected *= t.size(d);
   }
-  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", t.strides(),
-              " for shape ", t.sizes());
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", dims_str(t.strides()),
+              " for shape ", dims_str(t.sizes()));
 }
 
 int64_t row_stride(const at::Tensor& t) {
@@ -102,10 +113,10 @@ void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& wei
   check_dim(input, 2, "input");
   check_dim(out, 2, "out");
   check_dim(weight, 1, "weight");
-  TORCH_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", input.sizes(), ", got ",
-              out.sizes());
+  TORCH_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", dims_str(input.sizes()), ", got ",
+              dims_str(out.sizes()));
   TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
-              weight.sizes());
+              dims_str(weight.sizes()));
   check_rows_dense(input, "input");
   check_contiguous(out, "out");
   check_contiguous(weight, "weight");
@@ -126,10 +137,10 @@ void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Te
   check_dim(input, 2, "input");
   check_dim(residual, 2, "residual");
   check_dim(weight, 1, "weight");
-  TORCH_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", input.sizes(),
-              ", got ", residual.sizes());
+  TORCH_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", dims_str(input.sizes()),
+              ", got ", dims_str(residual.sizes()));
   TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
-              weight.sizes());
+              dims_str(weight.sizes()));
   check_contiguous(input, "input");
   check_contiguous(residual, "residual");
   check_contiguous(weight, "weight");
@@ -156,17 +167,17 @@ void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Ten
   check_dim(cos_sin_cache, 2, "cos_sin_cache");
   const int64_t num_tokens = query.size(0);
   TORCH_CHECK(positions.size(0) == num_tokens, "positions must have shape [num_tokens] = [", num_tokens,
-              "], got ", positions.sizes());
+              "], got ", dims_str(positions.sizes()));
   TORCH_CHECK(key.size(0) == num_tokens, "key must have ", num_tokens, " tokens like query, got shape ",
-              key.sizes());
+              dims_str(key.sizes()));
   TORCH_CHECK(query.size(2) == head_size, "query must have head_size ", head_size, " as its last dimension, got ",
-              query.sizes());
+              dims_str(query.sizes()));
   TORCH_CHECK(key.size(2) == head_size, "key must have head_size ", head_size, " as its last dimension, got ",
-              key.sizes());
+              dims_str(key.sizes()));
   const int64_t rot_dim = cos_sin_cache.size(1);
   TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
               "cos_sin_cache must have shape [max_position, rot_dim] with rot_dim even and <= head_size (",
-              head_size, "), got ", cos_sin_cache.sizes());
+              head_size, "), got ", dims_str(cos_sin_cache.sizes()));
   check_rows_dense(query, "query");
   check_rows_dense(key, "key");
   check_contiguous(positions, "positions");
@@ -188,10 +199,10 @@ void silu_and_mul_op(at::Tensor& out, const at::Tensor& input) {
   check_dim(input, 2, "input");
   check_dim(out, 2, "out");
   TORCH_CHECK(input.size(1) % 2 == 0, "input must have an even last dimension [num_tokens, 2 * d], got ",
-              input.sizes());
+              dims_str(input.sizes()));
   TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2,
               "out must have shape [num_tokens, d] = [", input.size(0), ", ", input.size(1) / 2, "], got ",
-              out.sizes());
+              dims_str(out.sizes()));
   check_contiguous(input, "input");
   check_contiguous(out, "out");
   const c10::cuda::CUDAGuard guard(input.device());
@@ -216,15 +227,15 @@ void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Te
   check_dim(key_cache, 4, "key_cache");
   check_dim(value_cache, 4, "value_cache");
   check_dim(slot_mapping, 1, "slot_mapping");
-  TORCH_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
-              value.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", dims_str(key.sizes()), ", got ",
+              dims_str(value.sizes()));
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
-              key_cache.sizes(), ", got ", value_cache.sizes());
+              dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
   TORCH_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping must have shape [num_tokens] = [", key.size(0),
-              "], got ", slot_mapping.sizes());
+              "], got ", dims_str(slot_mapping.sizes()));
   TORCH_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2),
               "key_cache must have shape [num_blocks, num_kv_heads=", key.size(1), ", block_size, head_dim=",
-              key.size(2), "], got ", key_cache.sizes());
+              key.size(2), "], got ", dims_str(key_cache.sizes()));
   check_rows_dense(key, "key");
   check_rows_dense(value, "value");
   check_contiguous(key_cache, "key_cache");
@@ -273,21 +284,21 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, cons
   check_dim(seq_lens, 1, "seq_lens");
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(head_dim == 64 || head_dim == 128, op, ": query head_dim must be 64 or 128, got ", head_dim,
-              " (query shape ", query.sizes(), ")");
+              " (query shape ", dims_str(query.sizes()), ")");
   const int64_t num_heads = query.size(1);
   const int64_t num_kv_heads = key_cache.size(1);
   TORCH_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0, op,
               ": query num_heads (", num_heads, ") must be a multiple of key_cache num_kv_heads (", num_kv_heads,
               ")");
   TORCH_CHECK(key_cache.size(3) == head_dim, "key_cache must have shape [num_blocks, num_kv_heads, block_size, ",
-              "head_dim=", head_dim, "] (head_dim of query), got ", key_cache.sizes());
+              "head_dim=", head_dim, "] (head_dim of query), got ", dims_str(key_cache.sizes()));
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
-              key_cache.sizes(), ", got ", value_cache.sizes());
+              dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
   const int64_t block_size = key_cache.size(2);
   TORCH_CHECK(block_size >= 8 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
               "key_cache block_size (dimension 2) must be a power of two from 8 to 128, got ", block_size);
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", query.sizes(), ", got ",
-              out.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", dims_str(query.sizes()), ", got ",
+              dims_str(out.sizes()));
   check_contiguous(out, "out");
   check_contiguous(key_cache, "key_cache");
   check_contiguous(value_cache, "value_cache");
@@ -302,7 +313,7 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, cons
   TORCH_CHECK(aligned16(key_cache), "key_cache must start on a 16-byte boundary");
   TORCH_CHECK(aligned16(value_cache), "value_cache must start on a 16-byte boundary");
   TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables must have one row per sequence (",
-              seq_lens.size(0), " = len(seq_lens)), got shape ", block_tables.sizes());
+              seq_lens.size(0), " = len(seq_lens)), got shape ", dims_str(block_tables.sizes()));
   TORCH_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
   TORCH_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
               block_tables.size(1), ") for block_size ", block_size);
@@ -318,7 +329,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
       check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens);
   const int64_t num_seqs = query.size(0);
   TORCH_CHECK(seq_lens.size(0) == num_seqs, "seq_lens must have shape [num_seqs] = [", num_seqs,
-              "] (one query row per sequence), got ", seq_lens.sizes());
+              "] (one query row per sequence), got ", dims_str(seq_lens.sizes()));
   const c10::cuda::CUDAGuard guard(query.device());
   if (num_seqs == 0) return;
   // An upper bound of every seq_lens[i] known without reading the GPU: the block
@@ -348,7 +359,7 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
   check_contiguous(cu_seqlens_q, "cu_seqlens_q");
   const int64_t num_seqs = seq_lens.size(0);
   TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must have shape [num_seqs + 1] = [",
-              num_seqs + 1, "], got ", cu_seqlens_q.sizes());
+              num_seqs + 1, "], got ", dims_str(cu_seqlens_q.sizes()));
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= INT_MAX / 2, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
   TORCH_CHECK(query.size(0) == 0 || max_seqlen_q >= 1, "max_seqlen_q must be >= 1 when query has tokens, got ",
               max_seqlen_q);
@@ -370,8 +381,8 @@ void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight) {
   check_dim(weight, 2, "weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "weight has dtype ", weight.scalar_type(),
               " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", x.sizes(),
-              ", weight has shape ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", dims_str(x.sizes()),
+              ", weight has shape ", dims_str(weight.sizes()));
 }
 
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
@@ -388,14 +399,6 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
   gemm_xwt(y.data_ptr(), x.data_ptr(), weight.data_ptr(), m, n, k, dtype, at::cuda::getCurrentCUDABlasHandle(),
            current_stream());
   return y;
-}
-
-// The "fake" (Meta) version of linear: only the output's shape and dtype. torch.compile
-// and torch.library.opcheck trace with it; sym sizes keep it valid for dynamic shapes.
-// (The in-place ops return nothing, and torch derives their fake version by itself.)
-at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight) {
-  check_linear_inputs(x, weight);
-  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
 }
 
 }  // namespace
@@ -434,7 +437,8 @@ TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) {
   // ==== end attention impls ====
 }
 
-TORCH_LIBRARY_IMPL(tinyvllm, Meta, m) { m.impl("linear", &tinyvllm::linear_meta); }
+// The "fake" (shape-only) versions that torch.compile, CUDA-graph tracing and
+// torch.library.opcheck need are registered in Python: tinyvllm/ops/_kernels.py.
 
 // CPU tensors reach the same wrappers, whose first check fails with a message that
 // names the argument ("input must be a CUDA tensor, got device cpu") instead of the

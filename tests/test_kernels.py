@@ -91,6 +91,8 @@ def test_linear_meta_shape():
     assert y.shape == (5, 96) and y.dtype == torch.bfloat16 and y.device.type == "meta"
     with pytest.raises(RuntimeError, match="share K"):
         torch.ops.tinyvllm.linear(x, torch.empty(96, 65, device="meta", dtype=torch.bfloat16))
+    # The in-place ops' fake versions accept meta tensors and write nothing.
+    torch.ops.tinyvllm.silu_and_mul(torch.empty(5, 32, device="meta"), torch.empty(5, 64, device="meta"))
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")

@@ -15,7 +15,42 @@ def extension_loaded() -> bool:
         from tinyvllm import _C  # noqa: F401
     except ImportError:
         return False
+    _register_fakes()
     return True
+
+
+def _register_fakes() -> None:
+    """Shape-only ("fake") versions of the ops, for torch.compile, graph tracing and opcheck.
+
+    The in-place ops write into tensors the caller passed, so their fake version does
+    nothing; ``linear`` allocates its output, so its fake version says what shape and
+    dtype that output has.
+    """
+    in_place = [
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+        "reshape_and_cache",
+        "paged_attention_decode",
+        "prefill_attention",
+    ]
+    for name in in_place:
+        if hasattr(torch.ops.tinyvllm, name):
+            torch.library.register_fake(f"tinyvllm::{name}")(_nothing)
+
+    @torch.library.register_fake("tinyvllm::linear")
+    def _linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+        torch._check(
+            x.shape[1] == weight.shape[1],
+            lambda: f"x [M, K] and weight [N, K] must share K: x {tuple(x.shape)}, weight {tuple(weight.shape)}",
+        )
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _nothing(*args: object, **kwargs: object) -> None:
+    return None
 
 
 @functools.lru_cache(maxsize=None)
