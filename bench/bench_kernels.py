@@ -253,18 +253,21 @@ def main() -> None:
     else:
         toks, gemm_ms, shapes = [1, 16, 128, 1024, 4096, 16384], [1, 16, 128, 1024, 8192], GEMM_SHAPES
     results = []
+    # Beyond the model's shapes, one or two larger ones per op, so each has >= 2 sizes
+    # moving >= 64 MB (the bandwidth target's regime).
+    big = lambda extra: [] if args.quick else extra  # noqa: E731
     if want("rms_norm"):
         results += bench_rms_norm(toks, dtype)
         if not args.quick:
-            results += bench_rms_norm([4096, 16384], dtype, hidden=4096)
+            results += bench_rms_norm([4096, 16384, 32768], dtype, hidden=4096)
     if want("fused"):
-        results += bench_fused_add_rms_norm(toks, dtype)
+        results += bench_fused_add_rms_norm(toks + big([32768]), dtype)
     if want("rope") or want("rotary"):
-        results += bench_rope(toks, dtype)
+        results += bench_rope(toks + big([32768]), dtype)
     if want("silu"):
-        results += bench_silu(toks[:-1] if not args.quick else toks, dtype)
+        results += bench_silu(toks[:-1] + big([8192]) if not args.quick else toks, dtype)
     if want("cache") or want("reshape"):
-        results += bench_cache(toks + ([65536] if not args.quick else []), dtype)
+        results += bench_cache(toks + big([65536, 131072]), dtype)
     if want("gemm") or want("linear"):
         results += bench_gemm(gemm_ms, dtype, shapes)
 

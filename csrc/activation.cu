@@ -17,6 +17,12 @@
 // prefill batch simply gets more blocks. Each thread handles VEC consecutive
 // outputs with 16-byte loads of gate and up and a 16-byte store.
 //
+// Measured (H200, bf16, d = 8192): the copy rate minus a fixed ~6 us of the
+// benchmark's cold-cache setup at every size (88 % of copy bandwidth at T = 4096,
+// 94 % at T = 8192). Giving each thread 2, 4 or 8 vectors instead of one changed
+// nothing: with 16-byte accesses and a full GPU of 256-thread blocks there are
+// already enough bytes in flight, so the simplest shape stays.
+//
 // Run: tests/test_kernels.py -k silu, python bench/bench_kernels.py --only silu.
 #include "common.cuh"
 

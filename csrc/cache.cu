@@ -27,9 +27,16 @@
 // block_size * head_dim elements apart. 128-byte pieces are still full memory
 // transactions, so the scatter is cheap.
 //
-// Shape: ONE BLOCK PER TOKEN; its threads cover num_kv_heads * head_dim elements,
-// VEC at a time (16-byte copies when aligned). key and value are usually views
-// into the fused qkv GEMM output, so their rows are strided (row stride given).
+// Shape: a block of 256 threads covers a few tokens (4 x 2 for 8 kv heads x 64
+// bf16); a thread copies one 16-byte vector of key and one of value (when aligned)
+// for each of its 2 tokens. key and value are usually views into the fused qkv
+// GEMM output, so their rows are strided (row stride given).
+//
+// Speed: with random slots (the benchmark's worst case) every 128-byte piece goes
+// to an unrelated DRAM page, and the copy reaches ~83 % of the copy bandwidth on an
+// H200 at 256+ MB: the writes, not the kernel, are the limit (more tokens per
+// thread and overlapping the slot read changed nothing measurable). A real batch
+// writes the consecutive slots of each sequence, i.e. contiguous block_size rows.
 //
 // Run: tests/test_kernels.py -k reshape_and_cache, python bench/bench_kernels.py --only cache.
 #include "common.cuh"
@@ -37,39 +44,69 @@
 namespace tinyvllm {
 namespace {
 
-template <typename T, int VEC>
-__global__ void reshape_and_cache_kernel(const T* __restrict__ key, const T* __restrict__ value,
-                                         T* __restrict__ key_cache, T* __restrict__ value_cache,
-                                         const int64_t* __restrict__ slot_mapping, int num_kv_heads, int head_dim,
-                                         int block_size, int64_t num_slots, int64_t key_row_stride,
-                                         int64_t value_row_stride) {
-  const int64_t token = blockIdx.x;
-  const int64_t slot = slot_mapping[token];
-  if (slot < 0 || slot >= num_slots) return;  // padding (or a slot outside the cache)
-  const int64_t block = slot / block_size;
-  const int64_t offset = slot % block_size;
+// Block shape (blockDim.x, blockDim.y): threadIdx.x walks over the vectors of one
+// token's row (num_kv_heads * head_dim / VEC of them, 64 for 8 x 64 bf16),
+// threadIdx.y picks the token, and every thread does U tokens (spaced blockDim.y
+// apart). For each of them it issues the key load, the value load and the slot
+// load all at once: the copy does not need the slot until the store, so the
+// DRAM latency of slot_mapping overlaps the data loads instead of preceding them.
+constexpr int kTokensPerThread = 2;  // U below
 
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(256)
+    reshape_and_cache_kernel(const T* __restrict__ key, const T* __restrict__ value, T* __restrict__ key_cache,
+                             T* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping,
+                             int64_t num_tokens, int num_kv_heads, int head_dim, int block_size, int64_t num_slots,
+                             int64_t key_row_stride, int64_t value_row_stride) {
   const int vecs_per_head = head_dim / VEC;
-  const int total = num_kv_heads * vecs_per_head;
-  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+  const int vecs_per_token = num_kv_heads * vecs_per_head;
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * blockDim.y * U + threadIdx.y;
+
+  for (int i = threadIdx.x; i < vecs_per_token; i += blockDim.x) {  // one pass unless the row is long
     const int head = i / vecs_per_head;
-    const int d = (i - head * vecs_per_head) * VEC;
-    const int64_t src_k = token * key_row_stride + static_cast<int64_t>(head) * head_dim + d;
-    const int64_t src_v = token * value_row_stride + static_cast<int64_t>(head) * head_dim + d;
-    const int64_t dst = ((block * num_kv_heads + head) * block_size + offset) * head_dim + d;
-    store_vec<VEC>(key_cache + dst, load_vec<VEC>(key + src_k));
-    store_vec<VEC>(value_cache + dst, load_vec<VEC>(value + src_v));
+    const int d = (i - head * vecs_per_head) * VEC;  // offset inside the head
+    const int64_t src = static_cast<int64_t>(head) * head_dim + d;
+
+    // 1. Loads: U tokens' key and value vectors and their slots, all in flight together.
+    Vec<T, VEC> k[U], v[U];
+    int64_t slot[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t token = first_token + static_cast<int64_t>(u) * blockDim.y;
+      slot[u] = -1;
+      if (token < num_tokens) {
+        k[u] = load_vec<VEC>(key + token * key_row_stride + src);
+        v[u] = load_vec<VEC>(value + token * value_row_stride + src);
+        slot[u] = slot_mapping[token];
+      }
+    }
+    // 2. Stores into the paged cache, skipping padding (slot -1) and slots outside it.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (slot[u] < 0 || slot[u] >= num_slots) continue;
+      const int64_t block = slot[u] / block_size;
+      const int64_t offset = slot[u] - block * block_size;
+      const int64_t dst = ((block * num_kv_heads + head) * block_size + offset) * head_dim + d;
+      store_vec<VEC>(key_cache + dst, k[u]);
+      store_vec<VEC>(value_cache + dst, v[u]);
+    }
   }
 }
 
+// blockDim.x: a token's vectors (rounded up to a warp, at most 256); blockDim.y: as
+// many tokens as fit in 256 threads (4 for 8 kv heads x 64 bf16). Each block copies
+// blockDim.y * kTokensPerThread tokens.
 template <typename T, int VEC>
 void launch(const T* key, const T* value, T* key_cache, T* value_cache, const int64_t* slot_mapping,
             int64_t num_tokens, int num_kv_heads, int head_dim, int block_size, int64_t num_slots,
             int64_t key_row_stride, int64_t value_row_stride, cudaStream_t stream) {
-  const int64_t work = static_cast<int64_t>(num_kv_heads) * (head_dim / VEC);
-  const int threads = round_up_to_warp(work < 512 ? work : 512);
-  reshape_and_cache_kernel<T, VEC><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-      key, value, key_cache, value_cache, slot_mapping, num_kv_heads, head_dim, block_size, num_slots,
+  const int per_token = num_kv_heads * (head_dim / VEC);
+  const int bx = round_up_to_warp(per_token < 256 ? per_token : 256);
+  const int by = 256 / bx;
+  const int64_t tokens_per_block = static_cast<int64_t>(by) * kTokensPerThread;
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_tokens, tokens_per_block)));
+  reshape_and_cache_kernel<T, VEC, kTokensPerThread><<<grid, dim3(bx, by), 0, stream>>>(
+      key, value, key_cache, value_cache, slot_mapping, num_tokens, num_kv_heads, head_dim, block_size, num_slots,
       key_row_stride, value_row_stride);
 }
 

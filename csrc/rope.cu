@@ -23,7 +23,8 @@
 // Shape: ONE BLOCK PER TOKEN. Its threads walk over (head, group of VEC pairs)
 // for the query heads and then the key heads. A thread loads VEC elements of the
 // first half and the VEC matching elements of the second half (16-byte loads when
-// the sizes and addresses allow), rotates them in float32, and writes them back.
+// the sizes and addresses allow), then the token's position and cos/sin, rotates
+// in float32, and writes them back.
 // Each element is read once and written once, so like rmsnorm this is a pure
 // memory-bandwidth problem. q and k are usually VIEWS into the fused qkv GEMM
 // output ([T, (Hq + 2 Hk) * D]), so a token's row of q is followed by its k and v:
@@ -56,12 +57,7 @@ __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T
                                         int num_heads, int num_kv_heads, int head_dim, int rot_dim,
                                         int64_t max_position, int64_t query_row_stride, int64_t key_row_stride) {
   const int64_t token = blockIdx.x;
-  const int64_t pos = positions[token];
-  if (pos < 0 || pos >= max_position) return;  // out of the cache: leave the token alone
   const int half = rot_dim / 2;
-  const float* cos_row = cos_sin_cache + pos * rot_dim;
-  const float* sin_row = cos_row + half;
-
   const int groups_per_head = half / VEC;  // a thread's unit of work: VEC pairs of one head
   const int total = (num_heads + num_kv_heads) * groups_per_head;
   for (int g = threadIdx.x; g < total; g += blockDim.x) {
@@ -69,8 +65,16 @@ __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T
     const int i = (g - head * groups_per_head) * VEC;  // first pair index of this group
     T* x = head < num_heads ? query + token * query_row_stride + static_cast<int64_t>(head) * head_dim
                             : key + token * key_row_stride + static_cast<int64_t>(head - num_heads) * head_dim;
+    // Order matters for speed: the q/k loads do not depend on the position, so they
+    // are issued FIRST and are in flight while the two dependent reads that do
+    // (positions[token], then its cos/sin row) make their round trips to memory.
+    // Checking the position before loading would put those latencies in series.
     Vec<T, VEC> x1 = load_vec<VEC>(x + i);
     Vec<T, VEC> x2 = load_vec<VEC>(x + half + i);
+    const int64_t pos = positions[token];
+    if (pos < 0 || pos >= max_position) return;  // out of the cache: leave the token alone
+    const float* cos_row = cos_sin_cache + pos * rot_dim;
+    const float* sin_row = cos_row + half;
     float c[VEC], s[VEC];
     load_floats<VEC>(cos_row + i, c);
     load_floats<VEC>(sin_row + i, s);
