@@ -57,18 +57,17 @@ LLAMA_1B = dict(
 )
 
 
-def make_random_llama_1b(path: str) -> int:
+def make_random_llama(path: str, cfg: dict = LLAMA_1B, device: str = "cuda") -> int:
     """Write config.json, random bf16 safetensors and a word-level tokenizer.json; return the param count."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models
 
-    cfg = LLAMA_1B
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def w(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).cpu()
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(torch.bfloat16).cpu()
 
     tensors = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
     for layer in range(cfg["num_hidden_layers"]):
@@ -171,7 +170,7 @@ def main() -> None:
 
     bw = copy_bandwidth() * 1e9  # bytes/s
     with tempfile.TemporaryDirectory() as path:
-        n_params = make_random_llama_1b(path)
+        n_params = make_random_llama(path)
         weight_bytes = 2 * n_params
         floor_ms = weight_bytes / bw * 1e3
         ours = bench_tinyvllm(path, args)

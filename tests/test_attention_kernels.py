@@ -119,6 +119,7 @@ def test_decode_dtypes_heads_gqa(dtype, head_dim, group):
     _assert_close(out, ref, dtype, f"decode {dtype} d={head_dim} group={group} lens={seq_lens}")
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_decode_long_contexts_split(dtype, head_dim):
@@ -154,16 +155,14 @@ def test_decode_group_16_two_head_chunks():
     # A group larger than 8 query heads per kv head: two blocks per kv head.
     out, ref = run_decode([1, 33, 700], 16, 1, 64, 16, torch.bfloat16, seed=3)
     _assert_close(out, ref, torch.bfloat16, "decode group=16")
-
-
+@pytest.mark.sanitize
 def test_decode_strided_query_and_wide_table():
     # query is a view into a wider fused-qkv row; the block table is much wider than
     # needed (its capacity, not the real lengths, sizes the grid and the splits).
     out, ref = run_decode([5, 40, 129], 12, 4, 64, 16, torch.bfloat16, seed=5, table_width=300,
                           query_row_pad=2 * 4 * 64)
     _assert_close(out, ref, torch.bfloat16, "decode strided query")
-
-
+@pytest.mark.sanitize
 def test_decode_zero_length_sequence_gives_zeros():
     # A padded batch slot (seq_len 0) must not fault; its output is defined as zeros
     # (what the reference's empty softmax-weighted sum gives).
@@ -200,6 +199,7 @@ def test_prefill_no_prefix(dtype, head_dim, group):
     _assert_close(out, ref, dtype, f"prefill {dtype} d={head_dim} group={group}")
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_many_sequences_with_prefix(dtype, head_dim):
@@ -212,6 +212,7 @@ def test_prefill_many_sequences_with_prefix(dtype, head_dim):
     _assert_close(out, ref, dtype, f"prefill multi {dtype} d={head_dim}")
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("group", [3, 8])
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_prefill_gqa_block_sizes(group, block_size):
@@ -228,8 +229,7 @@ def test_prefill_long(head_dim):
     _assert_close(out, ref, torch.bfloat16, f"prefill 1000 d={head_dim}")
     out, ref = run_prefill([4097], [4097], 2, 1, head_dim, 16, torch.bfloat16, seed=2)
     _assert_close(out, ref, torch.bfloat16, f"prefill 4097 d={head_dim}")
-
-
+@pytest.mark.sanitize
 def test_prefill_strided_query_and_loose_max_seqlen():
     out, ref = run_prefill([33, 70], [40, 70], 8, 2, 64, 16, torch.float16, seed=4, query_row_pad=2 * 2 * 64,
                            max_seqlen_q=200)

@@ -13,8 +13,34 @@ from __future__ import annotations
 
 import torch
 
+import logging
+
 from tinyvllm.ops import reference
 from tinyvllm.ops._kernels import use_kernel
+
+logger = logging.getLogger(__name__)
+
+# Shapes the attention kernels are compiled for (csrc/attention/): other shapes run the
+# reference on the GPU, slowly but correctly, with a warning.
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_BLOCK_SIZES = (8, 16, 32, 64, 128)
+_warned: set[tuple[int, int]] = set()
+
+
+def _use_attention_kernel(name: str, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    if not use_kernel(name, query):
+        return False
+    head_dim, block_size = query.shape[-1], key_cache.shape[2]
+    if head_dim in ATTENTION_HEAD_DIMS and block_size in ATTENTION_BLOCK_SIZES:
+        return True
+    if (head_dim, block_size) not in _warned:
+        _warned.add((head_dim, block_size))
+        logger.warning(
+            "no attention kernel for head_dim=%d, block_size=%d (kernels: head_dim %s, block_size %s); "
+            "using the slow torch reference",
+            head_dim, block_size, ATTENTION_HEAD_DIMS, ATTENTION_BLOCK_SIZES,
+        )
+    return False
 
 __all__ = [
     "rms_norm",
@@ -94,7 +120,7 @@ def paged_attention_decode(
     """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D]."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if use_kernel("paged_attention_decode", query):
+    if _use_attention_kernel("paged_attention_decode", query, key_cache):
         torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
@@ -115,7 +141,7 @@ def prefill_attention(
     """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D]."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if use_kernel("prefill_attention", query):
+    if _use_attention_kernel("prefill_attention", query, key_cache):
         torch.ops.tinyvllm.prefill_attention(
             out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
         )
