@@ -157,7 +157,11 @@ def bench_cache(tokens, dtype, block_size=16):
         qkv = randn(t, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, dtype=dtype)
         k = qkv[:, NUM_HEADS * HEAD_DIM : (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM].unflatten(1, (NUM_KV_HEADS, HEAD_DIM))
         v = qkv[:, (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM :].unflatten(1, (NUM_KV_HEADS, HEAD_DIM))
-        slots = torch.randperm(num_blocks * block_size, device="cuda")[:t]
+        # As in a prefill: consecutive tokens fill each block in order, and the blocks are
+        # scattered over the cache (a shuffled block table).
+        pos = torch.arange(t, device="cuda")
+        block_of = torch.randperm(num_blocks, device="cuda")
+        slots = block_of[pos // block_size] * block_size + pos % block_size
         kc = randn(num_blocks, NUM_KV_HEADS, block_size, HEAD_DIM, dtype=dtype)
         vc = randn(num_blocks, NUM_KV_HEADS, block_size, HEAD_DIM, dtype=dtype)
 

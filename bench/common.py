@@ -3,7 +3,7 @@
 Rules these helpers enforce (docs/course/15-measuring-speed.md explains why):
 
 * Time on the GPU with CUDA events, take the MEDIAN of many repetitions, after warm-up.
-* Before every repetition, overwrite a buffer larger than the L2 cache, so each
+* Before every repetition, read a buffer larger than the L2 cache, so each
   repetition reads its inputs from HBM (as the model does: every layer's
   activations and weights are new to the cache). That flush also keeps the GPU
   busy while the CPU enqueues the timed call, so launch overhead is not timed.
@@ -46,14 +46,18 @@ def device_info() -> dict:
 
 
 class _L2Flusher:
-    """Overwrites a buffer several times the L2 size (H100: 50 MiB, H200: 60 MiB)."""
+    """Reads a buffer several times the L2 size (H100: 50 MiB, H200: 60 MiB), evicting everything else."""
 
     def __init__(self) -> None:
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20)
-        self.buf = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
+        self.buf = torch.randint(0, 255, (max(4 * l2, 256 << 20),), dtype=torch.uint8, device="cuda")
+        self.sink = torch.empty((), dtype=torch.uint8, device="cuda")
 
     def __call__(self) -> None:
-        self.buf.fill_(0x5A)
+        # READ the buffer rather than write it: a write would leave L2 full of dirty
+        # lines, and the timed kernel would then pay for writing them back to HBM
+        # (~50 MB, ~12 us on an H200) on top of its own traffic.
+        torch.amax(self.buf, dim=0, out=self.sink)
         # Then keep the GPU busy ~0.5 ms more, so that even a peer made of many small
         # torch ops is fully enqueued before its start event runs: the events then
         # time GPU work only, not the CPU's launch overhead.
