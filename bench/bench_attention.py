@@ -46,7 +46,7 @@ def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen
     for x in (k, v):
         xp = torch.nn.functional.pad(x, (0, 0, 0, pad))  # [B, Hk, nb*bs, D]
         blocks = xp.view(b, hk, nb, block_size, d).permute(0, 2, 1, 3, 4).reshape(b * nb, hk, block_size, d)
-        cache = torch.empty_like(blocks)
+        cache = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)  # contiguous, like the engine's
         cache[perm] = blocks
         caches.append(cache)
     return caches[0], caches[1], tables

@@ -19,6 +19,7 @@
 #include <climits>
 
 #include <string>
+#include <type_traits>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -31,9 +32,29 @@
 namespace tinyvllm {
 namespace {
 
-// "[4, 2, 64]": sizes and strides spelled out by hand for error messages. (Streaming
-// IntArrayRef straight into TORCH_CHECK crashed the process on the GPU machine's torch
-// 2.11 build instead of raising; a plain std::string is safe everywhere.)
+// ---- error messages -------------------------------------------------------------
+// Every message is assembled with std::to_string, never with an ostream's number
+// formatting. On the GPU machine's toolchain (a newer g++ than the libstdc++ torch
+// was built against), `stream << int64_t` inside this library crashed the process
+// (cuda-gdb: ostream::_M_insert<long> -> codecvt::do_unshift) instead of raising.
+// Strings pass through streams safely, so TV_CHECK hands TORCH_CHECK one string.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+#define TV_CHECK(cond, ...) TORCH_CHECK(cond, ::tinyvllm::message(__VA_ARGS__))
+
+// "[4, 2, 64]": a tensor's sizes or strides, for error messages.
 std::string dims_str(c10::IntArrayRef dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
@@ -50,47 +71,47 @@ DType dtype_of(const at::Tensor& t, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+      TV_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TV_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+  TV_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
 }
 
 void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", dims_str(t.sizes()));
+  TV_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", dims_str(t.sizes()));
 }
 
 void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", dims_str(t.strides()), " for shape ",
+  TV_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", dims_str(t.strides()), " for shape ",
               dims_str(t.sizes()));
 }
 
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+  TV_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
               " has dtype ", ref.scalar_type());
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
-  TORCH_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+  TV_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
 }
 
 // Rows may be strided (stride(0) >= the row), elements inside a row must be dense.
 void check_rows_dense(const at::Tensor& t, const char* name) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
-    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
+    TV_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
                 " must be dense inside each row (only the first dimension may be strided), got strides ",
                 dims_str(t.strides()), " for shape ", dims_str(t.sizes()));
     expected *= t.size(d);
   }
-  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", dims_str(t.strides()),
+  TV_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", dims_str(t.strides()),
               " for shape ", dims_str(t.sizes()));
 }
 
@@ -113,14 +134,14 @@ void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& wei
   check_dim(input, 2, "input");
   check_dim(out, 2, "out");
   check_dim(weight, 1, "weight");
-  TORCH_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", dims_str(input.sizes()), ", got ",
+  TV_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", dims_str(input.sizes()), ", got ",
               dims_str(out.sizes()));
-  TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
+  TV_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
               dims_str(weight.sizes()));
   check_rows_dense(input, "input");
   check_contiguous(out, "out");
   check_contiguous(weight, "weight");
-  TORCH_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
+  TV_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
   const c10::cuda::CUDAGuard guard(input.device());
   rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), input.size(0), input.size(1), row_stride(input),
            static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
@@ -137,14 +158,14 @@ void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Te
   check_dim(input, 2, "input");
   check_dim(residual, 2, "residual");
   check_dim(weight, 1, "weight");
-  TORCH_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", dims_str(input.sizes()),
+  TV_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", dims_str(input.sizes()),
               ", got ", dims_str(residual.sizes()));
-  TORCH_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
+  TV_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
               dims_str(weight.sizes()));
   check_contiguous(input, "input");
   check_contiguous(residual, "residual");
   check_contiguous(weight, "weight");
-  TORCH_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
+  TV_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
   const c10::cuda::CUDAGuard guard(input.device());
   fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(), input.size(0), input.size(1),
                      static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
@@ -166,23 +187,23 @@ void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Ten
   check_dim(positions, 1, "positions");
   check_dim(cos_sin_cache, 2, "cos_sin_cache");
   const int64_t num_tokens = query.size(0);
-  TORCH_CHECK(positions.size(0) == num_tokens, "positions must have shape [num_tokens] = [", num_tokens,
+  TV_CHECK(positions.size(0) == num_tokens, "positions must have shape [num_tokens] = [", num_tokens,
               "], got ", dims_str(positions.sizes()));
-  TORCH_CHECK(key.size(0) == num_tokens, "key must have ", num_tokens, " tokens like query, got shape ",
+  TV_CHECK(key.size(0) == num_tokens, "key must have ", num_tokens, " tokens like query, got shape ",
               dims_str(key.sizes()));
-  TORCH_CHECK(query.size(2) == head_size, "query must have head_size ", head_size, " as its last dimension, got ",
+  TV_CHECK(query.size(2) == head_size, "query must have head_size ", head_size, " as its last dimension, got ",
               dims_str(query.sizes()));
-  TORCH_CHECK(key.size(2) == head_size, "key must have head_size ", head_size, " as its last dimension, got ",
+  TV_CHECK(key.size(2) == head_size, "key must have head_size ", head_size, " as its last dimension, got ",
               dims_str(key.sizes()));
   const int64_t rot_dim = cos_sin_cache.size(1);
-  TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
+  TV_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
               "cos_sin_cache must have shape [max_position, rot_dim] with rot_dim even and <= head_size (",
               head_size, "), got ", dims_str(cos_sin_cache.sizes()));
   check_rows_dense(query, "query");
   check_rows_dense(key, "key");
   check_contiguous(positions, "positions");
   check_contiguous(cos_sin_cache, "cos_sin_cache");
-  TORCH_CHECK(query.size(1) + key.size(1) <= INT_MAX && head_size <= INT_MAX, "query/key have too many heads");
+  TV_CHECK(query.size(1) + key.size(1) <= INT_MAX && head_size <= INT_MAX, "query/key have too many heads");
   const c10::cuda::CUDAGuard guard(query.device());
   rotary_embedding(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
                    cos_sin_cache.data_ptr<float>(), num_tokens, static_cast<int>(query.size(1)),
@@ -198,9 +219,9 @@ void silu_and_mul_op(at::Tensor& out, const at::Tensor& input) {
   check_same_dtype(out, input, "out", "input");
   check_dim(input, 2, "input");
   check_dim(out, 2, "out");
-  TORCH_CHECK(input.size(1) % 2 == 0, "input must have an even last dimension [num_tokens, 2 * d], got ",
+  TV_CHECK(input.size(1) % 2 == 0, "input must have an even last dimension [num_tokens, 2 * d], got ",
               dims_str(input.sizes()));
-  TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2,
+  TV_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2,
               "out must have shape [num_tokens, d] = [", input.size(0), ", ", input.size(1) / 2, "], got ",
               dims_str(out.sizes()));
   check_contiguous(input, "input");
@@ -227,13 +248,13 @@ void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Te
   check_dim(key_cache, 4, "key_cache");
   check_dim(value_cache, 4, "value_cache");
   check_dim(slot_mapping, 1, "slot_mapping");
-  TORCH_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", dims_str(key.sizes()), ", got ",
+  TV_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", dims_str(key.sizes()), ", got ",
               dims_str(value.sizes()));
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+  TV_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
-  TORCH_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping must have shape [num_tokens] = [", key.size(0),
+  TV_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping must have shape [num_tokens] = [", key.size(0),
               "], got ", dims_str(slot_mapping.sizes()));
-  TORCH_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2),
+  TV_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2),
               "key_cache must have shape [num_blocks, num_kv_heads=", key.size(1), ", block_size, head_dim=",
               key.size(2), "], got ", dims_str(key_cache.sizes()));
   check_rows_dense(key, "key");
@@ -241,7 +262,7 @@ void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Te
   check_contiguous(key_cache, "key_cache");
   check_contiguous(value_cache, "value_cache");
   check_contiguous(slot_mapping, "slot_mapping");
-  TORCH_CHECK(key.size(1) <= INT_MAX && key.size(2) <= INT_MAX && key_cache.size(2) <= INT_MAX,
+  TV_CHECK(key.size(1) <= INT_MAX && key.size(2) <= INT_MAX && key_cache.size(2) <= INT_MAX,
               "key has too many heads or too large a head_dim / block_size");
   const c10::cuda::CUDAGuard guard(key.device());
   reshape_and_cache(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
@@ -261,9 +282,9 @@ struct AttentionDims {
   int num_heads, num_kv_heads, head_dim, block_size, max_blocks_per_seq;
 };
 
-AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, const at::Tensor& query,
-                                     const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                     const at::Tensor& block_tables, const at::Tensor& seq_lens) {
+void check_attention_inputs(const char* op, const at::Tensor& out, const at::Tensor& query,
+                            const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, AttentionDims& dims) {
   check_cuda(query, "query");
   dtype_of(query, "query");
   check_same_device(out, query, "out", "query");
@@ -283,21 +304,21 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, cons
   check_dim(block_tables, 2, "block_tables");
   check_dim(seq_lens, 1, "seq_lens");
   const int64_t head_dim = query.size(2);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, op, ": query head_dim must be 64 or 128, got ", head_dim,
+  TV_CHECK(head_dim == 64 || head_dim == 128, op, ": query head_dim must be 64 or 128, got ", head_dim,
               " (query shape ", dims_str(query.sizes()), ")");
   const int64_t num_heads = query.size(1);
   const int64_t num_kv_heads = key_cache.size(1);
-  TORCH_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0, op,
+  TV_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0, op,
               ": query num_heads (", num_heads, ") must be a multiple of key_cache num_kv_heads (", num_kv_heads,
               ")");
-  TORCH_CHECK(key_cache.size(3) == head_dim, "key_cache must have shape [num_blocks, num_kv_heads, block_size, ",
+  TV_CHECK(key_cache.size(3) == head_dim, "key_cache must have shape [num_blocks, num_kv_heads, block_size, ",
               "head_dim=", head_dim, "] (head_dim of query), got ", dims_str(key_cache.sizes()));
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+  TV_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
   const int64_t block_size = key_cache.size(2);
-  TORCH_CHECK(block_size >= 8 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
+  TV_CHECK(block_size >= 8 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
               "key_cache block_size (dimension 2) must be a power of two from 8 to 128, got ", block_size);
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", dims_str(query.sizes()), ", got ",
+  TV_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", dims_str(query.sizes()), ", got ",
               dims_str(out.sizes()));
   check_contiguous(out, "out");
   check_contiguous(key_cache, "key_cache");
@@ -306,29 +327,29 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& out, cons
   check_contiguous(seq_lens, "seq_lens");
   check_rows_dense(query, "query");
   const int64_t vec = 16 / query.element_size();
-  TORCH_CHECK(aligned16(query) && row_stride(query) % vec == 0,
+  TV_CHECK(aligned16(query) && row_stride(query) % vec == 0,
               "query must start on a 16-byte boundary and its row stride (", row_stride(query),
               ") must be a multiple of ", vec, " elements");
-  TORCH_CHECK(aligned16(out), "out must start on a 16-byte boundary");
-  TORCH_CHECK(aligned16(key_cache), "key_cache must start on a 16-byte boundary");
-  TORCH_CHECK(aligned16(value_cache), "value_cache must start on a 16-byte boundary");
-  TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables must have one row per sequence (",
+  TV_CHECK(aligned16(out), "out must start on a 16-byte boundary");
+  TV_CHECK(aligned16(key_cache), "key_cache must start on a 16-byte boundary");
+  TV_CHECK(aligned16(value_cache), "value_cache must start on a 16-byte boundary");
+  TV_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables must have one row per sequence (",
               seq_lens.size(0), " = len(seq_lens)), got shape ", dims_str(block_tables.sizes()));
-  TORCH_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
-  TORCH_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
+  TV_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
+  TV_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
               block_tables.size(1), ") for block_size ", block_size);
-  TORCH_CHECK(key_cache.size(0) <= INT_MAX, "key_cache has too many blocks");
-  return AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
+  TV_CHECK(key_cache.size(0) <= INT_MAX, "key_cache has too many blocks");
+  dims = AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
                        static_cast<int>(block_size), static_cast<int>(block_tables.size(1))};
 }
 
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale) {
-  const AttentionDims dims =
-      check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens);
+  AttentionDims dims{};
+  check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   const int64_t num_seqs = query.size(0);
-  TORCH_CHECK(seq_lens.size(0) == num_seqs, "seq_lens must have shape [num_seqs] = [", num_seqs,
+  TV_CHECK(seq_lens.size(0) == num_seqs, "seq_lens must have shape [num_seqs] = [", num_seqs,
               "] (one query row per sequence), got ", dims_str(seq_lens.sizes()));
   const c10::cuda::CUDAGuard guard(query.device());
   if (num_seqs == 0) return;
@@ -351,19 +372,19 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& value_cache, const at::Tensor& block_tables,
                           const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, int64_t max_seqlen_q,
                           double scale) {
-  const AttentionDims dims =
-      check_attention_inputs("prefill_attention", out, query, key_cache, value_cache, block_tables, seq_lens);
+  AttentionDims dims{};
+  check_attention_inputs("prefill_attention", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   check_same_device(cu_seqlens_q, query, "cu_seqlens_q", "query");
   check_dtype(cu_seqlens_q, at::kInt, "cu_seqlens_q");
   check_dim(cu_seqlens_q, 1, "cu_seqlens_q");
   check_contiguous(cu_seqlens_q, "cu_seqlens_q");
   const int64_t num_seqs = seq_lens.size(0);
-  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must have shape [num_seqs + 1] = [",
+  TV_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must have shape [num_seqs + 1] = [",
               num_seqs + 1, "], got ", dims_str(cu_seqlens_q.sizes()));
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= INT_MAX / 2, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
-  TORCH_CHECK(query.size(0) == 0 || max_seqlen_q >= 1, "max_seqlen_q must be >= 1 when query has tokens, got ",
+  TV_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= INT_MAX / 2, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TV_CHECK(query.size(0) == 0 || max_seqlen_q >= 1, "max_seqlen_q must be >= 1 when query has tokens, got ",
               max_seqlen_q);
-  TORCH_CHECK(query.size(0) <= INT_MAX, "query has too many tokens");
+  TV_CHECK(query.size(0) <= INT_MAX, "query has too many tokens");
   const c10::cuda::CUDAGuard guard(query.device());
   if (num_seqs == 0 || query.size(0) == 0) return;
   prefill_attention(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
@@ -379,9 +400,9 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
 void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight) {
   check_dim(x, 2, "x");
   check_dim(weight, 2, "weight");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "weight has dtype ", weight.scalar_type(),
+  TV_CHECK(x.scalar_type() == weight.scalar_type(), "weight has dtype ", weight.scalar_type(),
               " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", dims_str(x.sizes()),
+  TV_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", dims_str(x.sizes()),
               ", weight has shape ", dims_str(weight.sizes()));
 }
 
