@@ -90,12 +90,12 @@ void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
 
 void check_contiguous(const at::Tensor& t, const char* name) {
   TV_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", dims_str(t.strides()), " for shape ",
-              dims_str(t.sizes()));
+           dims_str(t.sizes()));
 }
 
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TV_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
-              " has dtype ", ref.scalar_type());
+           " has dtype ", ref.scalar_type());
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
@@ -107,12 +107,12 @@ void check_rows_dense(const at::Tensor& t, const char* name) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
     TV_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
-                " must be dense inside each row (only the first dimension may be strided), got strides ",
-                dims_str(t.strides()), " for shape ", dims_str(t.sizes()));
+             " must be dense inside each row (only the first dimension may be strided), got strides ",
+             dims_str(t.strides()), " for shape ", dims_str(t.sizes()));
     expected *= t.size(d);
   }
   TV_CHECK(t.size(0) <= 1 || t.stride(0) >= expected, name, " has overlapping rows: strides ", dims_str(t.strides()),
-              " for shape ", dims_str(t.sizes()));
+           " for shape ", dims_str(t.sizes()));
 }
 
 int64_t row_stride(const at::Tensor& t) {
@@ -135,9 +135,9 @@ void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& wei
   check_dim(out, 2, "out");
   check_dim(weight, 1, "weight");
   TV_CHECK(out.sizes() == input.sizes(), "out must have the shape of input ", dims_str(input.sizes()), ", got ",
-              dims_str(out.sizes()));
+           dims_str(out.sizes()));
   TV_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
-              dims_str(weight.sizes()));
+           dims_str(weight.sizes()));
   check_rows_dense(input, "input");
   check_contiguous(out, "out");
   check_contiguous(weight, "weight");
@@ -159,9 +159,9 @@ void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Te
   check_dim(residual, 2, "residual");
   check_dim(weight, 1, "weight");
   TV_CHECK(residual.sizes() == input.sizes(), "residual must have the shape of input ", dims_str(input.sizes()),
-              ", got ", dims_str(residual.sizes()));
+           ", got ", dims_str(residual.sizes()));
   TV_CHECK(weight.size(0) == input.size(1), "weight must have shape [hidden] = [", input.size(1), "], got ",
-              dims_str(weight.sizes()));
+           dims_str(weight.sizes()));
   check_contiguous(input, "input");
   check_contiguous(residual, "residual");
   check_contiguous(weight, "weight");
@@ -188,17 +188,17 @@ void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Ten
   check_dim(cos_sin_cache, 2, "cos_sin_cache");
   const int64_t num_tokens = query.size(0);
   TV_CHECK(positions.size(0) == num_tokens, "positions must have shape [num_tokens] = [", num_tokens,
-              "], got ", dims_str(positions.sizes()));
+           "], got ", dims_str(positions.sizes()));
   TV_CHECK(key.size(0) == num_tokens, "key must have ", num_tokens, " tokens like query, got shape ",
-              dims_str(key.sizes()));
+           dims_str(key.sizes()));
   TV_CHECK(query.size(2) == head_size, "query must have head_size ", head_size, " as its last dimension, got ",
-              dims_str(query.sizes()));
+           dims_str(query.sizes()));
   TV_CHECK(key.size(2) == head_size, "key must have head_size ", head_size, " as its last dimension, got ",
-              dims_str(key.sizes()));
+           dims_str(key.sizes()));
   const int64_t rot_dim = cos_sin_cache.size(1);
   TV_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size,
-              "cos_sin_cache must have shape [max_position, rot_dim] with rot_dim even and <= head_size (",
-              head_size, "), got ", dims_str(cos_sin_cache.sizes()));
+           "cos_sin_cache must have shape [max_position, rot_dim] with rot_dim even and <= head_size (",
+           head_size, "), got ", dims_str(cos_sin_cache.sizes()));
   check_rows_dense(query, "query");
   check_rows_dense(key, "key");
   check_contiguous(positions, "positions");
@@ -220,14 +220,30 @@ void silu_and_mul_op(at::Tensor& out, const at::Tensor& input) {
   check_dim(input, 2, "input");
   check_dim(out, 2, "out");
   TV_CHECK(input.size(1) % 2 == 0, "input must have an even last dimension [num_tokens, 2 * d], got ",
-              dims_str(input.sizes()));
+           dims_str(input.sizes()));
   TV_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2,
-              "out must have shape [num_tokens, d] = [", input.size(0), ", ", input.size(1) / 2, "], got ",
-              dims_str(out.sizes()));
+           "out must have shape [num_tokens, d] = [", input.size(0), ", ", input.size(1) / 2, "], got ",
+           dims_str(out.sizes()));
   check_contiguous(input, "input");
   check_contiguous(out, "out");
   const c10::cuda::CUDAGuard guard(input.device());
   silu_and_mul(out.data_ptr(), input.data_ptr(), input.size(0), input.size(1) / 2, dtype, current_stream());
+}
+
+// The paged KV cache pair [num_blocks, num_kv_heads, block_size, head_dim], shared by
+// reshape_and_cache (which writes it) and both attention ops (which read it).
+void check_paged_caches(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& ref,
+                        const char* ref_name) {
+  check_same_device(key_cache, ref, "key_cache", ref_name);
+  check_same_device(value_cache, ref, "value_cache", ref_name);
+  check_same_dtype(key_cache, ref, "key_cache", ref_name);
+  check_same_dtype(value_cache, ref, "value_cache", ref_name);
+  check_dim(key_cache, 4, "key_cache");
+  check_dim(value_cache, 4, "value_cache");
+  TV_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+           dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
+  // (Contiguity is checked by the callers after their shape checks, so that a cache of
+  // the wrong shape is reported as such rather than as "not contiguous".)
 }
 
 // ---- cache.cu -------------------------------------------------------------------------------
@@ -236,34 +252,27 @@ void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Te
   check_cuda(key, "key");
   const DType dtype = dtype_of(key, "key");
   check_same_device(value, key, "value", "key");
-  check_same_device(key_cache, key, "key_cache", "key");
-  check_same_device(value_cache, key, "value_cache", "key");
   check_same_device(slot_mapping, key, "slot_mapping", "key");
   check_same_dtype(value, key, "value", "key");
-  check_same_dtype(key_cache, key, "key_cache", "key");
-  check_same_dtype(value_cache, key, "value_cache", "key");
+  check_paged_caches(key_cache, value_cache, key, "key");
   check_dtype(slot_mapping, at::kLong, "slot_mapping");
   check_dim(key, 3, "key");
   check_dim(value, 3, "value");
-  check_dim(key_cache, 4, "key_cache");
-  check_dim(value_cache, 4, "value_cache");
   check_dim(slot_mapping, 1, "slot_mapping");
   TV_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", dims_str(key.sizes()), ", got ",
-              dims_str(value.sizes()));
-  TV_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
-              dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
+           dims_str(value.sizes()));
   TV_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping must have shape [num_tokens] = [", key.size(0),
-              "], got ", dims_str(slot_mapping.sizes()));
+           "], got ", dims_str(slot_mapping.sizes()));
   TV_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2),
-              "key_cache must have shape [num_blocks, num_kv_heads=", key.size(1), ", block_size, head_dim=",
-              key.size(2), "], got ", dims_str(key_cache.sizes()));
+           "key_cache must have shape [num_blocks, num_kv_heads=", key.size(1), ", block_size, head_dim=",
+           key.size(2), "], got ", dims_str(key_cache.sizes()));
   check_rows_dense(key, "key");
   check_rows_dense(value, "value");
   check_contiguous(key_cache, "key_cache");
   check_contiguous(value_cache, "value_cache");
   check_contiguous(slot_mapping, "slot_mapping");
   TV_CHECK(key.size(1) <= INT_MAX && key.size(2) <= INT_MAX && key_cache.size(2) <= INT_MAX,
-              "key has too many heads or too large a head_dim / block_size");
+           "key has too many heads or too large a head_dim / block_size");
   const c10::cuda::CUDAGuard guard(key.device());
   reshape_and_cache(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                     slot_mapping.data_ptr<int64_t>(), key.size(0), static_cast<int>(key.size(1)),
@@ -288,38 +297,31 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
   check_cuda(query, "query");
   dtype_of(query, "query");
   check_same_device(out, query, "out", "query");
-  check_same_device(key_cache, query, "key_cache", "query");
-  check_same_device(value_cache, query, "value_cache", "query");
   check_same_device(block_tables, query, "block_tables", "query");
   check_same_device(seq_lens, query, "seq_lens", "query");
   check_same_dtype(out, query, "out", "query");
-  check_same_dtype(key_cache, query, "key_cache", "query");
-  check_same_dtype(value_cache, query, "value_cache", "query");
+  check_paged_caches(key_cache, value_cache, query, "query");
   check_dtype(block_tables, at::kInt, "block_tables");
   check_dtype(seq_lens, at::kInt, "seq_lens");
   check_dim(query, 3, "query");
   check_dim(out, 3, "out");
-  check_dim(key_cache, 4, "key_cache");
-  check_dim(value_cache, 4, "value_cache");
   check_dim(block_tables, 2, "block_tables");
   check_dim(seq_lens, 1, "seq_lens");
   const int64_t head_dim = query.size(2);
   TV_CHECK(head_dim == 64 || head_dim == 128, op, ": query head_dim must be 64 or 128, got ", head_dim,
-              " (query shape ", dims_str(query.sizes()), ")");
+           " (query shape ", dims_str(query.sizes()), ")");
   const int64_t num_heads = query.size(1);
   const int64_t num_kv_heads = key_cache.size(1);
   TV_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0, op,
-              ": query num_heads (", num_heads, ") must be a multiple of key_cache num_kv_heads (", num_kv_heads,
-              ")");
+           ": query num_heads (", num_heads, ") must be a multiple of key_cache num_kv_heads (", num_kv_heads,
+           ")");
   TV_CHECK(key_cache.size(3) == head_dim, "key_cache must have shape [num_blocks, num_kv_heads, block_size, ",
-              "head_dim=", head_dim, "] (head_dim of query), got ", dims_str(key_cache.sizes()));
-  TV_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
-              dims_str(key_cache.sizes()), ", got ", dims_str(value_cache.sizes()));
+           "head_dim=", head_dim, "] (head_dim of query), got ", dims_str(key_cache.sizes()));
   const int64_t block_size = key_cache.size(2);
   TV_CHECK(block_size >= 8 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
-              "key_cache block_size (dimension 2) must be a power of two from 8 to 128, got ", block_size);
+           "key_cache block_size (dimension 2) must be a power of two from 8 to 128, got ", block_size);
   TV_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", dims_str(query.sizes()), ", got ",
-              dims_str(out.sizes()));
+           dims_str(out.sizes()));
   check_contiguous(out, "out");
   check_contiguous(key_cache, "key_cache");
   check_contiguous(value_cache, "value_cache");
@@ -328,16 +330,16 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
   check_rows_dense(query, "query");
   const int64_t vec = 16 / query.element_size();
   TV_CHECK(aligned16(query) && row_stride(query) % vec == 0,
-              "query must start on a 16-byte boundary and its row stride (", row_stride(query),
-              ") must be a multiple of ", vec, " elements");
+           "query must start on a 16-byte boundary and its row stride (", row_stride(query),
+           ") must be a multiple of ", vec, " elements");
   TV_CHECK(aligned16(out), "out must start on a 16-byte boundary");
   TV_CHECK(aligned16(key_cache), "key_cache must start on a 16-byte boundary");
   TV_CHECK(aligned16(value_cache), "value_cache must start on a 16-byte boundary");
   TV_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables must have one row per sequence (",
-              seq_lens.size(0), " = len(seq_lens)), got shape ", dims_str(block_tables.sizes()));
+           seq_lens.size(0), " = len(seq_lens)), got shape ", dims_str(block_tables.sizes()));
   TV_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
   TV_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
-              block_tables.size(1), ") for block_size ", block_size);
+           block_tables.size(1), ") for block_size ", block_size);
   TV_CHECK(key_cache.size(0) <= INT_MAX, "key_cache has too many blocks");
   dims = AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
                        static_cast<int>(block_size), static_cast<int>(block_tables.size(1))};
@@ -350,7 +352,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
   check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   const int64_t num_seqs = query.size(0);
   TV_CHECK(seq_lens.size(0) == num_seqs, "seq_lens must have shape [num_seqs] = [", num_seqs,
-              "] (one query row per sequence), got ", dims_str(seq_lens.sizes()));
+           "] (one query row per sequence), got ", dims_str(seq_lens.sizes()));
   const c10::cuda::CUDAGuard guard(query.device());
   if (num_seqs == 0) return;
   // An upper bound of every seq_lens[i] known without reading the GPU: the block
@@ -380,10 +382,10 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
   check_contiguous(cu_seqlens_q, "cu_seqlens_q");
   const int64_t num_seqs = seq_lens.size(0);
   TV_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must have shape [num_seqs + 1] = [",
-              num_seqs + 1, "], got ", dims_str(cu_seqlens_q.sizes()));
+           num_seqs + 1, "], got ", dims_str(cu_seqlens_q.sizes()));
   TV_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= INT_MAX / 2, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
   TV_CHECK(query.size(0) == 0 || max_seqlen_q >= 1, "max_seqlen_q must be >= 1 when query has tokens, got ",
-              max_seqlen_q);
+           max_seqlen_q);
   TV_CHECK(query.size(0) <= INT_MAX, "query has too many tokens");
   const c10::cuda::CUDAGuard guard(query.device());
   if (num_seqs == 0 || query.size(0) == 0) return;
@@ -401,9 +403,9 @@ void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight) {
   check_dim(x, 2, "x");
   check_dim(weight, 2, "weight");
   TV_CHECK(x.scalar_type() == weight.scalar_type(), "weight has dtype ", weight.scalar_type(),
-              " but x has dtype ", x.scalar_type());
+           " but x has dtype ", x.scalar_type());
   TV_CHECK(x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K: x has shape ", dims_str(x.sizes()),
-              ", weight has shape ", dims_str(weight.sizes()));
+           ", weight has shape ", dims_str(weight.sizes()));
 }
 
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {

@@ -41,7 +41,7 @@ DEFAULT_CPU_MAX_MODEL_LEN = 4096
 
 def kv_cache_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block of KV cache across all layers (keys and values)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config.head_dim  # ModelConfig resolves an implied head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * head_dim * itemsize
 
@@ -53,7 +53,7 @@ def activation_bytes(config, dtype: torch.dtype, max_num_batched_tokens: int, ma
     gate_up, silu_and_mul output (in dtype); plus float32 logits (and their dtype copy) per sequence.
     Doubled for the allocator's slack and the kernels' workspaces.
     """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config.head_dim  # ModelConfig resolves an implied head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_token = (
         3 * config.hidden_size

@@ -88,7 +88,7 @@ class LlamaForCausalLM:
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim  # ModelConfig resolves an implied head_dim
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
         self.eps = config.rms_norm_eps
