@@ -35,12 +35,16 @@ from common import Result, copy_bandwidth, device_info, matmul_tflops, print_tab
 NUM_HEADS, NUM_KV_HEADS, BLOCK = 32, 8, 16
 
 
-def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen: torch.Generator):
-    """k, v [B, Hk, L, D] -> shuffled paged caches [num_blocks, Hk, bs, D] and block tables [B, nb]."""
+def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen: torch.Generator,
+                          shuffle: bool = True):
+    """k, v [B, Hk, L, D] -> paged caches [num_blocks, Hk, bs, D] and block tables [B, nb].
+
+    shuffle: blocks in random order (a long-running server's fragmented cache); else in order."""
     b, hk, length, d = k.shape
     nb = math.ceil(length / block_size)
     pad = nb * block_size - length
-    perm = torch.randperm(b * nb, generator=gen, device="cpu").to(k.device)
+    perm = torch.randperm(b * nb, generator=gen, device="cpu") if shuffle else torch.arange(b * nb)
+    perm = perm.to(k.device)
     tables = perm.view(b, nb).to(torch.int32)
     caches = []
     for x in (k, v):
@@ -62,12 +66,12 @@ def sdpa_gqa(q, k, v, is_causal=False):
         )
 
 
-def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64) -> Result:
+def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffle: bool = True) -> Result:
     gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + ctx)
     q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
     v = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
-    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)
+    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen, shuffle=shuffle)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     scale = 1.0 / math.sqrt(d)
     out = torch.empty_like(q)
@@ -89,7 +93,8 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64) -> Res
     esize = q.element_size()
     nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
     del k, v, kc, vc
-    return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}", str(dtype)[6:],
+    tag = "" if shuffle else " ordered"
+    return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
                   t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
                   extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
 
@@ -133,6 +138,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
     ap.add_argument("--out", default="bench/results/attention.json")
+    ap.add_argument("--decode-only", action="store_true", help="skip prefill")
+    ap.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 8 64 256)")
+    ap.add_argument("--ordered-blocks", action="store_true",
+                    help="also time decode with each sequence's blocks in order (what random placement costs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
@@ -145,9 +154,9 @@ def main() -> None:
     ceilings = {"copy_GBps": copy_bandwidth(), "matmul_bf16_TFLOPs": matmul_tflops()}
     print(f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
 
-    batches = [1, 64] if args.quick else [1, 8, 64, 256]
+    batches = args.batches or ([1, 64] if args.quick else [1, 8, 64, 256])
     contexts = [512, 4096] if args.quick else [128, 512, 1024, 4096]
-    prefill_ns = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
+    prefill_ns = [] if args.decode_only else [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
     prefill_ds = [64] if args.quick else [64, 128]
 
     results: list[Result] = []
@@ -155,6 +164,9 @@ def main() -> None:
         for L in contexts:
             results.append(bench_decode(b, L))
             torch.cuda.empty_cache()
+            if args.ordered_blocks and b * L >= 65536:
+                results.append(bench_decode(b, L, shuffle=False))
+                torch.cuda.empty_cache()
     for d in prefill_ds:
         for n in prefill_ns:
             results.append(bench_prefill(n, d))
@@ -162,7 +174,7 @@ def main() -> None:
 
     print()
     print_table(results, ceilings)
-    dec = [r for r in results if r.op == "paged_attention_decode"]
+    dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape]
     big = [r for r in dec if r.extra["tokens"] >= 65536]
     pre = [r for r in results if r.op == "prefill_attention"]
     summary = {

@@ -66,9 +66,10 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
 // `workspace` holds the flash-decoding partial results (float32); its size in bytes
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
-// be 0 (then workspace may be null). The split count depends on the device's SM count.
+// be 0 (then workspace may be null). The split count depends on the device's SM count
+// and on the dtype (bf16/fp16 run the tensor-core kernel, fp32 the CUDA-core one).
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                             int max_seq_len);
+                                             int max_seq_len, DType dtype);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,

@@ -359,7 +359,8 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
   // table's capacity. The grid and the workspace are sized from it (CUDA-graph safe).
   const int max_seq_len = dims.max_blocks_per_seq * dims.block_size;
   const size_t ws_bytes = paged_attention_decode_workspace_size(static_cast<int>(num_seqs), dims.num_heads,
-                                                                dims.num_kv_heads, dims.head_dim, max_seq_len);
+                                                                dims.num_kv_heads, dims.head_dim, max_seq_len,
+                                                                dtype_of(query, "query"));
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
   paged_attention_decode(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
@@ -447,18 +448,23 @@ TORCH_LIBRARY(tinyvllm, m) {
   // ==== end attention schemas ====
 }
 
-TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) {
+namespace {
+// One list of implementations, registered for two dispatch keys (below).
+void register_impls(torch::Library& m) {
   m.impl("rms_norm", &tinyvllm::rms_norm_op);
   m.impl("fused_add_rms_norm", &tinyvllm::fused_add_rms_norm_op);
   m.impl("rotary_embedding", &tinyvllm::rotary_embedding_op);
   m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
   m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
   m.impl("linear", &tinyvllm::linear_op);
-  // ==== attention (csrc/attention/): CUDA impls ====
+  // ==== attention (csrc/attention/) ====
   m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
   m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
-  // ==== end attention impls ====
+  // ==== end attention ====
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) { register_impls(m); }
 
 // The "fake" (shape-only) versions that torch.compile, CUDA-graph tracing and
 // torch.library.opcheck need are registered in Python: tinyvllm/ops/_kernels.py.
@@ -466,18 +472,7 @@ TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) {
 // CPU tensors reach the same wrappers, whose first check fails with a message that
 // names the argument ("input must be a CUDA tensor, got device cpu") instead of the
 // dispatcher's generic "could not run ... with arguments from the 'CPU' backend".
-TORCH_LIBRARY_IMPL(tinyvllm, CPU, m) {
-  m.impl("rms_norm", &tinyvllm::rms_norm_op);
-  m.impl("fused_add_rms_norm", &tinyvllm::fused_add_rms_norm_op);
-  m.impl("rotary_embedding", &tinyvllm::rotary_embedding_op);
-  m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
-  m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
-  m.impl("linear", &tinyvllm::linear_op);
-  // ==== attention (csrc/attention/): CPU registrations (same wrappers; they reject CPU tensors) ====
-  m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
-  m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
-  // ==== end attention CPU registrations ====
-}
+TORCH_LIBRARY_IMPL(tinyvllm, CPU, m) { register_impls(m); }
 
 // `import tinyvllm._C` needs a function PyInit__C. The module is empty on purpose:
 // loading the shared library is what matters, because that runs the registrations

@@ -4,6 +4,7 @@
 # the benchmarks, and print a short table last.
 #
 #   bash scripts/gpu_check.sh [build] [test] [sanitize] [bench] [e2e]   (default: all)
+#   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
 #
 # Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
 set -uo pipefail
@@ -27,7 +28,9 @@ if has build; then
   else
     tail -40 "$OUT/build.log"; note "build: FAILED"
   fi
-  python3 -c 'import tinyvllm._C, torch; print("ops:", sorted(n for n in dir(torch.ops.tinyvllm) if not n.startswith("_")))'
+  python3 -c 'import torch, tinyvllm._C; print("ops:", [n for n in ("rms_norm", "paged_attention_decode", "prefill_attention") if hasattr(torch.ops.tinyvllm, n)])'
+  python3 -c 'import tinyvllm._C' && note "import tinyvllm._C before torch: ok" || note "import tinyvllm._C before torch: FAILED"
+  python3 -c 'import tinyvllm, tinyvllm.ops' && note "import tinyvllm.ops: ok" || note "import tinyvllm.ops: FAILED"
 fi
 
 if has test; then
@@ -35,6 +38,11 @@ if has test; then
     tests/test_kernels.py tests/test_attention_kernels.py tests/test_model_vs_transformers.py tests/test_rope.py \
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
+fi
+
+if has attn; then
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py 2>&1 | tail -30 | tee "$OUT/pytest_attn.log"
+  note "attention tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_attn.log" | tail -1)"
 fi
 
 if has sanitize; then
@@ -52,6 +60,11 @@ if has bench; then
   python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
   note "bench_attention rc=${PIPESTATUS[0]}"
   cp bench/results/*.png "$OUT/" 2>/dev/null || true
+fi
+
+if has battn; then
+  python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
+  note "bench_attention rc=${PIPESTATUS[0]}"
 fi
 
 if has e2e; then

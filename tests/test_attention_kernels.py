@@ -144,17 +144,37 @@ def test_decode_batches_llama_1b_shape(batch):
     _assert_close(out, ref, torch.bfloat16, f"decode batch={batch}")
 
 
+@pytest.mark.sanitize
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_unsplit_long_sequence_refills_block_table_entries(head_dim):
+    # 64 sequences x 8 kv heads fill the GPU without splitting, so one block walks the
+    # whole 5000-token sequence: each warp takes 79 tiles of 16 tokens, past the 32
+    # tiles whose block-table entries the tensor-core kernel holds at a time.
+    g = torch.Generator().manual_seed(head_dim)
+    seq_lens = torch.randint(1, 300, (64,), generator=g).tolist()
+    seq_lens[5] = 5000
+    out, ref = run_decode(seq_lens, 32, 8, head_dim, 16, torch.bfloat16, seed=head_dim + 1)
+    _assert_close(out, ref, torch.bfloat16, f"decode unsplit long d={head_dim}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [8, 32, 128])
-def test_decode_block_sizes(block_size):
+def test_decode_block_sizes(block_size, head_dim):
     seq_lens = [1, block_size - 1, block_size, block_size + 1, 300]
-    out, ref = run_decode(seq_lens, 8, 4, 128, block_size, torch.bfloat16, seed=block_size)
-    _assert_close(out, ref, torch.bfloat16, f"decode block_size={block_size}")
+    out, ref = run_decode(seq_lens, 8, 4, head_dim, block_size, torch.bfloat16, seed=block_size)
+    _assert_close(out, ref, torch.bfloat16, f"decode block_size={block_size} d={head_dim}")
 
 
-def test_decode_group_16_two_head_chunks():
-    # A group larger than 8 query heads per kv head: two blocks per kv head.
-    out, ref = run_decode([1, 33, 700], 16, 1, 64, 16, torch.bfloat16, seed=3)
-    _assert_close(out, ref, torch.bfloat16, "decode group=16")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("group", [12, 16, 32])
+def test_decode_large_groups_use_more_rows_and_head_chunks(group, dtype):
+    # Groups above 8 query heads per kv head: the tensor-core kernel fills mma rows 8-15
+    # (12, 16) or takes two blocks per kv head (32); the CUDA-core kernel (fp32) takes
+    # 2 or 4 blocks of 8 heads.
+    out, ref = run_decode([1, 33, 700], group, 1, 64, 16, dtype, seed=group)
+    _assert_close(out, ref, dtype, f"decode group={group}")
+
+
 @pytest.mark.sanitize
 def test_decode_strided_query_and_wide_table():
     # query is a view into a wider fused-qkv row; the block table is much wider than

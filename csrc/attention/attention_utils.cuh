@@ -24,20 +24,26 @@
 namespace tinyvllm {
 namespace attn {
 
-// The number of SMs of the current device, asked once per device (no sync, legal
-// while a CUDA graph is being captured).
-inline int num_sms_of_current_device() {
-  static int cached[64] = {0};
+// A property of the current device, asked once per device and then remembered (no
+// sync, so legal while a CUDA graph is being captured). `fallback` if the answer is 0.
+// One cache per attribute: each template instance has its own static array.
+template <cudaDeviceAttr kAttr>
+inline int cached_device_attribute(int fallback) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
   if (cached[dev] == 0) {
-    int n = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    cached[dev] = n > 0 ? n : 132;
+    int v = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, dev));
+    cached[dev] = v > 0 ? v : fallback;
   }
   return cached[dev];
 }
+
+inline int num_sms_of_current_device() { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+inline int device_cc_major() { return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(1); }
 
 inline int log2_exact(int x) {  // x is a power of two (checked by the bindings)
   int l = 0;
@@ -52,9 +58,29 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Programmatic dependent launch (sm_90+). A kernel calls allow_dependent_launch() to let
+// the next kernel on the stream (launched with the programmatic-serialization attribute)
+// start early; that kernel calls wait_for_prerequisite_grids() before it touches the
+// first kernel's results: it returns once the first kernel has finished and its writes
+// are visible. On older GPUs both are no-ops and the launches simply serialise.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint4 ld_global_16(const void* p) {
   // Read-only path: the KV cache is not written while attention runs.
   return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ uint32_t ld_global_4(const void* p) {  // two 16-bit values
+  return __ldg(reinterpret_cast<const uint32_t*>(p));
 }
 
 template <typename T>
@@ -167,6 +193,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
 // reads nothing and writes 16 zero bytes (used for rows past the end).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes));
+}
+// The same, also asking L2 to fetch the whole 256-byte line range around the address
+// from DRAM (bigger DRAM bursts for streams that read every byte anyway).
+__device__ __forceinline__ void cp_async_16_l2pf(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
                "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -39,7 +39,24 @@
 // memory, so one thread block computes ALL the query heads of a group together:
 // each k/v byte is loaded once and used `group` times.
 //
-// ---- The shape of the kernel --------------------------------------------------
+// ---- Two kernels -----------------------------------------------------------------
+// This file holds two decode kernels that compute the same thing:
+//   * paged_attention_decode_kernel (CUDA cores): every multiply is a plain fma in
+//     float32. The easiest to read, and the one fp32 caches use.
+//   * paged_attention_decode_mma_kernel (tensor cores): bf16/fp16 caches. Same online
+//     softmax, but Q K^T and P V go to mma.sync, as in prefill_attention.cu.
+// Why two? Decode reads every k/v byte once and does little math per byte, so it
+// should be bound by memory. But on the CUDA cores "little" is still a lot: for each
+// 16 bytes of k/v a thread converts 8 numbers and does 8 fmas PER QUERY HEAD of the
+// group, plus shuffles and exps: about 120 instructions per 32 bytes. At H100/H200
+// bandwidth (~16 bytes per SM per clock) that is more than half of what the SM can
+// issue, so the loads stop being issued on time and the kernel tops out well below
+// the bandwidth (on an H200, Llama-1B shapes: 58-86% of copy bandwidth, 0.57-0.84x
+// torch SDPA). One mma.m16n8k16 does 2048 multiply-adds in one instruction; with it
+// the same work is ~5x fewer instructions, the kernel waits on memory only, which is
+// what decode should do, and the same benchmark gives 79-97% (0.91-1.35x SDPA).
+//
+// ---- The shape of the CUDA-core kernel ------------------------------------------
 // Paged cache: key_cache[num_blocks][num_kv_heads][block_size][head_dim]. Token t
 // of a sequence lives in physical block block_table[t / block_size], row
 // t % block_size. One token's key row for one kv head is head_dim contiguous
@@ -70,7 +87,9 @@
 // partitions of each (sequence, head). The split count is chosen on the host from
 // num_seqs * num_kv_heads against the SM count and the longest possible context
 // (plan_decode below). A sequence that fits into one partition is finished by the
-// first kernel directly, and the second kernel skips it.
+// first kernel directly, and the second kernel skips it. The second kernel is
+// launched "programmatically dependent" (launch_reduce), so its launch overlaps the
+// first kernel instead of following it.
 //
 // CUDA graphs: the launcher allocates nothing (the workspace is passed in), never
 // reads device memory on the host, and sizes the grid from max_seq_len, an upper
@@ -90,7 +109,7 @@ using attn::Vec16;
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kMaxSplits = 256;      // the reduce kernel keeps one weight per split in shared memory
+constexpr int kMaxSplits = 256;      // more partitions than this would only add merge work
 constexpr int kPartitionAlign = 64;  // partition sizes are multiples of this many tokens
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kEmptyMax = -1e30f;  // "no token yet": finite, so (kEmptyMax - kEmptyMax) = 0, not NaN
@@ -118,25 +137,58 @@ struct DecodeParams {
 };
 
 struct DecodePlan {
-  int gmax;         // query heads per block (a power of two >= the group, at most 8)
-  int head_chunks;  // blocks per kv head
+  bool tensor_cores;  // bf16/fp16: the mma kernel; fp32: the CUDA-core kernel
+  int gmax;           // query heads per block (CUDA cores: a power of two >= the group, at most 8; mma: 16)
+  int head_chunks;    // blocks per kv head
   int num_splits;
   int partition_size;
 };
 
-DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int max_seq_len, int num_sms) {
+// ---- tensor-core kernel constants ----
+constexpr int kTile = 16;      // tokens per warp step: the k=16 of P V, two n=8 tiles of Q K^T
+constexpr int kStages = 3;     // cp.async pipeline depth of each warp (2 tiles in flight while 1 is used)
+constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
+constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
+
+template <int D>
+constexpr int decode_mma_smem_bytes() {
+  // Per warp: kStages stages of a K tile and a V tile, rows padded by 8 elements
+  // (16 bytes) so that ldmatrix's eight row reads hit different banks.
+  return kDecodeWarps * kStages * 2 * kTile * (D + 8) * 2;
+}
+
+// How many blocks of each kernel fit on one SM at once. The tensor-core kernel is
+// bound by its shared memory (55 KB per block at head_dim 64, 104 KB at 128, of 227
+// KB); the CUDA-core kernel by its registers (about 4 blocks).
+int resident_blocks_per_sm(bool tensor_cores, int head_dim) {
+  if (!tensor_cores) return 4;
+  const int smem = head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
+  return std::max(1, (227 * 1024) / (smem + 1024));
+}
+
+// Choose how many blocks work on each (sequence, kv head): enough to fill every SM
+// once (one "wave" of resident blocks), but never partitions shorter than a minimum,
+// below which the merge costs more than the extra parallelism gains.
+DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
+                       DType dtype) {
   DecodePlan plan{};
+  plan.tensor_cores = dtype != DType::kFloat32;
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
-  plan.gmax = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  if (plan.tensor_cores) {
+    plan.gmax = kMmaRows;
+  } else {
+    plan.gmax = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  }
   plan.head_chunks = (group + plan.gmax - 1) / plan.gmax;
   max_seq_len = std::max(max_seq_len, 1);
-  // Blocks without splitting; aim for about 4 resident blocks per SM in total.
   const int64_t base = std::max<int64_t>(1, int64_t(num_seqs) * num_kv_heads * plan.head_chunks);
-  const int64_t target = 4 * int64_t(num_sms);
+  int64_t target = int64_t(resident_blocks_per_sm(plan.tensor_cores, head_dim)) * num_sms;
+  // Tensor cores: a wave that is 90% full is full enough; splitting it would double the
+  // blocks, each with its own fixed cost, and add the merge.
+  if (plan.tensor_cores) target = target * 9 / 10;
   int64_t splits = base >= target ? 1 : (target + base - 1) / base;
-  // Never cut into partitions shorter than kPartitionAlign tokens (16 per warp):
-  // below that the merge costs more than the parallelism gains.
-  const int64_t by_len = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign;
+  const int min_part = plan.tensor_cores ? kMinPartition : kPartitionAlign;
+  const int64_t by_len = (max_seq_len + min_part - 1) / min_part;
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, by_len, kMaxSplits}));
   int part = static_cast<int>((max_seq_len + splits - 1) / splits);
   part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
@@ -148,9 +200,50 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int max_se
 // Number of the sequence's partitions that hold tokens, after clamping its length
 // to what the grid covers (a length beyond max_seq_len would be a caller bug; we
 // never read past the block-table row or the workspace because of it).
-__device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int seq) {
+__device__ __forceinline__ int clamp_seq_len(const DecodeParams& p, int raw) {
   const int cap = min(p.max_blocks_per_seq << p.block_size_log2, p.num_splits * p.partition_size);
-  return max(0, min(p.seq_lens[seq], cap));
+  return max(0, min(raw, cap));
+}
+__device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int seq) {
+  return clamp_seq_len(p, p.seq_lens[seq]);
+}
+
+// The end of both kernels: each of the block's warps left its own online-softmax state
+// for every query head in shared memory (sm_acc [warps][rows][D], sm_m and sm_l
+// [warps][rows]); merge them (the two-state merge above, four at once) and write
+// either the final output (the sequence fits into one partition) or this partition's
+// unnormalised (m, l, acc) for the merge kernel.
+template <typename T, int D>
+__device__ __forceinline__ void combine_warps_and_store(const DecodeParams& p, const float* sm_acc,
+                                                        const float* sm_m, const float* sm_l, int rows, int nh,
+                                                        int head0, int seq, int split, bool single) {
+  for (int idx = threadIdx.x; idx < nh * D; idx += kDecodeThreads) {
+    const int g = idx / D;
+    const int d = idx - g * D;
+    float mx = kEmptyMax;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, sm_m[w * rows + g]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float f = fast_exp2(sm_m[w * rows + g] - mx);
+      L += sm_l[w * rows + g] * f;
+      A += sm_acc[(w * rows + g) * D + d] * f;
+    }
+    const int h = head0 + g;
+    if (single) {
+      // L == 0 only for a zero-length sequence, whose output is defined as 0.
+      T* out = static_cast<T*>(p.out) + (int64_t(seq) * p.num_heads + h) * D;
+      out[d] = from_float<T>(L > 0.f ? A / L : 0.f);
+    } else {
+      const int64_t wi = (int64_t(seq) * p.num_heads + h) * p.num_splits + split;
+      p.ws_acc[wi * D + d] = A;
+      if (d == 0) {
+        p.ws_m[wi] = mx;
+        p.ws_l[wi] = L;
+      }
+    }
+  }
 }
 
 template <typename T, int D, int GMAX>
@@ -169,6 +262,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   const int head0 = kvh * p.group + chunk * GMAX;  // first query head of this block
   const int nh = min(GMAX, p.group - chunk * GMAX);  // query heads of this block (<= GMAX)
 
+  attn::allow_dependent_launch();  // the merge kernel may start its launch now (it waits for our results)
   const int seq_len = clamped_seq_len(p, seq);
   const int p0 = split * p.partition_size;
   // A partition past the end of a shorter sequence has nothing to do. Split 0
@@ -324,34 +418,265 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
     }
   }
   __syncthreads();
+  combine_warps_and_store<T, D>(p, &sm_acc[0][0][0], &sm_m[0][0], &sm_l[0][0], GMAX, nh, head0, seq, split, single);
+}
 
-  for (int idx = threadIdx.x; idx < nh * D; idx += kDecodeThreads) {
-    const int g = idx / D;
-    const int d = idx - g * D;
-    float mx = kEmptyMax;
+// ============================ tensor-core kernel ===============================
+// Same grid, same partitions, same online softmax and the same end as the kernel
+// above; only the inner loop changes. For one block's query heads (at most 16: the M
+// of the mma) and one tile of 16 tokens:
+//
+//     S = Q K^T      [16 heads x 16 tokens]   head_dim/16 k-steps x 2 n-tiles of mma
+//     online softmax on S, in registers        (a head's row lives in 4 threads, a "quad")
+//     O += P V       [16 heads x head_dim]    one k-step (the 16 tokens) x head_dim/8 n-tiles
+//
+// With group 4 (Llama 3.2 1B) only 4 of the 16 rows are real heads: the tensor cores
+// do 4x the needed math, which costs nothing here, because they are idle anyway.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), two 16-bit values per register:
+//   A 16x16: a0 = (row g, cols 2t,2t+1)  a1 = (row g+8, cols 2t,2t+1)  a2, a3: the same, cols +8
+//   B 16x8:  b0 = (rows 2t,2t+1, col g)  b1 = (rows 2t+8,2t+9, col g)
+//   C 16x8:  c0,c1 = (row g, cols 2t,2t+1)  c2,c3 = (row g+8, cols 2t,2t+1)   (float32)
+// Q is the A operand of Q K^T and stays in registers for the whole loop. K^T is the B
+// operand: b0 = K[token g][dims 2t,2t+1] - two neighbours of one key row, which is how
+// K lies in memory, so a plain ldmatrix delivers it. P V needs b0 = V[tokens 2t,2t+1]
+// [dim g]: two DIFFERENT tokens, so V is read with ldmatrix.trans (transposed on the
+// way from shared memory). And P, the A operand of P V, is already in the registers
+// where Q K^T left S: c0,c1 of the first n-tile are a0, those of the second are a2.
+//
+// Loading: each warp streams ITS OWN tiles (tiles w, w+4, w+8, ... of the partition)
+// through a private ring of kStages shared-memory stages with cp.async, which copies
+// global -> shared without passing through registers and without blocking the thread.
+// While the warp multiplies tile i, tiles i+1 and i+2 are on their way. The warps never
+// wait for each other until the end (__syncwarp only). The block-table entries of 32
+// tiles are read at once, one per lane, so table lookups do not stall the copies.
+//
+// A tile starts at a multiple of 16 tokens and blocks hold >= 8 tokens, so rows 0-7 of
+// a tile lie in one cache block and rows 8-15 in one (maybe the same) block: two
+// block-table entries per tile.
+template <typename T, int D, bool HI>  // HI: some block has more than 8 query heads (rows 8..15 in use)
+__global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_kernel(const DecodeParams p) {
+  constexpr int LD = D + 8;             // padded shared-memory row, elements
+  constexpr int TILE = kTile * LD;      // elements of one staged K (or V) tile
+  constexpr int KSTEPS = D / 16;        // k-steps of Q K^T (over head_dim)
+  constexpr int NT_O = D / 8;           // 8-column tiles of O
+  constexpr int CHUNKS = D / 8;         // 16-byte chunks per row
+  constexpr int RSTEP = 32 / CHUNKS;    // rows one warp-wide pass of 16-byte copies covers
+  constexpr int PASSES = kTile / RSTEP; // passes per tile (the first half: rows 0-7)
+  static_assert(KSTEPS % 2 == 0 && NT_O % 2 == 0 && PASSES % 2 == 0, "head_dim must be 64 or 128");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  T* const ring = reinterpret_cast<T*>(smem_raw) + warp * (kStages * 2 * TILE);  // this warp's stages
+
+  const int seq = blockIdx.y;
+  const int split = blockIdx.z;
+  const int kvh = blockIdx.x / p.head_chunks;
+  const int chunk = blockIdx.x - kvh * p.head_chunks;
+  const int head0 = kvh * p.group + chunk * kMmaRows;
+  const int nh = min(kMmaRows, p.group - chunk * kMmaRows);
+  attn::allow_dependent_launch();  // the merge kernel may start its launch now (it waits for our results)
+
+  // ---- prologue: three independent reads, issued together ----
+  // The sequence's length, the query and the block-table entries do not depend on
+  // each other, so they are requested at once and their latencies (~1 us each from
+  // DRAM) overlap; only the k/v copies must wait for the table.
+  const int raw_seq_len = p.seq_lens[seq];
+
+  // Q as the A operand (rows past the block's heads are zero), loaded once.
+  uint32_t qa[KSTEPS][4];
+  {
+    const T* qp = static_cast<const T*>(p.query) + int64_t(seq) * p.q_row_stride + int64_t(head0) * D + 2 * t;
+    const bool lo_ok = g < nh;
+    const bool hi_ok = HI && g + 8 < nh;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, sm_m[w][g]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const float f = fast_exp2(sm_m[w][g] - mx);
-      L += sm_l[w][g] * f;
-      A += sm_acc[w][g][d] * f;
-    }
-    const int h = head0 + g;
-    if (single) {
-      // L == 0 only for a zero-length sequence, whose output is defined as 0.
-      T* out = static_cast<T*>(p.out) + (int64_t(seq) * p.num_heads + h) * D;
-      out[d] = from_float<T>(L > 0.f ? A / L : 0.f);
-    } else {
-      const int64_t wi = (int64_t(seq) * p.num_heads + h) * p.num_splits + split;
-      p.ws_acc[wi * D + d] = A;
-      if (d == 0) {
-        p.ws_m[wi] = mx;
-        p.ws_l[wi] = L;
-      }
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      qa[ks][0] = lo_ok ? attn::ld_global_4(qp + g * D + ks * 16) : 0u;
+      qa[ks][1] = hi_ok ? attn::ld_global_4(qp + (g + 8) * D + ks * 16) : 0u;
+      qa[ks][2] = lo_ok ? attn::ld_global_4(qp + g * D + ks * 16 + 8) : 0u;
+      qa[ks][3] = hi_ok ? attn::ld_global_4(qp + (g + 8) * D + ks * 16 + 8) : 0u;
     }
   }
+
+  // Block-table entries, 32 tiles at a time: lane j holds the entries of this warp's
+  // tile i0 + j (rows 0-7 and rows 8-15), and issue() takes them with a shuffle.
+  // Bounded by the table's width and the partition, not by the sequence's length
+  // (not known yet): entries past the end are read but never followed.
+  const int32_t* btab = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
+  const int l2 = p.block_size_log2;
+  const int bs_mask = (1 << l2) - 1;
+  const int p0 = split * p.partition_size;
+  const int pcap = min(p0 + p.partition_size, p.max_blocks_per_seq << l2);
+  int ent_lo, ent_hi;
+  auto fetch_entries = [&](int i0) {
+    const int tok0 = p0 + (warp + kDecodeWarps * (i0 + lane)) * kTile;
+    ent_lo = tok0 < pcap ? __ldg(btab + (tok0 >> l2)) : 0;
+    ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
+  };
+  fetch_entries(0);
+
+  const int seq_len = clamp_seq_len(p, raw_seq_len);
+  // A partition past the end of a shorter sequence has nothing to do. Split 0
+  // always runs so that a zero-length sequence still gets its (zero) output.
+  if (split > 0 && p0 >= seq_len) return;
+  const int p1 = min(p0 + p.partition_size, seq_len);
+  const bool single = seq_len <= p.partition_size;  // one partition: write the final output here
+
+  const int n_tiles = (max(p1 - p0, 0) + kTile - 1) / kTile;
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  const T* kc = static_cast<const T*>(p.key_cache);
+  const T* vc = static_cast<const T*>(p.value_cache);
+  const int c = lane % CHUNKS;  // the 16-byte chunk of a row this lane copies
+  const int r0 = lane / CHUNKS; // its first row; then every RSTEP rows
+
+  // Start copying this warp's tile i into its stage. Rows past the partition's end read
+  // nothing and are filled with zeros (so no NaN from unused cache memory enters the mma).
+  auto issue = [&](int i) {
+    if (i < my_tiles) {  // (warp-uniform)
+      if (i > 0 && (i & 31) == 0) fetch_entries(i);
+      const int e_lo = __shfl_sync(0xffffffffu, ent_lo, i & 31);
+      const int e_hi = __shfl_sync(0xffffffffu, ent_hi, i & 31);
+      const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
+      T* sk = ring + (i % kStages) * 2 * TILE;
+      T* sv = sk + TILE;
+#pragma unroll
+      for (int k = 0; k < PASSES; ++k) {
+        const int row = r0 + k * RSTEP;
+        const int tok = tok0 + row;
+        const bool ok = tok < p1;
+        const int64_t blk = ok ? (k < PASSES / 2 ? e_lo : e_hi) : 0;  // never follow an entry past the end
+        const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
+        // .L2::256B: k/v are read in full, so let each request fetch a whole 256-byte
+        // span from DRAM (measured: 1-2% more bandwidth on an H200).
+        attn::cp_async_16_l2pf(sk + row * LD + c * 8, kc + off, ok ? 16 : 0);
+        attn::cp_async_16_l2pf(sv + row * LD + c * 8, vc + off, ok ? 16 : 0);
+      }
+    }
+    attn::cp_async_commit();  // an empty group past the end keeps the group count uniform
+  };
+
+  float o[NT_O][4];
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_lo = kEmptyMax, m_hi = kEmptyMax;  // running max of rows g and g+8 (log2 units)
+  float l_lo = 0.f, l_hi = 0.f;              // this thread's share of the running sums
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+
+  for (int i = 0; i < my_tiles; ++i) {
+    __syncwarp();  // every lane is done reading the stage that the next copy overwrites
+    issue(i + kStages - 1);
+    attn::cp_async_wait<kStages - 1>();  // tile i has landed (for this lane's copies)
+    __syncwarp();                        // ... and for every lane's copies
+    const T* sk = ring + (i % kStages) * 2 * TILE;
+    const T* sv = sk + TILE;
+
+    // ---- S = Q K^T: 2 n-tiles of 8 tokens; one ldmatrix.x4 feeds two k-steps ----
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS / 2; ++kk) {
+        uint32_t b[4];  // matrices: cols +0, +8 (k-step 2kk), +16, +24 (k-step 2kk+1)
+        attn::ldmatrix_x4(b, sk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
+        attn::mma_16816<T>(s[nt], qa[2 * kk], b[0], b[1]);
+        attn::mma_16816<T>(s[nt], qa[2 * kk + 1], b[2], b[3]);
+      }
+    }
+    // Scale into log2 units; tokens past the partition's end get -inf (weight 0).
+    const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] *= p.scale_log2;
+        if (tok0 + nt * 8 + 2 * t + (e & 1) >= p1) s[nt][e] = -INFINITY;
+      }
+
+    // ---- online softmax, rows g (c0, c1) and g+8 (c2, c3) ----
+    // The tile's row max: 4 values here, then over the quad (lanes 4g..4g+3).
+    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn_lo = fmaxf(m_lo, mx);
+    const float a_lo = fast_exp2(m_lo - mn_lo);
+    m_lo = mn_lo;
+    float a_hi = 1.f;
+    if (HI) {
+      float mh = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+      mh = fmaxf(mh, __shfl_xor_sync(0xffffffffu, mh, 1));
+      mh = fmaxf(mh, __shfl_xor_sync(0xffffffffu, mh, 2));
+      const float mn_hi = fmaxf(m_hi, mh);
+      a_hi = fast_exp2(m_hi - mn_hi);
+      m_hi = mn_hi;
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = fast_exp2(s[nt][0] - m_lo);  // s now holds the weight p
+      s[nt][1] = fast_exp2(s[nt][1] - m_lo);
+      if (HI) {
+        s[nt][2] = fast_exp2(s[nt][2] - m_hi);
+        s[nt][3] = fast_exp2(s[nt][3] - m_hi);
+      }
+    }
+    // l: each thread sums only its own columns; the quad adds them up once at the end.
+    l_lo = l_lo * a_lo + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
+    if (HI) l_hi = l_hi * a_hi + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);
+#pragma unroll
+    for (int j = 0; j < NT_O; ++j) {
+      o[j][0] *= a_lo;
+      o[j][1] *= a_lo;
+      if (HI) {
+        o[j][2] *= a_hi;
+        o[j][3] *= a_hi;
+      }
+    }
+
+    // ---- O += P V: P (16-bit) straight from S's registers; V^T via ldmatrix.trans ----
+    const uint32_t pa[4] = {attn::pack2<T>(s[0][0], s[0][1]), HI ? attn::pack2<T>(s[0][2], s[0][3]) : 0u,
+                            attn::pack2<T>(s[1][0], s[1][1]), HI ? attn::pack2<T>(s[1][2], s[1][3]) : 0u};
+#pragma unroll
+    for (int j = 0; j < NT_O / 2; ++j) {
+      uint32_t b[4];  // matrices: tokens 0-7 / 8-15 of dims 16j..16j+7, then of dims 16j+8..16j+15
+      const int mtx = lane >> 3;
+      attn::ldmatrix_x4_trans(b, sv + ((mtx & 1) * 8 + (lane & 7)) * LD + j * 16 + (mtx >> 1) * 8);
+      attn::mma_16816<T>(o[2 * j], pa, b[0], b[1]);
+      attn::mma_16816<T>(o[2 * j + 1], pa, b[2], b[3]);
+    }
+  }
+  attn::cp_async_wait<0>();  // (only empty groups are left; nothing may be in flight at exit)
+
+  // ---- hand the warp's state to the shared end (combine_warps_and_store) ----
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  if (HI) {
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  }
+  __syncthreads();  // every warp is done with its stages: the shared memory is reused below
+  float* const sm_acc = reinterpret_cast<float*>(smem_raw);  // [warps][16][D]
+  float* const sm_m = sm_acc + kDecodeWarps * kMmaRows * D;  // [warps][16]
+  float* const sm_l = sm_m + kDecodeWarps * kMmaRows;        // [warps][16]
+  float* const mine = sm_acc + warp * kMmaRows * D;
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j) {
+    *reinterpret_cast<float2*>(mine + g * D + j * 8 + 2 * t) = make_float2(o[j][0], o[j][1]);
+    if (HI) *reinterpret_cast<float2*>(mine + (g + 8) * D + j * 8 + 2 * t) = make_float2(o[j][2], o[j][3]);
+  }
+  if (t == 0) {
+    sm_m[warp * kMmaRows + g] = m_lo;
+    sm_l[warp * kMmaRows + g] = l_lo;
+    if (HI) {
+      sm_m[warp * kMmaRows + g + 8] = m_hi;
+      sm_l[warp * kMmaRows + g + 8] = l_hi;
+    }
+  }
+  __syncthreads();
+  combine_warps_and_store<T, D>(p, sm_acc, sm_m, sm_l, kMmaRows, nh, head0, seq, split, single);
 }
 
 // Flash-decoding merge: one block per (head, sequence) combines the partitions'
@@ -363,82 +688,137 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_reduce_
   const int seq_len = clamped_seq_len(p, seq);
   const int n_parts = (seq_len + p.partition_size - 1) / p.partition_size;
   if (n_parts <= 1) return;  // the main kernel already wrote this output
+  // Launched early (programmatic dependent launch, see launch_reduce): from here on we
+  // read what the main kernel wrote, so wait until it has finished.
+  attn::wait_for_prerequisite_grids();
 
-  __shared__ float weight[kMaxSplits];
-  __shared__ float red[kDecodeWarps];
+  // Thread (j, d) merges partitions j, j+PAR, j+2*PAR, ... for element d, four at a
+  // time: their (m, l, acc[d]) are requested together so the four reads overlap, then
+  // merged into a running (M, L, O) exactly like the online softmax. The PAR threads of
+  // each d then merge their states through shared memory. (m and l are re-read by
+  // every d: they are a few bytes in L2; reading them separately first would cost a
+  // second round trip.)
+  constexpr int PAR = kDecodeThreads / D;
   const int64_t wi0 = (int64_t(seq) * p.num_heads + h) * p.num_splits;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  float mx = kEmptyMax;
-  for (int i = threadIdx.x; i < n_parts; i += kDecodeThreads) mx = fmaxf(mx, p.ws_m[wi0 + i]);
+  const int d = threadIdx.x % D;
+  float M = kEmptyMax, L = 0.f, O = 0.f;
+  for (int i0 = threadIdx.x / D; i0 < n_parts; i0 += 4 * PAR) {
+    float mi[4], li[4], ai[4];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) red[warp] = mx;
-  __syncthreads();
-  mx = red[0];
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * PAR;
+      const bool ok = i < n_parts;
+      mi[u] = ok ? p.ws_m[wi0 + i] : kEmptyMax;
+      li[u] = ok ? p.ws_l[wi0 + i] : 0.f;
+      ai[u] = ok ? p.ws_acc[(wi0 + i) * D + d] : 0.f;
+    }
+    float mn = M;
 #pragma unroll
-  for (int w = 1; w < kDecodeWarps; ++w) mx = fmaxf(mx, red[w]);
-  __syncthreads();  // everyone has read red[] before it is reused
-
-  float L = 0.f;
-  for (int i = threadIdx.x; i < n_parts; i += kDecodeThreads) {
-    const float f = fast_exp2(p.ws_m[wi0 + i] - mx);
-    weight[i] = f;
-    L += f * p.ws_l[wi0 + i];
+    for (int u = 0; u < 4; ++u) mn = fmaxf(mn, mi[u]);
+    const float a = fast_exp2(M - mn);
+    L *= a;
+    O *= a;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float f = fast_exp2(mi[u] - mn);
+      L = fmaf(f, li[u], L);
+      O = fmaf(f, ai[u], O);
+    }
+    M = mn;
   }
+  __shared__ float sm[3][kDecodeThreads];
+  sm[0][threadIdx.x] = M;
+  sm[1][threadIdx.x] = L;
+  sm[2][threadIdx.x] = O;
+  __syncthreads();
+  if (threadIdx.x < D) {
+    float mx = kEmptyMax;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-  if (lane == 0) red[warp] = L;
-  __syncthreads();  // also publishes weight[]
-  L = 0.f;
+    for (int j = 0; j < PAR; ++j) mx = fmaxf(mx, sm[0][j * D + threadIdx.x]);
+    float LL = 0.f, OO = 0.f;
 #pragma unroll
-  for (int w = 0; w < kDecodeWarps; ++w) L += red[w];
-  const float inv = 1.f / L;  // >= 1: the partition holding the max contributes l >= 1
-
-  T* out = static_cast<T*>(p.out) + (int64_t(seq) * p.num_heads + h) * D;
-  for (int d = threadIdx.x; d < D; d += kDecodeThreads) {
-    float o = 0.f;
-    for (int i = 0; i < n_parts; ++i) o = fmaf(weight[i], p.ws_acc[(wi0 + i) * D + d], o);
-    out[d] = from_float<T>(o * inv);
+    for (int j = 0; j < PAR; ++j) {
+      const float f = fast_exp2(sm[0][j * D + threadIdx.x] - mx);
+      LL = fmaf(f, sm[1][j * D + threadIdx.x], LL);
+      OO = fmaf(f, sm[2][j * D + threadIdx.x], OO);
+    }
+    // LL >= 1: the partition holding the overall max contributes l >= 1.
+    T* out = static_cast<T*>(p.out) + (int64_t(seq) * p.num_heads + h) * D;
+    out[threadIdx.x] = from_float<T>(OO / LL);
   }
 }
 
 template <typename T, int D, int GMAX>
-void launch_decode(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
+void launch_decode_cuda_cores(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
   paged_attention_decode_kernel<T, D, GMAX><<<grid, kDecodeThreads, 0, stream>>>(prm);
   CUDA_CHECK(cudaGetLastError());
-  if (prm.num_splits > 1) {
-    paged_attention_decode_reduce_kernel<T, D><<<dim3(prm.num_heads, num_seqs), kDecodeThreads, 0, stream>>>(prm);
-    CUDA_CHECK(cudaGetLastError());
-  }
+}
+
+template <typename T, int D, bool HI>
+void launch_decode_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
+  constexpr int smem = decode_mma_smem_bytes<D>();
+  // More than 48 KB of dynamic shared memory must be asked for (per device: so every time).
+  CUDA_CHECK(cudaFuncSetAttribute(paged_attention_decode_mma_kernel<T, D, HI>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
+  paged_attention_decode_mma_kernel<T, D, HI><<<grid, kDecodeThreads, smem, stream>>>(prm);
+  CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename T, int D>
-void dispatch_gmax(const DecodeParams& prm, int gmax, int num_seqs, cudaStream_t stream) {
-  switch (gmax) {
-    case 1: return launch_decode<T, D, 1>(prm, num_seqs, stream);
-    case 2: return launch_decode<T, D, 2>(prm, num_seqs, stream);
-    case 4: return launch_decode<T, D, 4>(prm, num_seqs, stream);
-    default: return launch_decode<T, D, 8>(prm, num_seqs, stream);
-  }
+void launch_reduce(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(prm.num_heads, num_seqs);
+  cfg.blockDim = dim3(kDecodeThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = attn::device_cc_major() >= 9 ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, paged_attention_decode_reduce_kernel<T, D>, prm));
 }
 
-template <typename T>
-void dispatch_head_dim(const DecodeParams& prm, int head_dim, int gmax, int num_seqs, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return dispatch_gmax<T, 64>(prm, gmax, num_seqs, stream);
-    case 128: return dispatch_gmax<T, 128>(prm, gmax, num_seqs, stream);
-    default: throw std::runtime_error("paged_attention_decode: head_dim must be 64 or 128");
+// fp32: CUDA-core kernel, instantiated per head_dim and group size.
+template <int D>
+void dispatch_fp32(const DecodeParams& prm, int gmax, int num_seqs, cudaStream_t stream) {
+  switch (gmax) {
+    case 1: launch_decode_cuda_cores<float, D, 1>(prm, num_seqs, stream); break;
+    case 2: launch_decode_cuda_cores<float, D, 2>(prm, num_seqs, stream); break;
+    case 4: launch_decode_cuda_cores<float, D, 4>(prm, num_seqs, stream); break;
+    default: launch_decode_cuda_cores<float, D, 8>(prm, num_seqs, stream); break;
+  }
+  if (prm.num_splits > 1) launch_reduce<float, D>(prm, num_seqs, stream);
+}
+
+// bf16/fp16: tensor-core kernel; HI when a block holds more than 8 query heads.
+template <typename T, int D>
+void dispatch_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
+  if (prm.group > 8) {
+    launch_decode_mma<T, D, true>(prm, num_seqs, stream);
+  } else {
+    launch_decode_mma<T, D, false>(prm, num_seqs, stream);
+  }
+  if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
+}
+
+template <int D>
+void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, int num_seqs, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return dispatch_fp32<D>(prm, plan.gmax, num_seqs, stream);
+    case DType::kFloat16: return dispatch_mma<__half, D>(prm, num_seqs, stream);
+    case DType::kBFloat16: return dispatch_mma<__nv_bfloat16, D>(prm, num_seqs, stream);
   }
 }
 
 }  // namespace
 
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                             int max_seq_len) {
-  const DecodePlan plan =
-      plan_decode(num_seqs, num_heads, num_kv_heads, max_seq_len, attn::num_sms_of_current_device());
+                                             int max_seq_len, DType dtype) {
+  const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
+                                      attn::num_sms_of_current_device(), dtype);
   if (plan.num_splits <= 1) return 0;
   return size_t(num_seqs) * num_heads * plan.num_splits * (head_dim + 2) * sizeof(float);
 }
@@ -449,8 +829,8 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
                             int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
                             DType dtype, cudaStream_t stream) {
   if (num_seqs == 0) return;
-  const DecodePlan plan =
-      plan_decode(num_seqs, num_heads, num_kv_heads, max_seq_len, attn::num_sms_of_current_device());
+  const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
+                                      attn::num_sms_of_current_device(), dtype);
   DecodeParams prm{};
   prm.out = out;
   prm.query = query;
@@ -478,10 +858,10 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
     prm.ws_m = prm.ws_acc + n * head_dim;
     prm.ws_l = prm.ws_m + n;
   }
-  switch (dtype) {
-    case DType::kFloat32: return dispatch_head_dim<float>(prm, head_dim, plan.gmax, num_seqs, stream);
-    case DType::kFloat16: return dispatch_head_dim<__half>(prm, head_dim, plan.gmax, num_seqs, stream);
-    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(prm, head_dim, plan.gmax, num_seqs, stream);
+  switch (head_dim) {
+    case 64: return dispatch_dtype<64>(prm, plan, num_seqs, dtype, stream);
+    case 128: return dispatch_dtype<128>(prm, plan, num_seqs, dtype, stream);
+    default: throw std::runtime_error("paged_attention_decode: head_dim must be 64 or 128");
   }
 }
 
