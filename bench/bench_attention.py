@@ -66,12 +66,13 @@ def sdpa_gqa(q, k, v, is_causal=False):
         )
 
 
-def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffle: bool = True) -> Result:
+def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffle: bool = True,
+                 block_size: int = BLOCK) -> Result:
     gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + ctx)
     q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
     v = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
-    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen, shuffle=shuffle)
+    kc, vc, tables = paged_from_contiguous(k, v, block_size, gen, shuffle=shuffle)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     scale = 1.0 / math.sqrt(d)
     out = torch.empty_like(q)
@@ -93,7 +94,7 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     esize = q.element_size()
     nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
     del k, v, kc, vc
-    tag = "" if shuffle else " ordered"
+    tag = ("" if shuffle else " ordered") + ("" if block_size == BLOCK else f" bs{block_size}")
     return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
                   t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
                   extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/attention.json")
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
     ap.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 8 64 256)")
+    ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
+                    help="also time decode with these cache block sizes (the sweep uses 16)")
     ap.add_argument("--ordered-blocks", action="store_true",
                     help="also time decode with each sequence's blocks in order (what random placement costs)")
     args = ap.parse_args()
@@ -167,6 +170,10 @@ def main() -> None:
             if args.ordered_blocks and b * L >= 65536:
                 results.append(bench_decode(b, L, shuffle=False))
                 torch.cuda.empty_cache()
+            for bs in args.block_sizes:
+                if b * L >= 65536:
+                    results.append(bench_decode(b, L, block_size=bs))
+                    torch.cuda.empty_cache()
     for d in prefill_ds:
         for n in prefill_ns:
             results.append(bench_prefill(n, d))
@@ -174,7 +181,8 @@ def main() -> None:
 
     print()
     print_table(results, ceilings)
-    dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape]
+    # The summary and the chart use the standard sweep (shuffled blocks of 16 tokens) only.
+    dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape and " bs" not in r.shape]
     big = [r for r in dec if r.extra["tokens"] >= 65536]
     pre = [r for r in results if r.op == "prefill_attention"]
     summary = {

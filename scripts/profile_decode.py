@@ -1,0 +1,44 @@
+"""Run one paged_attention_decode launch (batch 256, context 4096, Llama 3.2 1B shapes) for a profiler.
+
+    ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
+        -k regex:paged_attention_decode -c 1 python scripts/profile_decode.py [--block-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from bench_attention import NUM_HEADS, NUM_KV_HEADS, paged_from_contiguous  # noqa: E402
+
+from tinyvllm.ops._kernels import extension_loaded  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--block-size", type=int, default=16)
+    args = ap.parse_args()
+    assert extension_loaded()
+    d, b, L = 64, args.batch, args.context
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, NUM_HEADS, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, NUM_KV_HEADS, L, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kc, vc, tables = paged_from_contiguous(k, v, args.block_size, gen)
+    del k, v
+    lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    torch.ops.tinyvllm.paged_attention_decode(out, q, kc, vc, tables, lens, 1.0 / math.sqrt(d))
+    torch.cuda.synchronize()
+    print("ok", out.float().abs().mean().item())
+
+
+if __name__ == "__main__":
+    main()
