@@ -1,7 +1,8 @@
-"""Run one paged_attention_decode launch (batch 256, context 4096, Llama 3.2 1B shapes) for a profiler.
+"""Run one decode attention launch (batch 256, context 4096, Llama 3.2 1B shapes) for a profiler.
 
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
         -k regex:paged_attention_decode -c 1 python scripts/profile_decode.py [--block-size 16]
+    ncu ... -k regex:flash -c 1 python scripts/profile_decode.py --sdpa     # the peer, on contiguous k/v
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sdpa", action="store_true", help="run torch SDPA on contiguous k/v instead")
     args = ap.parse_args()
     assert extension_loaded()
     d, b, L = 64, args.batch, args.context
@@ -31,6 +33,13 @@ def main() -> None:
     q = torch.randn(b, NUM_HEADS, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, NUM_KV_HEADS, L, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    if args.sdpa:
+        from bench_attention import sdpa_gqa
+
+        o = sdpa_gqa(q.unsqueeze(2), k, v)
+        torch.cuda.synchronize()
+        print("ok", o.float().abs().mean().item())
+        return
     kc, vc, tables = paged_from_contiguous(k, v, args.block_size, gen)
     del k, v
     lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
