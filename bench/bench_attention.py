@@ -67,7 +67,7 @@ def sdpa_gqa(q, k, v, is_causal=False):
 
 
 def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffle: bool = True,
-                 block_size: int = BLOCK) -> Result:
+                 block_size: int = BLOCK, impl: int = -1) -> Result:
     gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + ctx)
     q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
@@ -79,7 +79,7 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     op = torch.ops.tinyvllm.paged_attention_decode
 
     def ours():
-        op(out, q, kc, vc, tables, lens, scale)
+        op(out, q, kc, vc, tables, lens, scale, impl)
 
     q4 = q.unsqueeze(2)  # [B, H, 1, D]
 
@@ -95,6 +95,7 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
     del k, v, kc, vc
     tag = ("" if shuffle else " ordered") + ("" if block_size == BLOCK else f" bs{block_size}")
+    tag += {-1: "", 0: " cuda-cores", 1: " tensor-cores"}[impl]
     return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
                   t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
                   extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/attention.json")
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
     ap.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 8 64 256)")
+    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 0, 1],
+                    help="decode kernel: -1 automatic, 0 CUDA cores, 1 tensor cores")
     ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
                     help="also time decode with these cache block sizes (the sweep uses 16)")
     ap.add_argument("--ordered-blocks", action="store_true",
@@ -165,7 +168,7 @@ def main() -> None:
     results: list[Result] = []
     for b in batches:
         for L in contexts:
-            results.append(bench_decode(b, L))
+            results.append(bench_decode(b, L, impl=args.impl))
             torch.cuda.empty_cache()
             if args.ordered_blocks and b * L >= 65536:
                 results.append(bench_decode(b, L, shuffle=False))

@@ -68,13 +68,15 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
 // be 0 (then workspace may be null). The split count depends on the device's SM count
 // and on the dtype (bf16/fp16 run the tensor-core kernel, fp32 the CUDA-core one).
+// impl: -1 automatic (tensor cores for bf16/fp16 where the GPU has the shared memory),
+// 0 the CUDA-core kernel, 1 the tensor-core kernel (throws where it cannot run).
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                             int max_seq_len, DType dtype);
+                                             int max_seq_len, DType dtype, int impl);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
                             int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
-                            DType dtype, cudaStream_t stream);
+                            DType dtype, int impl, cudaStream_t stream);
 
 // Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
 // positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.

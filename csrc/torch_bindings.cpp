@@ -347,7 +347,9 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
 
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
-                               const at::Tensor& seq_lens, double scale) {
+                               const at::Tensor& seq_lens, double scale, int64_t impl) {
+  TV_CHECK(impl >= -1 && impl <= 1,
+           "impl must be -1 (automatic), 0 (CUDA cores) or 1 (tensor cores), got ", impl);
   AttentionDims dims{};
   check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   const int64_t num_seqs = query.size(0);
@@ -360,7 +362,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
   const int max_seq_len = dims.max_blocks_per_seq * dims.block_size;
   const size_t ws_bytes = paged_attention_decode_workspace_size(static_cast<int>(num_seqs), dims.num_heads,
                                                                 dims.num_kv_heads, dims.head_dim, max_seq_len,
-                                                                dtype_of(query, "query"));
+                                                                dtype_of(query, "query"), static_cast<int>(impl));
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
   paged_attention_decode(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
@@ -368,7 +370,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
                          dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size, dims.max_blocks_per_seq,
                          max_seq_len, row_stride(query), static_cast<float>(scale),
                          ws_bytes > 0 ? workspace.data_ptr() : nullptr, dtype_of(query, "query"),
-                         current_stream());
+                         static_cast<int>(impl), current_stream());
 }
 
 void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -441,7 +443,7 @@ TORCH_LIBRARY(tinyvllm, m) {
   // ==== attention (csrc/attention/): schemas ====
   m.def(
       "paged_attention_decode(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1) -> ()");
   m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale) -> ()");

@@ -92,7 +92,7 @@ def _assert_close(out, ref, dtype, what):
 
 # ------------------------------------------------------------------------------ decode
 def run_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, table_width=None,
-               query_row_pad=0):
+               query_row_pad=0, impl=-1):
     kc, vc, tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed,
                                          table_width=table_width)
     b = len(seq_lens)
@@ -102,7 +102,7 @@ def run_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, s
     query = q_full[:, : num_heads * head_dim].view(b, num_heads, head_dim)  # row-strided when padded
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.full((b, num_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
-    torch.ops.tinyvllm.paged_attention_decode(out, query, kc, vc, tables, lens, scale)
+    torch.ops.tinyvllm.paged_attention_decode(out, query, kc, vc, tables, lens, scale, impl)
     ref = torch.empty((b, num_heads, head_dim), dtype=torch.float32, device="cuda")
     reference.paged_attention_decode(ref, query.float(), kc.float(), vc.float(), tables, lens, scale)
     torch.cuda.synchronize()
@@ -142,6 +142,38 @@ def test_decode_batches_llama_1b_shape(batch):
     seq_lens[0] = 1000 if batch <= 8 else seq_lens[0]
     out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch)
     _assert_close(out, ref, torch.bfloat16, f"decode batch={batch}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_decode_cuda_core_kernel_on_16_bit_caches(dtype, head_dim, group):
+    # impl=0 forces the CUDA-core kernel, which bf16/fp16 caches fall back to on GPUs
+    # without the tensor-core kernel's shared memory; lengths up to 4097 split and merge.
+    seq_lens = [1, 15, 17, 100, 1000, 4097]
+    out, ref = run_decode(seq_lens, 2 * group, 2, head_dim, 16, dtype, seed=group, impl=0)
+    _assert_close(out, ref, dtype, f"decode CUDA cores {dtype} d={head_dim} group={group}")
+
+
+def test_decode_both_kernels_agree():
+    # The same inputs through impl 0 and impl 1 (bf16): two independent roads, one answer.
+    a, ref = run_decode([3, 333, 2000], 32, 8, 64, 16, torch.bfloat16, seed=21, impl=0)
+    b, _ = run_decode([3, 333, 2000], 32, 8, 64, 16, torch.bfloat16, seed=21, impl=1)
+    _assert_close(a, ref, torch.bfloat16, "impl 0")
+    _assert_close(b, ref, torch.bfloat16, "impl 1")
+    torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_impl_choice_errors_name_the_problem():
+    a = _decode_args()
+    with pytest.raises(RuntimeError, match="impl must be -1"):
+        torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
+                                                  a["block_tables"], a["seq_lens"], a["scale"], 2)
+    f = _decode_args()
+    f32 = {k: f[k].float() for k in ("out", "query", "key_cache", "value_cache")}
+    with pytest.raises(RuntimeError, match=r"impl=1 \(tensor cores\) needs a bfloat16 or float16 cache"):
+        torch.ops.tinyvllm.paged_attention_decode(f32["out"], f32["query"], f32["key_cache"], f32["value_cache"],
+                                                  f["block_tables"], f["seq_lens"], f["scale"], 1)
 
 
 @pytest.mark.sanitize
@@ -262,7 +294,9 @@ def test_opcheck_decode():
     kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
     query = torch.randn((2, 4, 64), device="cuda").to(torch.bfloat16)
     out = torch.empty_like(query)
-    torch.library.opcheck(torch.ops.tinyvllm.paged_attention_decode.default, (out, query, kc, vc, tables, lens, 0.125))
+    for impl in (-1, 0):
+        torch.library.opcheck(torch.ops.tinyvllm.paged_attention_decode.default,
+                              (out, query, kc, vc, tables, lens, 0.125, impl))
 
 
 def test_opcheck_prefill():

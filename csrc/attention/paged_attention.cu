@@ -137,7 +137,7 @@ struct DecodeParams {
 };
 
 struct DecodePlan {
-  bool tensor_cores;  // bf16/fp16: the mma kernel; fp32: the CUDA-core kernel
+  bool tensor_cores;  // the mma kernel (bf16/fp16) or the CUDA-core kernel (any dtype)
   int gmax;           // query heads per block (CUDA cores: a power of two >= the group, at most 8; mma: 16)
   int head_chunks;    // blocks per kv head
   int num_splits;
@@ -157,22 +157,53 @@ constexpr int decode_mma_smem_bytes() {
   return kDecodeWarps * kStages * 2 * kTile * (D + 8) * 2;
 }
 
+// Shared memory the tensor-core kernel asks for per block, by head_dim.
+int mma_smem_bytes(int head_dim) {
+  return head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
+}
+
+// Can this GPU run the tensor-core kernel at this head_dim? It needs 55 KB of shared
+// memory per block at head_dim 64 and 104 KB at 128: every sm_80+ data-center GPU
+// allows that, but consumer and inference cards (sm_86, sm_89: 99 KB) do not at 128.
+bool mma_fits(int head_dim) {
+  return attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) >=
+         mma_smem_bytes(head_dim);
+}
+
 // How many blocks of each kernel fit on one SM at once. The tensor-core kernel is
-// bound by its shared memory (55 KB per block at head_dim 64, 104 KB at 128, of 227
-// KB); the CUDA-core kernel by its registers (about 4 blocks).
+// bound by its shared memory (of 228 KB per SM on an H100/H200: 4 blocks at head_dim
+// 64, 2 at 128; each block also costs 1 KB of reserved shared memory); the CUDA-core
+// kernel by its registers (about 4 blocks).
 int resident_blocks_per_sm(bool tensor_cores, int head_dim) {
   if (!tensor_cores) return 4;
-  const int smem = head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
-  return std::max(1, (227 * 1024) / (smem + 1024));
+  const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(228 * 1024);
+  return std::max(1, per_sm / (mma_smem_bytes(head_dim) + 1024));
+}
+
+// Which kernel: impl -1 = automatic (tensor cores for bf16/fp16 where they fit),
+// 0 = CUDA cores, 1 = tensor cores (an error where impossible).
+bool use_tensor_cores(DType dtype, int head_dim, int impl) {
+  if (impl == 0) return false;
+  const bool possible = dtype != DType::kFloat32 && mma_fits(head_dim);
+  if (impl == 1 && !possible) {
+    throw std::runtime_error(
+        dtype == DType::kFloat32
+            ? std::string("paged_attention_decode: impl=1 (tensor cores) needs a bfloat16 or float16 cache")
+            : "paged_attention_decode: impl=1 (tensor cores) needs " + std::to_string(mma_smem_bytes(head_dim)) +
+                  " bytes of shared memory per block at head_dim " + std::to_string(head_dim) +
+                  "; this GPU allows " +
+                  std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0)));
+  }
+  return possible;
 }
 
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
 // once (one "wave" of resident blocks), but never partitions shorter than a minimum,
 // below which the merge costs more than the extra parallelism gains.
 DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
-                       DType dtype) {
+                       DType dtype, int impl) {
   DecodePlan plan{};
-  plan.tensor_cores = dtype != DType::kFloat32;
+  plan.tensor_cores = use_tensor_cores(dtype, head_dim, impl);
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
   if (plan.tensor_cores) {
     plan.gmax = kMmaRows;
@@ -781,19 +812,19 @@ void launch_reduce(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   CUDA_CHECK(cudaLaunchKernelEx(&cfg, paged_attention_decode_reduce_kernel<T, D>, prm));
 }
 
-// fp32: CUDA-core kernel, instantiated per head_dim and group size.
-template <int D>
-void dispatch_fp32(const DecodeParams& prm, int gmax, int num_seqs, cudaStream_t stream) {
+// CUDA-core kernel, instantiated per dtype, head_dim and group size.
+template <typename T, int D>
+void dispatch_cuda_cores(const DecodeParams& prm, int gmax, int num_seqs, cudaStream_t stream) {
   switch (gmax) {
-    case 1: launch_decode_cuda_cores<float, D, 1>(prm, num_seqs, stream); break;
-    case 2: launch_decode_cuda_cores<float, D, 2>(prm, num_seqs, stream); break;
-    case 4: launch_decode_cuda_cores<float, D, 4>(prm, num_seqs, stream); break;
-    default: launch_decode_cuda_cores<float, D, 8>(prm, num_seqs, stream); break;
+    case 1: launch_decode_cuda_cores<T, D, 1>(prm, num_seqs, stream); break;
+    case 2: launch_decode_cuda_cores<T, D, 2>(prm, num_seqs, stream); break;
+    case 4: launch_decode_cuda_cores<T, D, 4>(prm, num_seqs, stream); break;
+    default: launch_decode_cuda_cores<T, D, 8>(prm, num_seqs, stream); break;
   }
-  if (prm.num_splits > 1) launch_reduce<float, D>(prm, num_seqs, stream);
+  if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
 }
 
-// bf16/fp16: tensor-core kernel; HI when a block holds more than 8 query heads.
+// Tensor-core kernel (bf16/fp16); HI when a block holds more than 8 query heads.
 template <typename T, int D>
 void dispatch_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   if (prm.group > 8) {
@@ -804,21 +835,30 @@ void dispatch_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
 }
 
+template <typename T, int D>
+void dispatch_kernel(const DecodeParams& prm, const DecodePlan& plan, int num_seqs, cudaStream_t stream) {
+  if (plan.tensor_cores) {
+    dispatch_mma<T, D>(prm, num_seqs, stream);
+  } else {
+    dispatch_cuda_cores<T, D>(prm, plan.gmax, num_seqs, stream);
+  }
+}
+
 template <int D>
 void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, int num_seqs, DType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return dispatch_fp32<D>(prm, plan.gmax, num_seqs, stream);
-    case DType::kFloat16: return dispatch_mma<__half, D>(prm, num_seqs, stream);
-    case DType::kBFloat16: return dispatch_mma<__nv_bfloat16, D>(prm, num_seqs, stream);
+    case DType::kFloat32: return dispatch_cuda_cores<float, D>(prm, plan.gmax, num_seqs, stream);
+    case DType::kFloat16: return dispatch_kernel<__half, D>(prm, plan, num_seqs, stream);
+    case DType::kBFloat16: return dispatch_kernel<__nv_bfloat16, D>(prm, plan, num_seqs, stream);
   }
 }
 
 }  // namespace
 
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                             int max_seq_len, DType dtype) {
+                                             int max_seq_len, DType dtype, int impl) {
   const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
-                                      attn::num_sms_of_current_device(), dtype);
+                                      attn::num_sms_of_current_device(), dtype, impl);
   if (plan.num_splits <= 1) return 0;
   return size_t(num_seqs) * num_heads * plan.num_splits * (head_dim + 2) * sizeof(float);
 }
@@ -827,10 +867,10 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
                             int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
-                            DType dtype, cudaStream_t stream) {
+                            DType dtype, int impl, cudaStream_t stream) {
   if (num_seqs == 0) return;
   const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
-                                      attn::num_sms_of_current_device(), dtype);
+                                      attn::num_sms_of_current_device(), dtype, impl);
   DecodeParams prm{};
   prm.out = out;
   prm.query = query;

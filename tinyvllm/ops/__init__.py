@@ -116,12 +116,16 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    impl: int = -1,
 ) -> torch.Tensor:
-    """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D]."""
+    """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D].
+
+    impl picks the GPU kernel: -1 automatic (tensor cores for bf16/fp16), 0 CUDA cores, 1 tensor cores."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
-        torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+        torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                                  impl)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
