@@ -95,13 +95,13 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
     del k, v, kc, vc
     tag = ("" if shuffle else " ordered") + ("" if block_size == BLOCK else f" bs{block_size}")
-    tag += {-1: "", 0: " cuda-cores", 1: " tensor-cores"}[impl]
+    tag += {-1: "", 0: " cuda-cores", 1: " tensor-cores cp.async", 2: " tensor-cores tma"}[impl]
     return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
                   t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
                   extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
 
 
-def bench_prefill(n: int, d: int, dtype=torch.bfloat16) -> Result:
+def bench_prefill(n: int, d: int, dtype=torch.bfloat16, impl: int = -1) -> Result:
     gen = torch.Generator(device="cpu").manual_seed(n + d)
     q = torch.randn(n, NUM_HEADS, d, device="cuda", dtype=dtype)
     k = torch.randn(1, NUM_KV_HEADS, n, d, device="cuda", dtype=dtype)
@@ -114,7 +114,7 @@ def bench_prefill(n: int, d: int, dtype=torch.bfloat16) -> Result:
     op = torch.ops.tinyvllm.prefill_attention
 
     def ours():
-        op(out, q, kc, vc, tables, cu, lens, n, scale)
+        op(out, q, kc, vc, tables, cu, lens, n, scale, impl)
 
     g = NUM_HEADS // NUM_KV_HEADS
     qs = q.transpose(0, 1).unsqueeze(0).contiguous()  # [1, H, n, D]
@@ -132,7 +132,8 @@ def bench_prefill(n: int, d: int, dtype=torch.bfloat16) -> Result:
     t_ours = time_us(ours, reps=30)
     t_peer = time_us(peer, reps=30)
     flops = 2 * n * n * d * NUM_HEADS  # causal half of 4 n^2 d per head
-    return Result("prefill_attention", f"n={n} {NUM_HEADS}/{NUM_KV_HEADS}x{d}", str(dtype)[6:], t_ours, t_peer,
+    tag = {-1: "", 1: " 16-rows-per-warp", 2: " 32-rows-per-warp"}[impl]
+    return Result("prefill_attention", f"n={n} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:], t_ours, t_peer,
                   "sdpa flash causal", flops=flops, correct=correct, extra={"tokens": n, "head_dim": d})
 
 
@@ -141,9 +142,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
     ap.add_argument("--out", default="bench/results/attention.json")
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
+    ap.add_argument("--prefill-only", action="store_true", help="skip decode")
     ap.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 8 64 256)")
-    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 0, 1],
-                    help="decode kernel: -1 automatic, 0 CUDA cores, 1 tensor cores")
+    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 0, 1, 2],
+                    help="decode kernel: -1 automatic, 0 CUDA cores, 1 tensor cores (cp.async), 2 tensor cores (TMA)")
+    ap.add_argument("--prefill-impl", type=int, default=-1, choices=[-1, 1, 2],
+                    help="prefill kernel: -1 automatic, 1 = 16 query rows per warp, 2 = 32 rows per warp")
     ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
                     help="also time decode with these cache block sizes (the sweep uses 16)")
     ap.add_argument("--ordered-blocks", action="store_true",
@@ -160,7 +164,7 @@ def main() -> None:
     ceilings = {"copy_GBps": copy_bandwidth(), "matmul_bf16_TFLOPs": matmul_tflops()}
     print(f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
 
-    batches = args.batches or ([1, 64] if args.quick else [1, 8, 64, 256])
+    batches = [] if args.prefill_only else args.batches or ([1, 64] if args.quick else [1, 8, 64, 256])
     contexts = [512, 4096] if args.quick else [128, 512, 1024, 4096]
     prefill_ns = [] if args.decode_only else [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
     prefill_ds = [64] if args.quick else [64, 128]
@@ -179,7 +183,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
     for d in prefill_ds:
         for n in prefill_ns:
-            results.append(bench_prefill(n, d))
+            results.append(bench_prefill(n, d, impl=args.prefill_impl))
             torch.cuda.empty_cache()
 
     print()

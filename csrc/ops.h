@@ -68,26 +68,30 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
 // be 0 (then workspace may be null). The split count depends on the device's SM count
 // and on the dtype (bf16/fp16 run the tensor-core kernel, fp32 the CUDA-core one).
-// impl: -1 automatic (tensor cores for bf16/fp16 where the GPU has the shared memory),
-// 0 the CUDA-core kernel, 1 the tensor-core kernel (throws where it cannot run).
+// impl: -1 automatic (the fastest kernel the GPU can run), 0 the CUDA-core kernel,
+// 1 the tensor-core kernel with cp.async loads, 2 the tensor-core kernel with TMA loads
+// (sm_90+); an explicit impl that cannot run throws. num_cache_blocks: dimension 0 of
+// the caches (the TMA kernel describes the whole cache to the copy engine).
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, DType dtype, int impl);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
-                            int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
-                            DType dtype, int impl, cudaStream_t stream);
+                            int max_seq_len, int64_t num_cache_blocks, int64_t query_row_stride, float scale,
+                            void* workspace, DType dtype, int impl, cudaStream_t stream);
 
 // Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
 // positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.
 // out [T, num_heads, head_dim] contiguous; query row-strided like decode. max_seqlen_q
 // must be >= every q_len (rows past it are not computed). bf16/fp16 use tensor cores
-// (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback.
+// (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback. impl (bf16/fp16): -1
+// automatic, 1 = 16 query rows per warp (64-row blocks), 2 = 32 rows per warp (128-row
+// blocks); an explicit impl that cannot run throws (fp32: -1 only).
 void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,
                        const int32_t* block_tables, const int32_t* cu_seqlens_q, const int32_t* seq_lens,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
                        int max_blocks_per_seq, int max_seqlen_q, int64_t query_row_stride, float scale,
-                       DType dtype, cudaStream_t stream);
+                       DType dtype, int impl, cudaStream_t stream);
 
 // ---- GEMM (gemm.cpp) -------------------------------------------------------
 // y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.

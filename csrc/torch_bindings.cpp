@@ -340,7 +340,9 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
   TV_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
   TV_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
            block_tables.size(1), ") for block_size ", block_size);
-  TV_CHECK(key_cache.size(0) <= INT_MAX, "key_cache has too many blocks");
+  // The TMA decode kernel addresses cache rows (one per block, kv head and slot) with int32.
+  TV_CHECK(key_cache.size(0) * num_kv_heads * block_size <= INT_MAX, "key_cache has too many blocks (",
+           key_cache.size(0), " x ", num_kv_heads, " kv heads x ", block_size, " slots is more than 2^31 rows)");
   dims = AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
                        static_cast<int>(block_size), static_cast<int>(block_tables.size(1))};
 }
@@ -348,8 +350,9 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale, int64_t impl) {
-  TV_CHECK(impl >= -1 && impl <= 1,
-           "impl must be -1 (automatic), 0 (CUDA cores) or 1 (tensor cores), got ", impl);
+  TV_CHECK(impl >= -1 && impl <= 2,
+           "impl must be -1 (automatic), 0 (CUDA cores), 1 (tensor cores, cp.async) or 2 (tensor cores, TMA), got ",
+           impl);
   AttentionDims dims{};
   check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   const int64_t num_seqs = query.size(0);
@@ -368,7 +371,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
   paged_attention_decode(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                          block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), static_cast<int>(num_seqs),
                          dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size, dims.max_blocks_per_seq,
-                         max_seq_len, row_stride(query), static_cast<float>(scale),
+                         max_seq_len, key_cache.size(0), row_stride(query), static_cast<float>(scale),
                          ws_bytes > 0 ? workspace.data_ptr() : nullptr, dtype_of(query, "query"),
                          static_cast<int>(impl), current_stream());
 }
@@ -376,7 +379,9 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
 void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_tables,
                           const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, int64_t max_seqlen_q,
-                          double scale) {
+                          double scale, int64_t impl) {
+  TV_CHECK(impl == -1 || impl == 1 || impl == 2,
+           "impl must be -1 (automatic), 1 (16 query rows per warp) or 2 (32 query rows per warp), got ", impl);
   AttentionDims dims{};
   check_attention_inputs("prefill_attention", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   check_same_device(cu_seqlens_q, query, "cu_seqlens_q", "query");
@@ -396,7 +401,7 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
                     block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
                     static_cast<int>(num_seqs), dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size,
                     dims.max_blocks_per_seq, static_cast<int>(max_seqlen_q), row_stride(query),
-                    static_cast<float>(scale), dtype_of(query, "query"), current_stream());
+                    static_cast<float>(scale), dtype_of(query, "query"), static_cast<int>(impl), current_stream());
 }
 
 // ==== end attention ====
@@ -446,7 +451,7 @@ TORCH_LIBRARY(tinyvllm, m) {
       "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1) -> ()");
   m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale) -> ()");
+      "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");
   // ==== end attention schemas ====
 }
 

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--sdpa", action="store_true", help="run torch SDPA on contiguous k/v instead")
+    ap.add_argument("--impl", type=int, default=-1, help="decode kernel (-1 automatic, 0, 1 cp.async, 2 TMA)")
     args = ap.parse_args()
     assert extension_loaded()
     d, b, L = 64, args.batch, args.context
@@ -44,7 +45,7 @@ def main() -> None:
     del k, v
     lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    torch.ops.tinyvllm.paged_attention_decode(out, q, kc, vc, tables, lens, 1.0 / math.sqrt(d))
+    torch.ops.tinyvllm.paged_attention_decode(out, q, kc, vc, tables, lens, 1.0 / math.sqrt(d), args.impl)
     torch.cuda.synchronize()
     print("ok", out.float().abs().mean().item())
 

@@ -168,12 +168,74 @@ def test_decode_impl_choice_errors_name_the_problem():
     a = _decode_args()
     with pytest.raises(RuntimeError, match="impl must be -1"):
         torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                                  a["block_tables"], a["seq_lens"], a["scale"], 2)
+                                                  a["block_tables"], a["seq_lens"], a["scale"], 3)
     f = _decode_args()
     f32 = {k: f[k].float() for k in ("out", "query", "key_cache", "value_cache")}
-    with pytest.raises(RuntimeError, match=r"impl=1 \(tensor cores\) needs a bfloat16 or float16 cache"):
-        torch.ops.tinyvllm.paged_attention_decode(f32["out"], f32["query"], f32["key_cache"], f32["value_cache"],
-                                                  f["block_tables"], f["seq_lens"], f["scale"], 1)
+    for impl in (1, 2):
+        with pytest.raises(RuntimeError, match=rf"impl={impl} \(tensor cores\) needs a bfloat16 or float16 cache"):
+            torch.ops.tinyvllm.paged_attention_decode(f32["out"], f32["query"], f32["key_cache"],
+                                                      f32["value_cache"], f["block_tables"], f["seq_lens"],
+                                                      f["scale"], impl)
+    if torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(RuntimeError, match=r"impl=2 \(TMA\) needs an sm_90\+ GPU"):
+            torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
+                                                      a["block_tables"], a["seq_lens"], a["scale"], 2)
+
+
+# The tensor-core kernel's two ways of loading tiles: 1 = cp.async (16-byte copies by
+# every lane, padded rows), 2 = TMA (the copy engine, one box per cache block, swizzled
+# rows, mbarriers; sm_90+). The NaN-poisoned cache tail checks that rows past a
+# sequence's end never reach the output (the TMA kernel fetches whole rows of a block
+# and must zero the V rows past the end).
+TENSOR_CORE_IMPLS = [pytest.param(1, id="cp.async"), pytest.param(2, id="tma")]
+
+
+def _skip_unless_runs(impl):
+    if impl == 2 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA (impl=2) needs an sm_90+ GPU")
+
+
+@pytest.mark.parametrize("impl", TENSOR_CORE_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 128])
+def test_decode_tensor_core_loaders_block_sizes_and_lengths(impl, dtype, head_dim, block_size):
+    _skip_unless_runs(impl)
+    seq_lens = [1, 7, 8, 9, 15, 16, 17, block_size + 1, 100, 1000, 4097]
+    out, ref = run_decode(seq_lens, 8, 2, head_dim, block_size, dtype, seed=block_size + head_dim, impl=impl)
+    _assert_close(out, ref, dtype, f"decode impl={impl} {dtype} d={head_dim} block_size={block_size}")
+
+
+@pytest.mark.parametrize("impl", TENSOR_CORE_IMPLS)
+@pytest.mark.parametrize("group", [1, 12, 32])
+def test_decode_tensor_core_loaders_groups(impl, group):
+    _skip_unless_runs(impl)
+    out, ref = run_decode([1, 33, 700, 2100], group * 2, 2, 128, 16, torch.bfloat16, seed=group, impl=impl)
+    _assert_close(out, ref, torch.bfloat16, f"decode impl={impl} group={group}")
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("impl", TENSOR_CORE_IMPLS)
+def test_decode_tensor_core_loaders_split_and_unsplit(impl):
+    # Batch 2 splits the 3000-token sequence; 64 sequences fill the GPU unsplit, and
+    # sequence 5 (2100 tokens) then walks past 32 tiles of block-table entries per warp.
+    _skip_unless_runs(impl)
+    out, ref = run_decode([3000, 17], 32, 8, 64, 16, torch.bfloat16, seed=31, impl=impl)
+    _assert_close(out, ref, torch.bfloat16, f"decode split impl={impl}")
+    g = torch.Generator().manual_seed(impl)
+    seq_lens = torch.randint(1, 200, (64,), generator=g).tolist()
+    seq_lens[5] = 2100
+    out, ref = run_decode(seq_lens, 32, 8, 64, 8, torch.bfloat16, seed=32, impl=impl)
+    _assert_close(out, ref, torch.bfloat16, f"decode unsplit impl={impl}")
+
+
+def test_decode_cp_async_and_tma_agree():
+    _skip_unless_runs(2)
+    a, ref = run_decode([5, 500, 3000], 32, 8, 64, 16, torch.bfloat16, seed=41, impl=1)
+    b, _ = run_decode([5, 500, 3000], 32, 8, 64, 16, torch.bfloat16, seed=41, impl=2)
+    _assert_close(b, ref, torch.bfloat16, "impl 2")
+    # Same tiles, same order of operations: only the copies differ, so the bits agree.
+    assert torch.equal(a, b)
 
 
 @pytest.mark.sanitize
@@ -225,7 +287,7 @@ def test_decode_zero_length_sequence_gives_zeros():
 
 # ------------------------------------------------------------------------------ prefill
 def run_prefill(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0,
-                query_row_pad=0, max_seqlen_q=None):
+                query_row_pad=0, max_seqlen_q=None, impl=-1):
     kc, vc, tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed)
     t = sum(q_lens)
     g = _gen(seed + 1)
@@ -235,7 +297,7 @@ def run_prefill(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
     scale = 1.0 / math.sqrt(head_dim)
     mq = max(q_lens) if max_seqlen_q is None else max_seqlen_q
     out = torch.full((t, num_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
-    torch.ops.tinyvllm.prefill_attention(out, query, kc, vc, tables, cu, lens, mq, scale)
+    torch.ops.tinyvllm.prefill_attention(out, query, kc, vc, tables, cu, lens, mq, scale, impl)
     ref = torch.empty((t, num_heads, head_dim), dtype=torch.float32, device="cuda")
     reference.prefill_attention(ref, query.float(), kc.float(), vc.float(), tables, cu, lens, mq, scale)
     torch.cuda.synchronize()
@@ -294,7 +356,8 @@ def test_opcheck_decode():
     kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
     query = torch.randn((2, 4, 64), device="cuda").to(torch.bfloat16)
     out = torch.empty_like(query)
-    for impl in (-1, 0):
+    impls = (-1, 0, 1, 2) if torch.cuda.get_device_capability()[0] >= 9 else (-1, 0, 1)
+    for impl in impls:
         torch.library.opcheck(torch.ops.tinyvllm.paged_attention_decode.default,
                               (out, query, kc, vc, tables, lens, 0.125, impl))
 
@@ -305,9 +368,10 @@ def test_opcheck_prefill():
     query = torch.randn((5 + 20, 4, 64), device="cuda").to(torch.bfloat16)
     cu = torch.tensor([0, 5, 25], dtype=torch.int32, device="cuda")
     out = torch.empty_like(query)
-    torch.library.opcheck(
-        torch.ops.tinyvllm.prefill_attention.default, (out, query, kc, vc, tables, cu, lens, 20, 0.125)
-    )
+    for impl in (-1, 1, 2):
+        torch.library.opcheck(
+            torch.ops.tinyvllm.prefill_attention.default, (out, query, kc, vc, tables, cu, lens, 20, 0.125, impl)
+        )
 
 
 # ------------------------------------------------------------------------------ bad input

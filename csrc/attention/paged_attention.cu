@@ -44,7 +44,9 @@
 //   * paged_attention_decode_kernel (CUDA cores): every multiply is a plain fma in
 //     float32. The easiest to read, and the one fp32 caches use.
 //   * paged_attention_decode_mma_kernel (tensor cores): bf16/fp16 caches. Same online
-//     softmax, but Q K^T and P V go to mma.sync, as in prefill_attention.cu.
+//     softmax, but Q K^T and P V go to mma.sync, as in prefill_attention.cu. Its tiles
+//     are copied to shared memory either by cp.async (the default) or by Hopper's copy
+//     engine, TMA (impl=2; measured no faster, kept as the tested alternative: tma.cuh).
 // Why two? Decode reads every k/v byte once and does little math per byte, so it
 // should be bound by memory. But on the CUDA cores "little" is still a lot: for each
 // 16 bytes of k/v a thread converts 8 numbers and does 8 fmas PER QUERY HEAD of the
@@ -98,6 +100,7 @@
 #include <cstdint>
 
 #include "attention/attention_utils.cuh"
+#include "attention/tma.cuh"
 #include "ops.h"
 
 namespace tinyvllm {
@@ -138,6 +141,7 @@ struct DecodeParams {
 
 struct DecodePlan {
   bool tensor_cores;  // the mma kernel (bf16/fp16) or the CUDA-core kernel (any dtype)
+  bool tma;           // mma kernel only: tiles loaded by the copy engine (TMA) instead of cp.async
   int gmax;           // query heads per block (CUDA cores: a power of two >= the group, at most 8; mma: 16)
   int head_chunks;    // blocks per kv head
   int num_splits;
@@ -150,51 +154,72 @@ constexpr int kStages = 3;     // cp.async pipeline depth of each warp (2 tiles 
 constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
 constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
 
-template <int D>
+template <int D, bool TMA>
 constexpr int decode_mma_smem_bytes() {
-  // Per warp: kStages stages of a K tile and a V tile, rows padded by 8 elements
-  // (16 bytes) so that ldmatrix's eight row reads hit different banks.
-  return kDecodeWarps * kStages * 2 * kTile * (D + 8) * 2;
+  // Per warp: kStages stages of a K tile and a V tile. cp.async: rows padded by 8
+  // elements (16 bytes) so that ldmatrix's eight row reads hit different banks.
+  // TMA: dense swizzled rows, plus 1 KB to align the tiles to 1024 bytes (the swizzle
+  // pattern's period) and one 8-byte mbarrier per stage.
+  return TMA ? kDecodeWarps * kStages * (2 * kTile * D * 2 + 8) + 1024
+             : kDecodeWarps * kStages * 2 * kTile * (D + 8) * 2;
 }
 
-// Shared memory the tensor-core kernel asks for per block, by head_dim.
-int mma_smem_bytes(int head_dim) {
-  return head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
+// Shared memory the tensor-core kernel asks for per block, by head_dim and loader.
+int mma_smem_bytes(int head_dim, bool tma) {
+  if (tma) return head_dim == 128 ? decode_mma_smem_bytes<128, true>() : decode_mma_smem_bytes<64, true>();
+  return head_dim == 128 ? decode_mma_smem_bytes<128, false>() : decode_mma_smem_bytes<64, false>();
 }
 
 // Can this GPU run the tensor-core kernel at this head_dim? It needs 55 KB of shared
-// memory per block at head_dim 64 and 104 KB at 128: every sm_80+ data-center GPU
-// allows that, but consumer and inference cards (sm_86, sm_89: 99 KB) do not at 128.
-bool mma_fits(int head_dim) {
+// memory per block at head_dim 64 and 104 KB at 128 (cp.async; TMA: 50 and 98 KB):
+// every sm_80+ data-center GPU allows that, but consumer and inference cards (sm_86,
+// sm_89: 99 KB) do not at 128.
+bool mma_fits(int head_dim, bool tma) {
   return attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) >=
-         mma_smem_bytes(head_dim);
+         mma_smem_bytes(head_dim, tma);
 }
 
 // How many blocks of each kernel fit on one SM at once. The tensor-core kernel is
 // bound by its shared memory (of 228 KB per SM on an H100/H200: 4 blocks at head_dim
 // 64, 2 at 128; each block also costs 1 KB of reserved shared memory); the CUDA-core
 // kernel by its registers (about 4 blocks).
-int resident_blocks_per_sm(bool tensor_cores, int head_dim) {
-  if (!tensor_cores) return 4;
+int resident_blocks_per_sm(const DecodePlan& plan, int head_dim) {
+  if (!plan.tensor_cores) return 4;
   const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(228 * 1024);
-  return std::max(1, per_sm / (mma_smem_bytes(head_dim) + 1024));
+  return std::max(1, per_sm / (mma_smem_bytes(head_dim, plan.tma) + 1024));
 }
 
-// Which kernel: impl -1 = automatic (tensor cores for bf16/fp16 where they fit),
-// 0 = CUDA cores, 1 = tensor cores (an error where impossible).
-bool use_tensor_cores(DType dtype, int head_dim, int impl) {
-  if (impl == 0) return false;
-  const bool possible = dtype != DType::kFloat32 && mma_fits(head_dim);
-  if (impl == 1 && !possible) {
-    throw std::runtime_error(
-        dtype == DType::kFloat32
-            ? std::string("paged_attention_decode: impl=1 (tensor cores) needs a bfloat16 or float16 cache")
-            : "paged_attention_decode: impl=1 (tensor cores) needs " + std::to_string(mma_smem_bytes(head_dim)) +
-                  " bytes of shared memory per block at head_dim " + std::to_string(head_dim) +
-                  "; this GPU allows " +
-                  std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0)));
+std::string shared_memory_error(int impl, int head_dim, bool tma) {
+  return "paged_attention_decode: impl=" + std::to_string(impl) + " needs " +
+         std::to_string(mma_smem_bytes(head_dim, tma)) + " bytes of shared memory per block at head_dim " +
+         std::to_string(head_dim) + "; this GPU allows " +
+         std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
+}
+
+// Which kernel (sets plan.tensor_cores and plan.tma):
+//   impl -1 automatic: tensor cores with cp.async where they fit, else CUDA cores
+//           (fp32: always CUDA cores)
+//   impl  0 CUDA cores;  1 tensor cores, cp.async loads;  2 tensor cores, TMA loads
+// An explicit impl that cannot run here is an error, never a silent substitute.
+// Why not TMA automatically on sm_90+? Measured on an H200 (Llama-1B shapes), it is
+// as fast as cp.async where the cache streams (within 1%) and 0.3-0.8 us slower at the
+// smallest shapes (the mbarrier round trip); cp.async also runs on every sm_80+ GPU.
+void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
+  plan.tensor_cores = false;
+  plan.tma = false;
+  if (impl == 0) return;
+  if (dtype == DType::kFloat32) {
+    if (impl > 0)
+      throw std::runtime_error("paged_attention_decode: impl=" + std::to_string(impl) +
+                               " (tensor cores) needs a bfloat16 or float16 cache");
+    return;
   }
-  return possible;
+  if (impl == 2 && !tma::available())
+    throw std::runtime_error("paged_attention_decode: impl=2 (TMA) needs an sm_90+ GPU (Hopper or newer) and a "
+                             "driver that provides cuTensorMapEncodeTiled");
+  if (impl > 0 && !mma_fits(head_dim, impl == 2)) throw std::runtime_error(shared_memory_error(impl, head_dim, impl == 2));
+  plan.tma = impl == 2;
+  plan.tensor_cores = plan.tma || impl == 1 || mma_fits(head_dim, false);
 }
 
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
@@ -203,7 +228,7 @@ bool use_tensor_cores(DType dtype, int head_dim, int impl) {
 DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
                        DType dtype, int impl) {
   DecodePlan plan{};
-  plan.tensor_cores = use_tensor_cores(dtype, head_dim, impl);
+  choose_kernel(plan, dtype, head_dim, impl);
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
   if (plan.tensor_cores) {
     plan.gmax = kMmaRows;
@@ -213,7 +238,7 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   plan.head_chunks = (group + plan.gmax - 1) / plan.gmax;
   max_seq_len = std::max(max_seq_len, 1);
   const int64_t base = std::max<int64_t>(1, int64_t(num_seqs) * num_kv_heads * plan.head_chunks);
-  int64_t target = int64_t(resident_blocks_per_sm(plan.tensor_cores, head_dim)) * num_sms;
+  int64_t target = int64_t(resident_blocks_per_sm(plan, head_dim)) * num_sms;
   // Tensor cores: a wave that is 90% full is full enough; splitting it would double the
   // blocks, each with its own fixed cost, and add the merge.
   if (plan.tensor_cores) target = target * 9 / 10;
@@ -485,9 +510,22 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // A tile starts at a multiple of 16 tokens and blocks hold >= 8 tokens, so rows 0-7 of
 // a tile lie in one cache block and rows 8-15 in one (maybe the same) block: two
 // block-table entries per tile.
-template <typename T, int D, bool HI>  // HI: some block has more than 8 query heads (rows 8..15 in use)
-__global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_kernel(const DecodeParams p) {
-  constexpr int LD = D + 8;             // padded shared-memory row, elements
+//
+// Two ways to copy a tile (template parameter TMA):
+//   * cp.async (any sm_80+ GPU): the warp's 32 lanes issue 16-byte copies, 8 per lane
+//     per tile at head_dim 64; rows are padded by 16 bytes against bank conflicts.
+//   * TMA (sm_90+, see tma.cuh): lane 0 hands the copy engine one box per cache block
+//     and matrix (at head_dim 64 and blocks of >= 16 tokens: one for K, one for V) and
+//     the warp waits on the stage's mbarrier. The rows are dense and swizzled. This takes
+//     the copies off the SM and halves the L2 requests, and still did not make the
+//     kernel faster (measured; see choose_kernel and the course, chapter 11).
+// The cache, seen by the copy engine, is one 2-D array of rows: row
+// (block * num_kv_heads + kv_head) * block_size + slot holds one token's head_dim values.
+template <typename T, int D, bool HI, bool TMA>  // HI: some block has more than 8 query heads (rows 8..15 in use)
+__global__ void __launch_bounds__(kDecodeThreads)
+    paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
+                                      const __grid_constant__ CUtensorMap vmap) {
+  constexpr int LD = TMA ? D : D + 8;   // shared-memory row, elements (padded for cp.async)
   constexpr int TILE = kTile * LD;      // elements of one staged K (or V) tile
   constexpr int KSTEPS = D / 16;        // k-steps of Q K^T (over head_dim)
   constexpr int NT_O = D / 8;           // 8-column tiles of O
@@ -501,7 +539,20 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  T* const ring = reinterpret_cast<T*>(smem_raw) + warp * (kStages * 2 * TILE);  // this warp's stages
+  // TMA's swizzle repeats every 1024 bytes: its tiles start on a 1024-byte boundary.
+  unsigned char* const tiles =
+      TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023))
+          : smem_raw;
+  T* const ring = reinterpret_cast<T*>(tiles) + warp * (kStages * 2 * TILE);  // this warp's stages
+  // TMA: one mbarrier per stage of this warp, after all the tiles.
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(tiles + kDecodeWarps * kStages * 2 * TILE * sizeof(T)) +
+                         warp * kStages;
+  // Element offset of (row, col) in a staged tile; col is a multiple of 8 (one 16-byte
+  // chunk). TMA: 64-column halves of 16 rows x 128 bytes, each swizzled (tma.cuh).
+  auto at = [](int row, int col) -> int {
+    if (TMA) return (col >> 6) * (kTile * 64) + tma::swizzled_offset(row, (col & 63) >> 3) / int(sizeof(T));
+    return row * LD + col;
+  };
 
   const int seq = blockIdx.y;
   const int split = blockIdx.z;
@@ -548,6 +599,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
     ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
   };
   fetch_entries(0);
+  if (TMA) {
+    if (lane == 0) {
+#pragma unroll
+      for (int st = 0; st < kStages; ++st) tma::mbarrier_init(&bars[st], 1);  // one arrival: lane 0's
+      tma::fence_barrier_init();
+    }
+    __syncwarp();
+  }
 
   const int seq_len = clamp_seq_len(p, raw_seq_len);
   // A partition past the end of a shorter sequence has nothing to do. Split 0
@@ -573,20 +632,43 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
       const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
       T* sk = ring + (i % kStages) * 2 * TILE;
       T* sv = sk + TILE;
+      if constexpr (TMA) {
+        // Boxes of R = min(16, block_size) rows: one per cache block the tile touches
+        // (two for 8-token blocks), times two 64-column halves at head_dim 128. A box
+        // whose first row is past the end is not fetched (its entry may be garbage);
+        // a box that starts before the end brings whole rows, and the rows past the
+        // end are taken care of after the wait.
+        if (lane == 0) {
+          const int R = min(kTile, 1 << l2);
+          const int boxes = min(kTile / R, (p1 - tok0 + R - 1) / R);
+          tma::mbarrier_arrive_expect_tx(&bars[i % kStages], uint32_t(boxes * R * D * 2 * int(sizeof(T))));
+          for (int b = 0; b < boxes; ++b) {
+            const int tok = tok0 + b * R;
+            const int e = b == 0 ? e_lo : e_hi;
+            const int y = ((e * p.num_kv_heads + kvh) << l2) + (tok & bs_mask);
 #pragma unroll
-      for (int k = 0; k < PASSES; ++k) {
-        const int row = r0 + k * RSTEP;
-        const int tok = tok0 + row;
-        const bool ok = tok < p1;
-        const int64_t blk = ok ? (k < PASSES / 2 ? e_lo : e_hi) : 0;  // never follow an entry past the end
-        const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
-        // .L2::256B: k/v are read in full, so let each request fetch a whole 256-byte
-        // span from DRAM (measured: 1-2% more bandwidth on an H200).
-        attn::cp_async_16_l2pf(sk + row * LD + c * 8, kc + off, ok ? 16 : 0);
-        attn::cp_async_16_l2pf(sv + row * LD + c * 8, vc + off, ok ? 16 : 0);
+            for (int h = 0; h < D / 64; ++h) {
+              tma::load_2d(sk + h * (kTile * 64) + b * R * 64, &kmap, h * 64, y, &bars[i % kStages]);
+              tma::load_2d(sv + h * (kTile * 64) + b * R * 64, &vmap, h * 64, y, &bars[i % kStages]);
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < PASSES; ++k) {
+          const int row = r0 + k * RSTEP;
+          const int tok = tok0 + row;
+          const bool ok = tok < p1;
+          const int64_t blk = ok ? (k < PASSES / 2 ? e_lo : e_hi) : 0;  // never follow an entry past the end
+          const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
+          // .L2::256B: k/v are read in full, so let each request fetch a whole 256-byte
+          // span from DRAM (measured: 1-2% more bandwidth on an H200).
+          attn::cp_async_16_l2pf(sk + row * LD + c * 8, kc + off, ok ? 16 : 0);
+          attn::cp_async_16_l2pf(sv + row * LD + c * 8, vc + off, ok ? 16 : 0);
+        }
       }
     }
-    attn::cp_async_commit();  // an empty group past the end keeps the group count uniform
+    if (!TMA) attn::cp_async_commit();  // an empty group past the end keeps the group count uniform
   };
 
   float o[NT_O][4];
@@ -601,10 +683,25 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
   for (int i = 0; i < my_tiles; ++i) {
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     issue(i + kStages - 1);
-    attn::cp_async_wait<kStages - 1>();  // tile i has landed (for this lane's copies)
-    __syncwarp();                        // ... and for every lane's copies
+    const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
     const T* sk = ring + (i % kStages) * 2 * TILE;
-    const T* sv = sk + TILE;
+    T* const sv = ring + (i % kStages) * 2 * TILE + TILE;
+    if (TMA) {
+      tma::mbarrier_wait_parity(&bars[i % kStages], (i / kStages) & 1);  // tile i has landed
+      // The last tile of a partition may hold rows past its end: cache rows of the same
+      // block (K: masked to -inf below; V: anything, even NaN, and 0 * NaN = NaN in the
+      // mma) or, if a box was skipped, whatever the stage held before. Zero those V rows.
+      const int valid = p1 - tok0;
+      if (valid < kTile) {
+        for (int idx = lane; idx < (kTile - valid) * CHUNKS; idx += 32) {
+          const int row = valid + idx / CHUNKS;
+          *reinterpret_cast<uint4*>(sv + at(row, (idx % CHUNKS) * 8)) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    } else {
+      attn::cp_async_wait<kStages - 1>();  // tile i has landed (for this lane's copies)
+    }
+    __syncwarp();  // ... and for every lane's copies (and the zeroing)
 
     // ---- S = Q K^T: 2 n-tiles of 8 tokens; one ldmatrix.x4 feeds two k-steps ----
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -613,13 +710,12 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
 #pragma unroll
       for (int kk = 0; kk < KSTEPS / 2; ++kk) {
         uint32_t b[4];  // matrices: cols +0, +8 (k-step 2kk), +16, +24 (k-step 2kk+1)
-        attn::ldmatrix_x4(b, sk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
+        attn::ldmatrix_x4(b, sk + at(nt * 8 + (lane & 7), kk * 32 + (lane >> 3) * 8));
         attn::mma_16816<T>(s[nt], qa[2 * kk], b[0], b[1]);
         attn::mma_16816<T>(s[nt], qa[2 * kk + 1], b[2], b[3]);
       }
     }
     // Scale into log2 units; tokens past the partition's end get -inf (weight 0).
-    const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -674,12 +770,12 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_mma_ker
     for (int j = 0; j < NT_O / 2; ++j) {
       uint32_t b[4];  // matrices: tokens 0-7 / 8-15 of dims 16j..16j+7, then of dims 16j+8..16j+15
       const int mtx = lane >> 3;
-      attn::ldmatrix_x4_trans(b, sv + ((mtx & 1) * 8 + (lane & 7)) * LD + j * 16 + (mtx >> 1) * 8);
+      attn::ldmatrix_x4_trans(b, sv + at((mtx & 1) * 8 + (lane & 7), j * 16 + (mtx >> 1) * 8));
       attn::mma_16816<T>(o[2 * j], pa, b[0], b[1]);
       attn::mma_16816<T>(o[2 * j + 1], pa, b[2], b[3]);
     }
   }
-  attn::cp_async_wait<0>();  // (only empty groups are left; nothing may be in flight at exit)
+  if (!TMA) attn::cp_async_wait<0>();  // (only empty groups are left; nothing may be in flight at exit)
 
   // ---- hand the warp's state to the shared end (combine_warps_and_store) ----
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
@@ -786,14 +882,19 @@ void launch_decode_cuda_cores(const DecodeParams& prm, int num_seqs, cudaStream_
   CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T, int D, bool HI>
-void launch_decode_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
-  constexpr int smem = decode_mma_smem_bytes<D>();
+// The copy engine's view of the two caches (TMA kernel only; zeros otherwise).
+struct CacheMaps {
+  CUtensorMap k{}, v{};
+};
+
+template <typename T, int D, bool HI, bool TMA>
+void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
+  constexpr int smem = decode_mma_smem_bytes<D, TMA>();
   // More than 48 KB of dynamic shared memory must be asked for (per device: so every time).
-  CUDA_CHECK(cudaFuncSetAttribute(paged_attention_decode_mma_kernel<T, D, HI>,
+  CUDA_CHECK(cudaFuncSetAttribute(paged_attention_decode_mma_kernel<T, D, HI, TMA>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
-  paged_attention_decode_mma_kernel<T, D, HI><<<grid, kDecodeThreads, smem, stream>>>(prm);
+  paged_attention_decode_mma_kernel<T, D, HI, TMA><<<grid, kDecodeThreads, smem, stream>>>(prm, maps.k, maps.v);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -826,30 +927,36 @@ void dispatch_cuda_cores(const DecodeParams& prm, int gmax, int num_seqs, cudaSt
 
 // Tensor-core kernel (bf16/fp16); HI when a block holds more than 8 query heads.
 template <typename T, int D>
-void dispatch_mma(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
-  if (prm.group > 8) {
-    launch_decode_mma<T, D, true>(prm, num_seqs, stream);
+void dispatch_mma(const DecodeParams& prm, const DecodePlan& plan, const CacheMaps& maps, int num_seqs,
+                  cudaStream_t stream) {
+  const bool hi = prm.group > 8;
+  if (plan.tma) {
+    hi ? launch_decode_mma<T, D, true, true>(prm, maps, num_seqs, stream)
+       : launch_decode_mma<T, D, false, true>(prm, maps, num_seqs, stream);
   } else {
-    launch_decode_mma<T, D, false>(prm, num_seqs, stream);
+    hi ? launch_decode_mma<T, D, true, false>(prm, maps, num_seqs, stream)
+       : launch_decode_mma<T, D, false, false>(prm, maps, num_seqs, stream);
   }
   if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
 }
 
 template <typename T, int D>
-void dispatch_kernel(const DecodeParams& prm, const DecodePlan& plan, int num_seqs, cudaStream_t stream) {
+void dispatch_kernel(const DecodeParams& prm, const DecodePlan& plan, const CacheMaps& maps, int num_seqs,
+                     cudaStream_t stream) {
   if (plan.tensor_cores) {
-    dispatch_mma<T, D>(prm, num_seqs, stream);
+    dispatch_mma<T, D>(prm, plan, maps, num_seqs, stream);
   } else {
     dispatch_cuda_cores<T, D>(prm, plan.gmax, num_seqs, stream);
   }
 }
 
 template <int D>
-void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, int num_seqs, DType dtype, cudaStream_t stream) {
+void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, const CacheMaps& maps, int num_seqs,
+                    DType dtype, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32: return dispatch_cuda_cores<float, D>(prm, plan.gmax, num_seqs, stream);
-    case DType::kFloat16: return dispatch_kernel<__half, D>(prm, plan, num_seqs, stream);
-    case DType::kBFloat16: return dispatch_kernel<__nv_bfloat16, D>(prm, plan, num_seqs, stream);
+    case DType::kFloat16: return dispatch_kernel<__half, D>(prm, plan, maps, num_seqs, stream);
+    case DType::kBFloat16: return dispatch_kernel<__nv_bfloat16, D>(prm, plan, maps, num_seqs, stream);
   }
 }
 
@@ -866,8 +973,8 @@ size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int nu
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
-                            int max_seq_len, int64_t query_row_stride, float scale, void* workspace,
-                            DType dtype, int impl, cudaStream_t stream) {
+                            int max_seq_len, int64_t num_cache_blocks, int64_t query_row_stride, float scale,
+                            void* workspace, DType dtype, int impl, cudaStream_t stream) {
   if (num_seqs == 0) return;
   const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
                                       attn::num_sms_of_current_device(), dtype, impl);
@@ -898,9 +1005,18 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
     prm.ws_m = prm.ws_acc + n * head_dim;
     prm.ws_l = prm.ws_m + n;
   }
+  CacheMaps maps;
+  if (plan.tma) {
+    // Both caches as one 2-D array of token rows (see the kernel); boxes of one cache
+    // block's rows, at most the 16 of a tile.
+    const uint64_t rows = uint64_t(num_cache_blocks) * num_kv_heads * block_size;
+    const uint32_t box_rows = uint32_t(std::min(kTile, block_size));
+    maps.k = tma::make_row_tensor_map(key_cache, dtype, rows, head_dim, box_rows);
+    maps.v = tma::make_row_tensor_map(value_cache, dtype, rows, head_dim, box_rows);
+  }
   switch (head_dim) {
-    case 64: return dispatch_dtype<64>(prm, plan, num_seqs, dtype, stream);
-    case 128: return dispatch_dtype<128>(prm, plan, num_seqs, dtype, stream);
+    case 64: return dispatch_dtype<64>(prm, plan, maps, num_seqs, dtype, stream);
+    case 128: return dispatch_dtype<128>(prm, plan, maps, num_seqs, dtype, stream);
     default: throw std::runtime_error("paged_attention_decode: head_dim must be 64 or 128");
   }
 }

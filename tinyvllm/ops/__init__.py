@@ -120,7 +120,8 @@ def paged_attention_decode(
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D].
 
-    impl picks the GPU kernel: -1 automatic (tensor cores for bf16/fp16), 0 CUDA cores, 1 tensor cores."""
+    impl picks the GPU kernel: -1 automatic (the fastest the GPU runs), 0 CUDA cores,
+    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+)."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
@@ -141,13 +142,17 @@ def prefill_attention(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
+    impl: int = -1,
 ) -> torch.Tensor:
-    """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D]."""
+    """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D].
+
+    impl picks the bf16/fp16 kernel's tile: -1 automatic, 1 = 16 query rows per warp,
+    2 = 32 query rows per warp (fewer, bigger blocks; faster once they fill the GPU)."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("prefill_attention", query, key_cache):
         torch.ops.tinyvllm.prefill_attention(
-            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
+            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, impl
         )
     else:
         reference.prefill_attention(
