@@ -642,7 +642,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
           const int R = min(kTile, 1 << l2);
           const int boxes = min(kTile / R, (p1 - tok0 + R - 1) / R);
           tma::mbarrier_arrive_expect_tx(&bars[i % kStages], uint32_t(boxes * R * D * 2 * int(sizeof(T))));
-          for (int b = 0; b < boxes; ++b) {
+#pragma unroll
+          for (int b = 0; b < kTile / 8; ++b) {  // at most two boxes (8-token blocks)
+            if (b >= boxes) break;
             const int tok = tok0 + b * R;
             const int e = b == 0 ? e_lo : e_hi;
             const int y = ((e * p.num_kv_heads + kvh) << l2) + (tok & bs_mask);
