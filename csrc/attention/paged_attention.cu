@@ -202,8 +202,8 @@ std::string shared_memory_error(int impl, int head_dim, bool tma) {
 //   impl  0 CUDA cores;  1 tensor cores, cp.async loads;  2 tensor cores, TMA loads
 // An explicit impl that cannot run here is an error, never a silent substitute.
 // Why not TMA automatically on sm_90+? Measured on an H200 (Llama-1B shapes), it is
-// as fast as cp.async where the cache streams (within 1%) and 0.3-0.8 us slower at the
-// smallest shapes (the mbarrier round trip); cp.async also runs on every sm_80+ GPU.
+// no faster anywhere: -0.3% to +3% in time at batch 64 and 256, 0.2-0.8 us (3-10%)
+// slower at batch 1 and 8 (the mbarrier round trip); cp.async also runs on sm_80+.
 void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
   plan.tensor_cores = false;
   plan.tma = false;
