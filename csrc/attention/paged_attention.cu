@@ -154,29 +154,25 @@ constexpr int kStages = 3;     // cp.async pipeline depth of each warp (2 tiles 
 constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
 constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
 
-template <int D, bool TMA>
+template <int D>
 constexpr int decode_mma_smem_bytes() {
-  // Per warp: kStages stages of a K tile and a V tile. cp.async: rows padded by 8
-  // elements (16 bytes) so that ldmatrix's eight row reads hit different banks.
-  // TMA: dense swizzled rows, plus 1 KB to align the tiles to 1024 bytes (the swizzle
-  // pattern's period) and one 8-byte mbarrier per stage.
-  return TMA ? kDecodeWarps * kStages * (2 * kTile * D * 2 + 8) + 1024
-             : kDecodeWarps * kStages * 2 * kTile * (D + 8) * 2;
+  // Per warp: kStages stages of a K tile and a V tile (dense, swizzled rows; see the
+  // kernel), one 8-byte mbarrier per stage (used by the TMA loader), plus 1 KB to align
+  // the tiles to 1024 bytes, the swizzle pattern's period.
+  return kDecodeWarps * kStages * (2 * kTile * D * 2 + 8) + 1024;
 }
 
-// Shared memory the tensor-core kernel asks for per block, by head_dim and loader.
-int mma_smem_bytes(int head_dim, bool tma) {
-  if (tma) return head_dim == 128 ? decode_mma_smem_bytes<128, true>() : decode_mma_smem_bytes<64, true>();
-  return head_dim == 128 ? decode_mma_smem_bytes<128, false>() : decode_mma_smem_bytes<64, false>();
+// Shared memory the tensor-core kernel asks for per block, by head_dim.
+int mma_smem_bytes(int head_dim) {
+  return head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
 }
 
-// Can this GPU run the tensor-core kernel at this head_dim? It needs 55 KB of shared
-// memory per block at head_dim 64 and 104 KB at 128 (cp.async; TMA: 50 and 98 KB):
-// every sm_80+ data-center GPU allows that, but consumer and inference cards (sm_86,
-// sm_89: 99 KB) do not at 128.
-bool mma_fits(int head_dim, bool tma) {
+// Can this GPU run the tensor-core kernel at this head_dim? It needs 50 KB of shared
+// memory per block at head_dim 64 and 98 KB at 128: every sm_80+ GPU allows that
+// (the least, sm_86 and sm_89, allow 99 KB).
+bool mma_fits(int head_dim) {
   return attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) >=
-         mma_smem_bytes(head_dim, tma);
+         mma_smem_bytes(head_dim);
 }
 
 // How many blocks of each kernel fit on one SM at once. The tensor-core kernel is
@@ -186,12 +182,12 @@ bool mma_fits(int head_dim, bool tma) {
 int resident_blocks_per_sm(const DecodePlan& plan, int head_dim) {
   if (!plan.tensor_cores) return 4;
   const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(228 * 1024);
-  return std::max(1, per_sm / (mma_smem_bytes(head_dim, plan.tma) + 1024));
+  return std::max(1, per_sm / (mma_smem_bytes(head_dim) + 1024));
 }
 
-std::string shared_memory_error(int impl, int head_dim, bool tma) {
+std::string shared_memory_error(int impl, int head_dim) {
   return "paged_attention_decode: impl=" + std::to_string(impl) + " needs " +
-         std::to_string(mma_smem_bytes(head_dim, tma)) + " bytes of shared memory per block at head_dim " +
+         std::to_string(mma_smem_bytes(head_dim)) + " bytes of shared memory per block at head_dim " +
          std::to_string(head_dim) + "; this GPU allows " +
          std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
 }
@@ -217,9 +213,9 @@ void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
   if (impl == 2 && !tma::available())
     throw std::runtime_error("paged_attention_decode: impl=2 (TMA) needs an sm_90+ GPU (Hopper or newer) and a "
                              "driver that provides cuTensorMapEncodeTiled");
-  if (impl > 0 && !mma_fits(head_dim, impl == 2)) throw std::runtime_error(shared_memory_error(impl, head_dim, impl == 2));
+  if (impl > 0 && !mma_fits(head_dim)) throw std::runtime_error(shared_memory_error(impl, head_dim));
   plan.tma = impl == 2;
-  plan.tensor_cores = plan.tma || impl == 1 || mma_fits(head_dim, false);
+  plan.tensor_cores = plan.tma || impl == 1 || mma_fits(head_dim);
 }
 
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
@@ -513,7 +509,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 //
 // Two ways to copy a tile (template parameter TMA):
 //   * cp.async (any sm_80+ GPU): the warp's 32 lanes issue 16-byte copies, 8 per lane
-//     per tile at head_dim 64; rows are padded by 16 bytes against bank conflicts.
+//     per tile at head_dim 64.
 //   * TMA (sm_90+, see tma.cuh): lane 0 hands the copy engine one box per cache block
 //     and matrix (at head_dim 64 and blocks of >= 16 tokens: one for K, one for V) and
 //     the warp waits on the stage's mbarrier. The rows are dense and swizzled. This takes
@@ -521,11 +517,21 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 //     kernel faster (measured; see choose_kernel and the course, chapter 11).
 // The cache, seen by the copy engine, is one 2-D array of rows: row
 // (block * num_kv_heads + kv_head) * block_size + slot holds one token's head_dim values.
+//
+// Both loaders lay a tile out the same way in shared memory: dense 128-byte rows (64
+// columns; head_dim 128 is two such halves), with 16-byte chunk c of row r stored at
+// chunk c ^ (r % 8), the "128-byte swizzle" of tma.cuh. Why not simply pad each row by
+// 16 bytes, which also keeps ldmatrix free of bank conflicts? We did, and Nsight Compute
+// showed the SMs pulling 1.5x the cache's bytes out of L2 (100.8 M sectors for 67.1 M):
+// a padded row of 144 bytes puts every other row's 32-byte sectors across a 32-byte
+// boundary of shared memory, and cp.async then fetches each such sector twice. With the
+// swizzle a 32-byte sector stays one aligned 32-byte slot (chunks 2k and 2k+1 land next
+// to each other, as XOR with r % 8 keeps them a pair), and the traffic is 1.0x.
 template <typename T, int D, bool HI, bool TMA>  // HI: some block has more than 8 query heads (rows 8..15 in use)
 __global__ void __launch_bounds__(kDecodeThreads)
     paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                                       const __grid_constant__ CUtensorMap vmap) {
-  constexpr int LD = TMA ? D : D + 8;   // shared-memory row, elements (padded for cp.async)
+  constexpr int LD = D;                 // shared-memory row, elements (dense, swizzled)
   constexpr int TILE = kTile * LD;      // elements of one staged K (or V) tile
   constexpr int KSTEPS = D / 16;        // k-steps of Q K^T (over head_dim)
   constexpr int NT_O = D / 8;           // 8-column tiles of O
@@ -539,19 +545,17 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  // TMA's swizzle repeats every 1024 bytes: its tiles start on a 1024-byte boundary.
+  // The swizzle repeats every 1024 bytes: the tiles start on a 1024-byte boundary.
   unsigned char* const tiles =
-      TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023))
-          : smem_raw;
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   T* const ring = reinterpret_cast<T*>(tiles) + warp * (kStages * 2 * TILE);  // this warp's stages
   // TMA: one mbarrier per stage of this warp, after all the tiles.
   uint64_t* const bars = reinterpret_cast<uint64_t*>(tiles + kDecodeWarps * kStages * 2 * TILE * sizeof(T)) +
                          warp * kStages;
   // Element offset of (row, col) in a staged tile; col is a multiple of 8 (one 16-byte
-  // chunk). TMA: 64-column halves of 16 rows x 128 bytes, each swizzled (tma.cuh).
+  // chunk): 64-column halves of 16 rows x 128 bytes, each swizzled (tma.cuh).
   auto at = [](int row, int col) -> int {
-    if (TMA) return (col >> 6) * (kTile * 64) + tma::swizzled_offset(row, (col & 63) >> 3) / int(sizeof(T));
-    return row * LD + col;
+    return (col >> 6) * (kTile * 64) + tma::swizzled_offset(row, (col & 63) >> 3) / int(sizeof(T));
   };
 
   const int seq = blockIdx.y;
@@ -665,8 +669,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
           const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
           // .L2::256B: k/v are read in full, so let each request fetch a whole 256-byte
           // span from DRAM (measured: 1-2% more bandwidth on an H200).
-          attn::cp_async_16_l2pf(sk + row * LD + c * 8, kc + off, ok ? 16 : 0);
-          attn::cp_async_16_l2pf(sv + row * LD + c * 8, vc + off, ok ? 16 : 0);
+          attn::cp_async_16_l2pf(sk + at(row, c * 8), kc + off, ok ? 16 : 0);
+          attn::cp_async_16_l2pf(sv + at(row, c * 8), vc + off, ok ? 16 : 0);
         }
       }
     }
@@ -891,7 +895,7 @@ struct CacheMaps {
 
 template <typename T, int D, bool HI, bool TMA>
 void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
-  constexpr int smem = decode_mma_smem_bytes<D, TMA>();
+  constexpr int smem = decode_mma_smem_bytes<D>();
   // More than 48 KB of dynamic shared memory must be asked for (per device: so every time).
   CUDA_CHECK(cudaFuncSetAttribute(paged_attention_decode_mma_kernel<T, D, HI, TMA>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

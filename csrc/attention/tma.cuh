@@ -19,12 +19,13 @@
 //
 // Swizzle. ldmatrix reads eight 16-byte rows at once; if those rows are 128 bytes apart
 // (a head_dim-64 bf16 row) they all fall into the same four banks and the read is
-// split into 8 (an 8-way bank conflict). cp.async kernels avoid this by padding rows;
-// TMA writes boxes densely, but can *swizzle* them: with SWIZZLE_128B the 16-byte chunk
-// c of row r lands at chunk c ^ (r % 8) of that row. The eight rows of an ldmatrix then
-// hit eight different chunks, conflict-free. The reader applies the same XOR
-// (swizzled_offset below). The pattern repeats every 1024 bytes, so the destination
-// must be 1024-byte aligned.
+// split into 8 (an 8-way bank conflict). Padding rows would avoid it, but TMA writes
+// boxes densely; it can *swizzle* them instead: with SWIZZLE_128B the 16-byte chunk c of
+// row r lands at chunk c ^ (r % 8) of that row. The eight rows of an ldmatrix then hit
+// eight different chunks, conflict-free. The reader applies the same XOR
+// (swizzled_offset below; the decode kernel's cp.async loader writes the same layout by
+// hand). The pattern repeats every 1024 bytes, so the destination must be 1024-byte
+// aligned.
 //
 // The host part (make_row_tensor_map) asks the driver for cuTensorMapEncodeTiled at
 // run time (cudaGetDriverEntryPointByVersion), so the extension does not link libcuda.
