@@ -531,8 +531,8 @@ template <typename T, int D, bool HI, bool TMA>  // HI: some block has more than
 __global__ void __launch_bounds__(kDecodeThreads)
     paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                                       const __grid_constant__ CUtensorMap vmap) {
-  constexpr int LD = D;                 // shared-memory row, elements (dense, swizzled)
-  constexpr int TILE = kTile * LD;      // elements of one staged K (or V) tile
+  constexpr int TILE = kTile * D;       // elements of one staged K (or V) tile: dense rows
+  constexpr int HALF = kTile * 64;      // elements of one 64-column half of a tile (128-byte rows)
   constexpr int KSTEPS = D / 16;        // k-steps of Q K^T (over head_dim)
   constexpr int NT_O = D / 8;           // 8-column tiles of O
   constexpr int CHUNKS = D / 8;         // 16-byte chunks per row
@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // Element offset of (row, col) in a staged tile; col is a multiple of 8 (one 16-byte
   // chunk): 64-column halves of 16 rows x 128 bytes, each swizzled (tma.cuh).
   auto at = [](int row, int col) -> int {
-    return (col >> 6) * (kTile * 64) + tma::swizzled_offset(row, (col & 63) >> 3) / int(sizeof(T));
+    return (col >> 6) * HALF + tma::swizzled_offset(row, (col & 63) >> 3) / int(sizeof(T));
   };
 
   const int seq = blockIdx.y;
@@ -654,8 +654,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
             const int y = ((e * p.num_kv_heads + kvh) << l2) + (tok & bs_mask);
 #pragma unroll
             for (int h = 0; h < D / 64; ++h) {
-              tma::load_2d(sk + h * (kTile * 64) + b * R * 64, &kmap, h * 64, y, &bars[i % kStages]);
-              tma::load_2d(sv + h * (kTile * 64) + b * R * 64, &vmap, h * 64, y, &bars[i % kStages]);
+              tma::load_2d(sk + h * HALF + b * R * 64, &kmap, h * 64, y, &bars[i % kStages]);
+              tma::load_2d(sv + h * HALF + b * R * 64, &vmap, h * 64, y, &bars[i % kStages]);
             }
           }
         }
