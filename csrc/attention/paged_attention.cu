@@ -56,7 +56,8 @@
 // the bandwidth (on an H200, Llama-1B shapes: 58-86% of copy bandwidth, 0.57-0.84x
 // torch SDPA). One mma.m16n8k16 does 2048 multiply-adds in one instruction; with it
 // the same work is ~5x fewer instructions, the kernel waits on memory only, which is
-// what decode should do, and the same benchmark gives 79-97% (0.91-1.35x SDPA).
+// what decode should do: the same benchmark gives 86-104% of the copy bandwidth at
+// 64k tokens and more (a kernel that only reads can pass a copy), 0.96-1.38x SDPA.
 //
 // ---- The shape of the CUDA-core kernel ------------------------------------------
 // Paged cache: key_cache[num_blocks][num_kv_heads][block_size][head_dim]. Token t
@@ -98,6 +99,10 @@
 // bound known on the host (the block table's capacity), not from seq_lens.
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <utility>
 
 #include "attention/attention_utils.cuh"
 #include "attention/tma.cuh"
@@ -150,9 +155,10 @@ struct DecodePlan {
 
 // ---- tensor-core kernel constants ----
 constexpr int kTile = 16;      // tokens per warp step: the k=16 of P V, two n=8 tiles of Q K^T
-constexpr int kStages = 3;     // cp.async pipeline depth of each warp (2 tiles in flight while 1 is used)
+constexpr int kStages = 2;     // pipeline depth of each warp: 1 tile in flight while 1 is used (see issue())
 constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
 constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
+constexpr int kBlocksPerSmWanted = 4;  // blocks per SM worth splitting the context for (plan_decode)
 
 template <int D>
 constexpr int decode_mma_smem_bytes() {
@@ -167,23 +173,17 @@ int mma_smem_bytes(int head_dim) {
   return head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
 }
 
-// Can this GPU run the tensor-core kernel at this head_dim? It needs 50 KB of shared
-// memory per block at head_dim 64 and 98 KB at 128: every sm_80+ GPU allows that
+// Can this GPU run the tensor-core kernel at this head_dim? It needs 34 KB of shared
+// memory per block at head_dim 64 and 66 KB at 128: every sm_80+ GPU allows that
 // (the least, sm_86 and sm_89, allow 99 KB).
 bool mma_fits(int head_dim) {
   return attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) >=
          mma_smem_bytes(head_dim);
 }
 
-// How many blocks of each kernel fit on one SM at once. The tensor-core kernel is
-// bound by its shared memory (of 228 KB per SM on an H100/H200: 4 blocks at head_dim
-// 64, 2 at 128; each block also costs 1 KB of reserved shared memory); the CUDA-core
-// kernel by its registers (about 4 blocks).
-int resident_blocks_per_sm(const DecodePlan& plan, int head_dim) {
-  if (!plan.tensor_cores) return 4;
-  const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(228 * 1024);
-  return std::max(1, per_sm / (mma_smem_bytes(head_dim) + 1024));
-}
+// How many blocks of the planned kernel fit on one SM at once (defined with the
+// launchers, below the kernels: it asks the CUDA runtime about the kernel itself).
+int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group);
 
 std::string shared_memory_error(int impl, int head_dim) {
   return "paged_attention_decode: impl=" + std::to_string(impl) + " needs " +
@@ -198,8 +198,8 @@ std::string shared_memory_error(int impl, int head_dim) {
 //   impl  0 CUDA cores;  1 tensor cores, cp.async loads;  2 tensor cores, TMA loads
 // An explicit impl that cannot run here is an error, never a silent substitute.
 // Why not TMA automatically on sm_90+? Measured on an H200 (Llama-1B shapes), it is
-// no faster anywhere: -0.3% to +3% in time at batch 64 and 256, 0.2-0.8 us (3-10%)
-// slower at batch 1 and 8 (the mbarrier round trip); cp.async also runs on sm_80+.
+// no faster anywhere: 1-6% slower at batch 8 to 256 in the same run; cp.async also
+// runs on sm_80+.
 void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
   plan.tensor_cores = false;
   plan.tma = false;
@@ -234,7 +234,13 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   plan.head_chunks = (group + plan.gmax - 1) / plan.gmax;
   max_seq_len = std::max(max_seq_len, 1);
   const int64_t base = std::max<int64_t>(1, int64_t(num_seqs) * num_kv_heads * plan.head_chunks);
-  int64_t target = int64_t(resident_blocks_per_sm(plan, head_dim)) * num_sms;
+  // Aim for as many blocks as fit on the SMs at once (asked of the runtime), but at most
+  // kBlocksPerSmWanted per SM: four blocks of the tensor-core kernel keep 64 KB per SM in
+  // flight at head_dim 64, which covers the DRAM latency, and more blocks than that only
+  // add their start-up and the merge (measured on an H200 with 5 blocks per SM: batch 64
+  // x 1024 in 512 blocks 37.4 us, split into 1024 blocks and merged 41 us).
+  const int per_sm = std::min(resident_blocks_per_sm(plan, dtype, head_dim, group), kBlocksPerSmWanted);
+  int64_t target = int64_t(per_sm) * num_sms;
   // Tensor cores: a wave that is 90% full is full enough; splitting it would double the
   // blocks, each with its own fixed cost, and add the merge.
   if (plan.tensor_cores) target = target * 9 / 10;
@@ -499,7 +505,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // Loading: each warp streams ITS OWN tiles (tiles w, w+4, w+8, ... of the partition)
 // through a private ring of kStages shared-memory stages with cp.async, which copies
 // global -> shared without passing through registers and without blocking the thread.
-// While the warp multiplies tile i, tiles i+1 and i+2 are on their way. The warps never
+// While the warp multiplies tile i, tile i+1 is on its way. The warps never
 // wait for each other until the end (__syncwarp only). The block-table entries of 32
 // tiles are read at once, one per lane, so table lookups do not stall the copies.
 //
@@ -628,6 +634,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   // Start copying this warp's tile i into its stage. Rows past the partition's end read
   // nothing and are filled with zeros (so no NaN from unused cache memory enters the mma).
+  // Why only one tile ahead (kStages = 2)? With 4 blocks of 4 warps per SM that is still
+  // 64 KB in flight per SM, enough to cover the DRAM latency, and measured on an H200
+  // the deeper ring (2 tiles ahead, 128 KB per SM) was 0-2% SLOWER where the cache
+  // streams (batch 256 x 4096: 485 against 477 us): more requests queue in the memory
+  // system for the same bandwidth.
   auto issue = [&](int i) {
     if (i < my_tiles) {  // (warp-uniform)
       if (i > 0 && (i & 31) == 0) fetch_entries(i);
@@ -667,10 +678,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
           const bool ok = tok < p1;
           const int64_t blk = ok ? (k < PASSES / 2 ? e_lo : e_hi) : 0;  // never follow an entry past the end
           const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
-          // .L2::256B: k/v are read in full, so let each request fetch a whole 256-byte
-          // span from DRAM (measured: 1-2% more bandwidth on an H200).
-          attn::cp_async_16_l2pf(sk + at(row, c * 8), kc + off, ok ? 16 : 0);
-          attn::cp_async_16_l2pf(sv + at(row, c * 8), vc + off, ok ? 16 : 0);
+          // No .L2::256B prefetch hint: it made every other 128-byte request an L2 hit on a
+          // line the hint had already fetched, and those extra lookups, not DRAM, held the
+          // kernel back (ncu, batch 256 x 4096: 135 M L2 sector lookups for 67 M sectors
+          // read; without the hint 103 M, as cuDNN's 102 M; 518 -> 493 us on an H200).
+          attn::cp_async_16(sk + at(row, c * 8), kc + off, ok ? 16 : 0);
+          attn::cp_async_16(sv + at(row, c * 8), vc + off, ok ? 16 : 0);
         }
       }
     }
@@ -791,6 +804,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
   }
   __syncthreads();  // every warp is done with its stages: the shared memory is reused below
+  static_assert(kDecodeWarps * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes<D>(), "the merge must fit the stages");
   float* const sm_acc = reinterpret_cast<float*>(smem_raw);  // [warps][16][D]
   float* const sm_m = sm_acc + kDecodeWarps * kMmaRows * D;  // [warps][16]
   float* const sm_l = sm_m + kDecodeWarps * kMmaRows;        // [warps][16]
@@ -881,6 +895,29 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_reduce_
   }
 }
 
+// Once per kernel and GPU: allow the kernel its dynamic shared memory (more than 48 KB
+// must be asked for, and the occupancy query below counts only what is allowed), then
+// ask the CUDA runtime how many of its blocks one SM holds at once. Registers and
+// shared memory both decide that, and only the runtime knows both exactly (the
+// tensor-core kernel at head_dim 64: 4 blocks, set by its ~100 registers per thread,
+// not by its 34 KB). Later calls read the cache: no CUDA call on the hot path.
+int prepare_kernel(const void* kernel, int smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> blocks_per_sm;
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = blocks_per_sm.find({kernel, dev});
+  if (it != blocks_per_sm.end()) return it->second;
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int n = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, smem));
+  n = std::max(1, n);
+  blocks_per_sm[{kernel, dev}] = n;
+  return n;
+}
+
 template <typename T, int D, int GMAX>
 void launch_decode_cuda_cores(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
@@ -896,9 +933,7 @@ struct CacheMaps {
 template <typename T, int D, bool HI, bool TMA>
 void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
   constexpr int smem = decode_mma_smem_bytes<D>();
-  // More than 48 KB of dynamic shared memory must be asked for (per device: so every time).
-  CUDA_CHECK(cudaFuncSetAttribute(paged_attention_decode_mma_kernel<T, D, HI, TMA>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA>), smem);
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
   paged_attention_decode_mma_kernel<T, D, HI, TMA><<<grid, kDecodeThreads, smem, stream>>>(prm, maps.k, maps.v);
   CUDA_CHECK(cudaGetLastError());
@@ -964,6 +999,41 @@ void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, const Cache
     case DType::kFloat16: return dispatch_kernel<__half, D>(prm, plan, maps, num_seqs, stream);
     case DType::kBFloat16: return dispatch_kernel<__nv_bfloat16, D>(prm, plan, maps, num_seqs, stream);
   }
+}
+
+// The kernel a plan launches, as a pointer for the occupancy query.
+template <typename T, int D>
+const void* planned_kernel(const DecodePlan& plan, int group) {
+  const bool hi = group > 8;
+  if constexpr (!std::is_same<T, float>::value) {  // no tensor-core kernel for fp32 caches
+    if (plan.tensor_cores) {
+      if (plan.tma)
+      return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, true>)
+                  : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, true>);
+      return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, false>)
+                : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, false>);
+    }
+  }
+  switch (plan.gmax) {
+    case 1: return reinterpret_cast<const void*>(paged_attention_decode_kernel<T, D, 1>);
+    case 2: return reinterpret_cast<const void*>(paged_attention_decode_kernel<T, D, 2>);
+    case 4: return reinterpret_cast<const void*>(paged_attention_decode_kernel<T, D, 4>);
+    default: return reinterpret_cast<const void*>(paged_attention_decode_kernel<T, D, 8>);
+  }
+}
+
+template <int D>
+const void* planned_kernel(const DecodePlan& plan, DType dtype, int group) {
+  switch (dtype) {
+    case DType::kFloat32: return planned_kernel<float, D>(plan, group);
+    case DType::kFloat16: return planned_kernel<__half, D>(plan, group);
+    default: return planned_kernel<__nv_bfloat16, D>(plan, group);
+  }
+}
+
+int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group) {
+  const void* kernel = head_dim == 128 ? planned_kernel<128>(plan, dtype, group) : planned_kernel<64>(plan, dtype, group);
+  return prepare_kernel(kernel, plan.tensor_cores ? mma_smem_bytes(head_dim) : 0);
 }
 
 }  // namespace

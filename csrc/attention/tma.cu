@@ -43,9 +43,11 @@ CUtensorMap make_row_tensor_map(const void* base, DType dtype, uint64_t rows, ui
   const cuuint64_t strides[1] = {cols * 2};
   const cuuint32_t box[2] = {64, box_rows};  // 64 x 2 bytes = 128: the most SWIZZLE_128B allows
   const cuuint32_t elem_strides[2] = {1, 1};
+  // No L2 promotion: promoting each request to 256 bytes made L2 look lines up twice
+  // (see the cp.async loader in paged_attention.cu), and the decode kernel is bound by L2.
   const CUresult r = encode(&map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                             2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     throw std::runtime_error("TMA: cuTensorMapEncodeTiled failed (error " + std::to_string(int(r)) + ") for a [" +
