@@ -11,8 +11,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,6 +43,30 @@ inline int cached_device_attribute(int fallback) {
     cached[dev] = v > 0 ? v : fallback;
   }
   return cached[dev];
+}
+
+// Once per kernel and GPU: allow the kernel its dynamic shared memory (more than 48 KB
+// must be asked for, and the occupancy query below counts only what is allowed), then
+// ask the CUDA runtime how many blocks of `threads` threads one SM holds at once.
+// Registers and shared memory both decide that, and only the runtime knows both
+// exactly (the decode tensor-core kernel at head_dim 64: 5 blocks, set by its 96
+// registers per thread, not by its 34 KB). Later calls read the cache: no CUDA call on
+// the hot path, and nothing that a CUDA graph capture would object to.
+inline int prepare_kernel(const void* kernel, int threads, int smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> blocks_per_sm;
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = blocks_per_sm.find({kernel, dev});
+  if (it != blocks_per_sm.end()) return it->second;
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int n = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  n = n > 0 ? n : 1;
+  blocks_per_sm[{kernel, dev}] = n;
+  return n;
 }
 
 inline int num_sms_of_current_device() { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(132); }

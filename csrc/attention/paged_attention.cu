@@ -99,10 +99,7 @@
 // bound known on the host (the block table's capacity), not from seq_lens.
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <type_traits>
-#include <utility>
 
 #include "attention/attention_utils.cuh"
 #include "attention/tma.cuh"
@@ -895,29 +892,6 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_reduce_
   }
 }
 
-// Once per kernel and GPU: allow the kernel its dynamic shared memory (more than 48 KB
-// must be asked for, and the occupancy query below counts only what is allowed), then
-// ask the CUDA runtime how many of its blocks one SM holds at once. Registers and
-// shared memory both decide that, and only the runtime knows both exactly (the
-// tensor-core kernel at head_dim 64: 4 blocks, set by its ~100 registers per thread,
-// not by its 34 KB). Later calls read the cache: no CUDA call on the hot path.
-int prepare_kernel(const void* kernel, int smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> blocks_per_sm;
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = blocks_per_sm.find({kernel, dev});
-  if (it != blocks_per_sm.end()) return it->second;
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int n = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, smem));
-  n = std::max(1, n);
-  blocks_per_sm[{kernel, dev}] = n;
-  return n;
-}
-
 template <typename T, int D, int GMAX>
 void launch_decode_cuda_cores(const DecodeParams& prm, int num_seqs, cudaStream_t stream) {
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
@@ -933,7 +907,8 @@ struct CacheMaps {
 template <typename T, int D, bool HI, bool TMA>
 void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
   constexpr int smem = decode_mma_smem_bytes<D>();
-  prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA>), smem);
+  attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA>),
+                      kDecodeThreads, smem);
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
   paged_attention_decode_mma_kernel<T, D, HI, TMA><<<grid, kDecodeThreads, smem, stream>>>(prm, maps.k, maps.v);
   CUDA_CHECK(cudaGetLastError());
@@ -1033,7 +1008,7 @@ const void* planned_kernel(const DecodePlan& plan, DType dtype, int group) {
 
 int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group) {
   const void* kernel = head_dim == 128 ? planned_kernel<128>(plan, dtype, group) : planned_kernel<64>(plan, dtype, group);
-  return prepare_kernel(kernel, plan.tensor_cores ? mma_smem_bytes(head_dim) : 0);
+  return attn::prepare_kernel(kernel, kDecodeThreads, plan.tensor_cores ? mma_smem_bytes(head_dim) : 0);
 }
 
 }  // namespace

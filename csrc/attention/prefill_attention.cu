@@ -517,9 +517,7 @@ void launch_mma_variant(const PrefillParams& prm, int num_seqs, int max_seqlen_q
   using Tiling = MmaTiling<D, MT>;
   constexpr int smem = Tiling::kSmemBytes;
   auto kernel = prefill_attention_mma_kernel<T, D, MT>;
-  if (smem > 48 * 1024) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
+  attn::prepare_kernel(reinterpret_cast<const void*>(kernel), kMmaThreads, smem);  // shared-memory opt-in, once
   const dim3 grid(prm.num_heads, (max_seqlen_q + Tiling::kBM - 1) / Tiling::kBM, num_seqs);
   kernel<<<grid, kMmaThreads, smem, stream>>>(prm);
   CUDA_CHECK(cudaGetLastError());
