@@ -1,13 +1,17 @@
-// attention_utils.cuh: small device helpers shared by the attention kernels.
+// attention_utils.cuh: small helpers shared by the attention kernels and their launchers.
 //
 // Kept here (not in common.cuh) because only attention needs them:
 // (CUDA_CHECK, from_float, ceil_div come from common.cuh.)
+//   * host side, asked once and cached (nothing on the hot path, nothing a CUDA-graph
+//     capture objects to): device attributes (SM count, compute capability, shared
+//     memory limits) and prepare_kernel (a kernel's shared-memory opt-in and how many
+//     of its blocks fit on an SM, which the decode plan splits the context by).
 //   * Vec16<T>: one 16-byte load of T elements (8 bf16/fp16 or 4 fp32) and its
 //     conversion to float. 16 bytes is the widest load one thread can issue, so
 //     it moves the most bytes per instruction; the KV cache is read this way.
 //   * fast_exp2: the hardware's 2^x (one SFU instruction). The kernels fold
 //     log2(e) into the softmax scale so that exp(x) becomes exp2(x * log2 e).
-//   * mma/ldmatrix/cp.async wrappers for the tensor-core prefill kernel.
+//   * mma/ldmatrix/cp.async wrappers for the tensor-core kernels (prefill and decode).
 #pragma once
 
 #include <cstdint>
