@@ -252,6 +252,33 @@ def test_decode_unsplit_long_sequence_refills_block_table_entries(head_dim):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [4, 12])
+def test_decode_wide_blocks_replace_a_few_splits(head_dim, group):
+    # When 4-warp blocks would cut the context into 2 to 4 partitions, the plan runs one
+    # block of 8 or 16 warps per sequence instead (head_dim 64; at 128, 16 warps do not
+    # fit shared memory and those shapes stay split). Which batches land in that range
+    # depends on the SM count, so sweep batch 1..48 with a 1024-token table (the
+    # capacity sizes the plan) and ragged real lengths; on an H100/H200 the sweep
+    # covers 8, 16 and 4 warps, split and unsplit.
+    g = torch.Generator().manual_seed(head_dim + group)
+    for batch in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
+        seq_lens = torch.randint(1, 1025, (batch,), generator=g).tolist()
+        seq_lens[0] = 1024
+        out, ref = run_decode(seq_lens, 2 * group, 2, head_dim, 16, torch.bfloat16, seed=batch, table_width=64)
+        _assert_close(out, ref, torch.bfloat16, f"decode batch={batch} group={group} d={head_dim}")
+
+
+@pytest.mark.sanitize
+def test_decode_wide_blocks_under_the_sanitizer():
+    # Llama-1B heads on an H100/H200: batch 8 x 512 runs 16-warp blocks, 32 x 1024 8-warp blocks.
+    for batch, width in ((8, 32), (32, 64)):
+        g = torch.Generator().manual_seed(batch)
+        seq_lens = torch.randint(1, width * 16 + 1, (batch,), generator=g).tolist()
+        out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch, table_width=width)
+        _assert_close(out, ref, torch.bfloat16, f"decode wide blocks batch={batch}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [8, 32, 128])
 def test_decode_block_sizes(block_size, head_dim):
     seq_lens = [1, block_size - 1, block_size, block_size + 1, 300]

@@ -92,7 +92,10 @@
 // (plan_decode below). A sequence that fits into one partition is finished by the
 // first kernel directly, and the second kernel skips it. The second kernel is
 // launched "programmatically dependent" (launch_reduce), so its launch overlaps the
-// first kernel instead of following it.
+// first kernel instead of following it. Still, it can only start its work once the
+// whole first grid has finished; so where 4-warp blocks would need only 2 to 4 splits,
+// the tensor-core kernel runs one block of 8 or 16 warps per sequence instead (the
+// same warps, the same tiles), whose warps merge in shared memory (plan_decode).
 //
 // CUDA graphs: the launcher allocates nothing (the workspace is passed in), never
 // reads device memory on the host, and sizes the grid from max_seq_len, an upper
@@ -148,6 +151,7 @@ struct DecodePlan {
   int head_chunks;    // blocks per kv head
   int num_splits;
   int partition_size;
+  int warps;          // mma kernel: warps per block (4, 8 or 16; the CUDA-core kernel always has 4)
 };
 
 // ---- tensor-core kernel constants ----
@@ -157,17 +161,18 @@ constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
 constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
 constexpr int kBlocksPerSmWanted = 4;  // blocks per SM worth splitting the context for (plan_decode)
 
-template <int D>
+template <int D, int WARPS = kDecodeWarps>
 constexpr int decode_mma_smem_bytes() {
   // Per warp: kStages stages of a K tile and a V tile (dense, swizzled rows; see the
   // kernel), one 8-byte mbarrier per stage (used by the TMA loader), plus 1 KB to align
   // the tiles to 1024 bytes, the swizzle pattern's period.
-  return kDecodeWarps * kStages * (2 * kTile * D * 2 + 8) + 1024;
+  return WARPS * kStages * (2 * kTile * D * 2 + 8) + 1024;
 }
 
-// Shared memory the tensor-core kernel asks for per block, by head_dim.
-int mma_smem_bytes(int head_dim) {
-  return head_dim == 128 ? decode_mma_smem_bytes<128>() : decode_mma_smem_bytes<64>();
+// Shared memory the tensor-core kernel asks for per block, by head_dim and warps per block.
+int mma_smem_bytes(int head_dim, int warps = kDecodeWarps) {
+  const int per_warp = head_dim == 128 ? decode_mma_smem_bytes<128, 1>() - 1024 : decode_mma_smem_bytes<64, 1>() - 1024;
+  return warps * per_warp + 1024;
 }
 
 // Can this GPU run the tensor-core kernel at this head_dim? It needs 34 KB of shared
@@ -221,6 +226,7 @@ void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
 DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
                        DType dtype, int impl) {
   DecodePlan plan{};
+  plan.warps = kDecodeWarps;
   choose_kernel(plan, dtype, head_dim, impl);
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
   if (plan.tensor_cores) {
@@ -249,6 +255,26 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
   plan.partition_size = part;
   plan.num_splits = (max_seq_len + part - 1) / part;  // rounding up the size may drop a split
+  // A few splits (2 to 4) become one wider block instead: 8 or 16 warps take the whole
+  // context, and the block merges its warps' states in shared memory, as every block
+  // does. The same number of warps read the same tiles, but the merge kernel (a second
+  // launch that waits for the whole first grid, then reads the workspace back) is gone.
+  // Only when the wide blocks all fit on the GPU at once: a 16-warp block needs 129 KB
+  // of shared memory, so one fits per SM, and a second wave would cost more than the
+  // merge. Measured on an H200 (Llama-1B shapes, same buffers): batch 8 x 512 9.4-10.6
+  // -> 8.5 us, 16 x 512 12.0 -> 10.5 us, 32 x 1024 24.3 -> 21.7 us; with more than 4
+  // splits, wider blocks that still need the merge won some shapes and lost others.
+  if (plan.tensor_cores && !plan.tma && plan.num_splits > 1 && plan.num_splits <= 4) {
+    DecodePlan wide = plan;
+    wide.warps = plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps;
+    wide.num_splits = 1;
+    wide.partition_size = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
+    // (16 warps at head_dim 128 would need 263 KB: no GPU has that, and no such kernel exists.)
+    const bool fits = mma_smem_bytes(head_dim, wide.warps) <=
+                          attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) &&
+                      !(head_dim == 128 && wide.warps > 2 * kDecodeWarps);
+    if (fits && base <= int64_t(resident_blocks_per_sm(wide, dtype, head_dim, group)) * num_sms) plan = wide;
+  }
   return plan;
 }
 
@@ -268,19 +294,19 @@ __device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int seq) {
 // [warps][rows]); merge them (the two-state merge above, four at once) and write
 // either the final output (the sequence fits into one partition) or this partition's
 // unnormalised (m, l, acc) for the merge kernel.
-template <typename T, int D>
+template <typename T, int D, int WARPS = kDecodeWarps>
 __device__ __forceinline__ void combine_warps_and_store(const DecodeParams& p, const float* sm_acc,
                                                         const float* sm_m, const float* sm_l, int rows, int nh,
                                                         int head0, int seq, int split, bool single) {
-  for (int idx = threadIdx.x; idx < nh * D; idx += kDecodeThreads) {
+  for (int idx = threadIdx.x; idx < nh * D; idx += WARPS * 32) {
     const int g = idx / D;
     const int d = idx - g * D;
     float mx = kEmptyMax;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, sm_m[w * rows + g]);
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * rows + g]);
     float L = 0.f, A = 0.f;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
+    for (int w = 0; w < WARPS; ++w) {
       const float f = fast_exp2(sm_m[w * rows + g] - mx);
       L += sm_l[w * rows + g] * f;
       A += sm_acc[(w * rows + g) * D + d] * f;
@@ -530,8 +556,8 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // boundary of shared memory, and cp.async then fetches each such sector twice. With the
 // swizzle a 32-byte sector stays one aligned 32-byte slot (chunks 2k and 2k+1 land next
 // to each other, as XOR with r % 8 keeps them a pair), and the traffic is 1.0x.
-template <typename T, int D, bool HI, bool TMA>  // HI: some block has more than 8 query heads (rows 8..15 in use)
-__global__ void __launch_bounds__(kDecodeThreads)
+template <typename T, int D, bool HI, bool TMA, int WARPS>  // HI: some block has more than 8 query heads (rows 8..15 in use)
+__global__ void __launch_bounds__(WARPS * 32)
     paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                                       const __grid_constant__ CUtensorMap vmap) {
   constexpr int TILE = kTile * D;       // elements of one staged K (or V) tile: dense rows
@@ -553,7 +579,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   T* const ring = reinterpret_cast<T*>(tiles) + warp * (kStages * 2 * TILE);  // this warp's stages
   // TMA: one mbarrier per stage of this warp, after all the tiles.
-  uint64_t* const bars = reinterpret_cast<uint64_t*>(tiles + kDecodeWarps * kStages * 2 * TILE * sizeof(T)) +
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(tiles + WARPS * kStages * 2 * TILE * sizeof(T)) +
                          warp * kStages;
   // Element offset of (row, col) in a staged tile; col is a multiple of 8 (one 16-byte
   // chunk): 64-column halves of 16 rows x 128 bytes, each swizzled (tma.cuh).
@@ -601,7 +627,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int pcap = min(p0 + p.partition_size, p.max_blocks_per_seq << l2);
   int ent_lo, ent_hi;
   auto fetch_entries = [&](int i0) {
-    const int tok0 = p0 + (warp + kDecodeWarps * (i0 + lane)) * kTile;
+    const int tok0 = p0 + (warp + WARPS * (i0 + lane)) * kTile;
     ent_lo = tok0 < pcap ? __ldg(btab + (tok0 >> l2)) : 0;
     ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
   };
@@ -623,7 +649,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const bool single = seq_len <= p.partition_size;  // one partition: write the final output here
 
   const int n_tiles = (max(p1 - p0, 0) + kTile - 1) / kTile;
-  const int my_tiles = n_tiles > warp ? (n_tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + WARPS - 1) / WARPS : 0;
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
   const int c = lane % CHUNKS;  // the 16-byte chunk of a row this lane copies
@@ -641,7 +667,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       if (i > 0 && (i & 31) == 0) fetch_entries(i);
       const int e_lo = __shfl_sync(0xffffffffu, ent_lo, i & 31);
       const int e_hi = __shfl_sync(0xffffffffu, ent_hi, i & 31);
-      const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
+      const int tok0 = p0 + (warp + WARPS * i) * kTile;
       T* sk = ring + (i % kStages) * 2 * TILE;
       T* sv = sk + TILE;
       if constexpr (TMA) {
@@ -699,7 +725,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   for (int i = 0; i < my_tiles; ++i) {
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     issue(i + kStages - 1);
-    const int tok0 = p0 + (warp + kDecodeWarps * i) * kTile;
+    const int tok0 = p0 + (warp + WARPS * i) * kTile;
     const T* sk = ring + (i % kStages) * 2 * TILE;
     T* const sv = ring + (i % kStages) * 2 * TILE + TILE;
     if (TMA) {
@@ -801,10 +827,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
   }
   __syncthreads();  // every warp is done with its stages: the shared memory is reused below
-  static_assert(kDecodeWarps * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes<D>(), "the merge must fit the stages");
+  static_assert(WARPS * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes<D, WARPS>(), "the merge must fit the stages");
   float* const sm_acc = reinterpret_cast<float*>(smem_raw);  // [warps][16][D]
-  float* const sm_m = sm_acc + kDecodeWarps * kMmaRows * D;  // [warps][16]
-  float* const sm_l = sm_m + kDecodeWarps * kMmaRows;        // [warps][16]
+  float* const sm_m = sm_acc + WARPS * kMmaRows * D;  // [warps][16]
+  float* const sm_l = sm_m + WARPS * kMmaRows;        // [warps][16]
   float* const mine = sm_acc + warp * kMmaRows * D;
 #pragma unroll
   for (int j = 0; j < NT_O; ++j) {
@@ -820,7 +846,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
   }
   __syncthreads();
-  combine_warps_and_store<T, D>(p, sm_acc, sm_m, sm_l, kMmaRows, nh, head0, seq, split, single);
+  combine_warps_and_store<T, D, WARPS>(p, sm_acc, sm_m, sm_l, kMmaRows, nh, head0, seq, split, single);
 }
 
 // Flash-decoding merge: one block per (head, sequence) combines the partitions'
@@ -904,14 +930,25 @@ struct CacheMaps {
   CUtensorMap k{}, v{};
 };
 
-template <typename T, int D, bool HI, bool TMA>
+template <typename T, int D, bool HI, bool TMA, int WARPS = kDecodeWarps>
 void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
-  constexpr int smem = decode_mma_smem_bytes<D>();
-  attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA>),
-                      kDecodeThreads, smem);
+  constexpr int smem = decode_mma_smem_bytes<D, WARPS>();
+  attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS>),
+                       WARPS * 32, smem);
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
-  paged_attention_decode_mma_kernel<T, D, HI, TMA><<<grid, kDecodeThreads, smem, stream>>>(prm, maps.k, maps.v);
+  paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS><<<grid, WARPS * 32, smem, stream>>>(prm, maps.k, maps.v);
   CUDA_CHECK(cudaGetLastError());
+}
+
+// cp.async kernel with the plan's warps per block (16 only fits shared memory at head_dim 64).
+template <typename T, int D, bool HI>
+void launch_decode_mma_cp_async(const DecodeParams& prm, int warps, const CacheMaps& maps, int num_seqs,
+                                cudaStream_t stream) {
+  if constexpr (D == 64) {
+    if (warps == 16) return launch_decode_mma<T, D, HI, false, 16>(prm, maps, num_seqs, stream);
+  }
+  if (warps == 8) return launch_decode_mma<T, D, HI, false, 8>(prm, maps, num_seqs, stream);
+  launch_decode_mma<T, D, HI, false, 4>(prm, maps, num_seqs, stream);
 }
 
 template <typename T, int D>
@@ -950,8 +987,8 @@ void dispatch_mma(const DecodeParams& prm, const DecodePlan& plan, const CacheMa
     hi ? launch_decode_mma<T, D, true, true>(prm, maps, num_seqs, stream)
        : launch_decode_mma<T, D, false, true>(prm, maps, num_seqs, stream);
   } else {
-    hi ? launch_decode_mma<T, D, true, false>(prm, maps, num_seqs, stream)
-       : launch_decode_mma<T, D, false, false>(prm, maps, num_seqs, stream);
+    hi ? launch_decode_mma_cp_async<T, D, true>(prm, plan.warps, maps, num_seqs, stream)
+       : launch_decode_mma_cp_async<T, D, false>(prm, plan.warps, maps, num_seqs, stream);
   }
   if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
 }
@@ -976,6 +1013,16 @@ void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, const Cache
   }
 }
 
+// The cp.async tensor-core kernel with `warps` warps per block (16 exists at head_dim 64 only).
+template <typename T, int D, bool HI>
+const void* cp_async_kernel(int warps) {
+  if constexpr (D == 64) {
+    if (warps == 16) return reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, false, 16>);
+  }
+  if (warps == 8) return reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, false, 8>);
+  return reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, false, kDecodeWarps>);
+}
+
 // The kernel a plan launches, as a pointer for the occupancy query.
 template <typename T, int D>
 const void* planned_kernel(const DecodePlan& plan, int group) {
@@ -983,10 +1030,9 @@ const void* planned_kernel(const DecodePlan& plan, int group) {
   if constexpr (!std::is_same<T, float>::value) {  // no tensor-core kernel for fp32 caches
     if (plan.tensor_cores) {
       if (plan.tma)
-      return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, true>)
-                  : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, true>);
-      return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, false>)
-                : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, false>);
+        return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, true, kDecodeWarps>)
+                  : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, true, kDecodeWarps>);
+      return hi ? cp_async_kernel<T, D, true>(plan.warps) : cp_async_kernel<T, D, false>(plan.warps);
     }
   }
   switch (plan.gmax) {
@@ -1008,7 +1054,8 @@ const void* planned_kernel(const DecodePlan& plan, DType dtype, int group) {
 
 int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group) {
   const void* kernel = head_dim == 128 ? planned_kernel<128>(plan, dtype, group) : planned_kernel<64>(plan, dtype, group);
-  return attn::prepare_kernel(kernel, kDecodeThreads, plan.tensor_cores ? mma_smem_bytes(head_dim) : 0);
+  return plan.tensor_cores ? attn::prepare_kernel(kernel, plan.warps * 32, mma_smem_bytes(head_dim, plan.warps))
+                           : attn::prepare_kernel(kernel, kDecodeThreads, 0);
 }
 
 }  // namespace
