@@ -525,7 +525,8 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // way from shared memory). And P, the A operand of P V, is already in the registers
 // where Q K^T left S: c0,c1 of the first n-tile are a0, those of the second are a2.
 //
-// Loading: each warp streams ITS OWN tiles (tiles w, w+4, w+8, ... of the partition)
+// Loading: each warp streams ITS OWN tiles (tiles w, w+W, w+2W, ... of the partition,
+// W = WARPS: 4, or 8 or 16 in the wide blocks that replace a few splits; see plan_decode)
 // through a private ring of kStages shared-memory stages with cp.async, which copies
 // global -> shared without passing through registers and without blocking the thread.
 // While the warp multiplies tile i, tile i+1 is on its way. The warps never
