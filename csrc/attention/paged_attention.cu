@@ -257,23 +257,30 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   plan.num_splits = (max_seq_len + part - 1) / part;  // rounding up the size may drop a split
   // A few splits (2 to 4) become one wider block instead: 8 or 16 warps take the whole
   // context, and the block merges its warps' states in shared memory, as every block
-  // does. The same number of warps read the same tiles, but the merge kernel (a second
-  // launch that waits for the whole first grid, then reads the workspace back) is gone.
-  // Only when the wide blocks all fit on the GPU at once: a 16-warp block needs 129 KB
-  // of shared memory, so one fits per SM, and a second wave would cost more than the
-  // merge. Measured on an H200 (Llama-1B shapes, same buffers): batch 8 x 512 9.4-10.6
-  // -> 8.5 us, 16 x 512 12.0 -> 10.5 us, 32 x 1024 24.3 -> 21.7 us; with more than 4
-  // splits, wider blocks that still need the merge won some shapes and lost others.
+  // does. The merge kernel (a second launch that waits for the whole first grid, then
+  // reads the workspace back) is gone. First choice: as many warps as the split blocks
+  // had (8 for 2 splits, 16 for 3 or 4), the same warps reading the same tiles. Only if
+  // all the wide blocks fit on the GPU at once: a 16-warp block needs 129 KB of shared
+  // memory, so one fits per SM, and a second wave costs more than the merge. If they do
+  // not, 8-warp blocks (two per SM) with fewer warps than the splits had, if those fit.
+  // Measured on an H200 (Llama-1B shapes, same buffers): batch 8 x 512 9.4-10.6 -> 8.5
+  // us, 16 x 512 12.0 -> 10.5, 32 x 1024 24.3 -> 21.7 (8 warps), 24 x 512 14.9 -> 12.3
+  // (8 warps for 3 splits: 192 blocks of 16 warps would need two waves). With more than
+  // 4 splits, wider blocks that still need the merge won some shapes and lost others.
   if (plan.tensor_cores && !plan.tma && plan.num_splits > 1 && plan.num_splits <= 4) {
-    DecodePlan wide = plan;
-    wide.warps = plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps;
-    wide.num_splits = 1;
-    wide.partition_size = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
-    // (16 warps at head_dim 128 would need 263 KB: no GPU has that, and no such kernel exists.)
-    const bool fits = mma_smem_bytes(head_dim, wide.warps) <=
-                          attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) &&
-                      !(head_dim == 128 && wide.warps > 2 * kDecodeWarps);
-    if (fits && base <= int64_t(resident_blocks_per_sm(wide, dtype, head_dim, group)) * num_sms) plan = wide;
+    const int optin = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
+    for (const int warps : {plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps, 2 * kDecodeWarps}) {
+      // (16 warps at head_dim 128 would need 263 KB: no GPU has that, and no such kernel exists.)
+      if (mma_smem_bytes(head_dim, warps) > optin || (head_dim == 128 && warps > 2 * kDecodeWarps)) continue;
+      DecodePlan wide = plan;
+      wide.warps = warps;
+      wide.num_splits = 1;
+      wide.partition_size = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
+      if (base <= int64_t(resident_blocks_per_sm(wide, dtype, head_dim, group)) * num_sms) {
+        plan = wide;
+        break;
+      }
+    }
   }
   return plan;
 }
