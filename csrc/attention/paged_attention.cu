@@ -161,26 +161,22 @@ constexpr int kMmaRows = 16;   // query heads per block: the M of mma.m16n8k16
 constexpr int kMinPartition = 128;  // tensor-core kernel: shortest partition worth a split
 constexpr int kBlocksPerSmWanted = 4;  // blocks per SM worth splitting the context for (plan_decode)
 
-template <int D, int WARPS = kDecodeWarps>
-constexpr int decode_mma_smem_bytes() {
+// Shared memory the tensor-core kernel asks for per block, by head_dim and warps per block
+// (constexpr: the kernels size their launch with it, the plan checks it against the GPU).
+constexpr int decode_mma_smem_bytes(int head_dim, int warps = kDecodeWarps) {
   // Per warp: kStages stages of a K tile and a V tile (dense, swizzled rows; see the
   // kernel), one 8-byte mbarrier per stage (used by the TMA loader), plus 1 KB to align
   // the tiles to 1024 bytes, the swizzle pattern's period.
-  return WARPS * kStages * (2 * kTile * D * 2 + 8) + 1024;
+  return warps * kStages * (2 * kTile * head_dim * 2 + 8) + 1024;
 }
 
-// Shared memory the tensor-core kernel asks for per block, by head_dim and warps per block.
-int mma_smem_bytes(int head_dim, int warps = kDecodeWarps) {
-  const int per_warp = head_dim == 128 ? decode_mma_smem_bytes<128, 1>() - 1024 : decode_mma_smem_bytes<64, 1>() - 1024;
-  return warps * per_warp + 1024;
-}
 
 // Can this GPU run the tensor-core kernel at this head_dim? It needs 34 KB of shared
 // memory per block at head_dim 64 and 66 KB at 128: every sm_80+ GPU allows that
 // (the least, sm_86 and sm_89, allow 99 KB).
 bool mma_fits(int head_dim) {
   return attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) >=
-         mma_smem_bytes(head_dim);
+         decode_mma_smem_bytes(head_dim);
 }
 
 // How many blocks of the planned kernel fit on one SM at once (defined with the
@@ -189,7 +185,7 @@ int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, in
 
 std::string shared_memory_error(int impl, int head_dim) {
   return "paged_attention_decode: impl=" + std::to_string(impl) + " needs " +
-         std::to_string(mma_smem_bytes(head_dim)) + " bytes of shared memory per block at head_dim " +
+         std::to_string(decode_mma_smem_bytes(head_dim)) + " bytes of shared memory per block at head_dim " +
          std::to_string(head_dim) + "; this GPU allows " +
          std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
 }
@@ -269,9 +265,9 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   // 4 splits, wider blocks that still need the merge won some shapes and lost others.
   if (plan.tensor_cores && !plan.tma && plan.num_splits > 1 && plan.num_splits <= 4) {
     const int optin = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
-    for (const int warps : {plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps, 2 * kDecodeWarps}) {
+    for (int warps = plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps; warps >= 2 * kDecodeWarps; warps /= 2) {
       // (16 warps at head_dim 128 would need 263 KB: no GPU has that, and no such kernel exists.)
-      if (mma_smem_bytes(head_dim, warps) > optin || (head_dim == 128 && warps > 2 * kDecodeWarps)) continue;
+      if (decode_mma_smem_bytes(head_dim, warps) > optin || (head_dim == 128 && warps > 2 * kDecodeWarps)) continue;
       DecodePlan wide = plan;
       wide.warps = warps;
       wide.num_splits = 1;
@@ -835,7 +831,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
   }
   __syncthreads();  // every warp is done with its stages: the shared memory is reused below
-  static_assert(WARPS * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes<D, WARPS>(), "the merge must fit the stages");
+  static_assert(WARPS * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes(D, WARPS), "the merge must fit the stages");
   float* const sm_acc = reinterpret_cast<float*>(smem_raw);  // [warps][16][D]
   float* const sm_m = sm_acc + WARPS * kMmaRows * D;  // [warps][16]
   float* const sm_l = sm_m + WARPS * kMmaRows;        // [warps][16]
@@ -940,7 +936,7 @@ struct CacheMaps {
 
 template <typename T, int D, bool HI, bool TMA, int WARPS = kDecodeWarps>
 void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
-  constexpr int smem = decode_mma_smem_bytes<D, WARPS>();
+  constexpr int smem = decode_mma_smem_bytes(D, WARPS);
   attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS>),
                        WARPS * 32, smem);
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
@@ -1062,7 +1058,7 @@ const void* planned_kernel(const DecodePlan& plan, DType dtype, int group) {
 
 int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group) {
   const void* kernel = head_dim == 128 ? planned_kernel<128>(plan, dtype, group) : planned_kernel<64>(plan, dtype, group);
-  return plan.tensor_cores ? attn::prepare_kernel(kernel, plan.warps * 32, mma_smem_bytes(head_dim, plan.warps))
+  return plan.tensor_cores ? attn::prepare_kernel(kernel, plan.warps * 32, decode_mma_smem_bytes(head_dim, plan.warps))
                            : attn::prepare_kernel(kernel, kDecodeThreads, 0);
 }
 
