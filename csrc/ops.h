@@ -74,6 +74,19 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // the caches (the TMA kernel describes the whole cache to the copy engine).
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, DType dtype, int impl);
+// What the decode op would launch for these sizes on the current GPU (plan_decode in
+// attention/paged_attention.cu): for tests, and for a learner who wants to see the plan.
+struct DecodePlanInfo {
+  bool tensor_cores;   // the mma kernel (else the CUDA-core kernel)
+  bool tma;            // tiles copied by TMA (else cp.async)
+  int num_splits;      // partitions of each context (1: no merge kernel)
+  int partition_size;  // tokens per partition
+  int warps;           // warps per block
+  int blocks_per_sm;   // blocks that share an SM, after the plan's choice
+  int smem_bytes;      // dynamic shared memory per block (mma kernel; padded where blocks_per_sm is held down)
+};
+DecodePlanInfo paged_attention_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                                           int max_seq_len, DType dtype, int impl);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,

@@ -20,6 +20,7 @@
 
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -376,6 +377,27 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
                          static_cast<int>(impl), current_stream());
 }
 
+// The decode op's plan for a batch shaped like `query` [num_seqs, num_heads, head_dim]
+// (its dtype and GPU) with num_kv_heads kv heads and contexts of up to max_seq_len
+// tokens: [tensor_cores, tma, num_splits, partition_size, warps, blocks_per_sm,
+// smem_bytes] (tinyvllm.ops.decode_plan names them).
+std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int64_t num_kv_heads,
+                                                    int64_t max_seq_len, int64_t impl) {
+  TV_CHECK(impl >= -1 && impl <= 2, "impl must be -1, 0, 1 or 2, got ", impl);
+  check_cuda(query, "query");
+  TV_CHECK(query.dim() == 3, "query must be [num_seqs, num_heads, head_dim], got ", dims_str(query.sizes()));
+  const int64_t num_heads = query.size(1), head_dim = query.size(2);
+  TV_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+  TV_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
+           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  TV_CHECK(max_seq_len >= 0 && max_seq_len <= INT_MAX / 2, "max_seq_len out of range: ", max_seq_len);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const DecodePlanInfo p = paged_attention_decode_plan(
+      static_cast<int>(query.size(0)), static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
+      static_cast<int>(head_dim), static_cast<int>(max_seq_len), dtype_of(query, "query"), static_cast<int>(impl));
+  return {p.tensor_cores, p.tma, p.num_splits, p.partition_size, p.warps, p.blocks_per_sm, p.smem_bytes};
+}
+
 void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_tables,
                           const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, int64_t max_seqlen_q,
@@ -449,6 +471,7 @@ TORCH_LIBRARY(tinyvllm, m) {
   m.def(
       "paged_attention_decode(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1) -> ()");
+  m.def("paged_attention_decode_plan(Tensor query, int num_kv_heads, int max_seq_len, int impl=-1) -> int[]");
   m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");
@@ -466,6 +489,7 @@ void register_impls(torch::Library& m) {
   m.impl("linear", &tinyvllm::linear_op);
   // ==== attention (csrc/attention/) ====
   m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
+  m.impl("paged_attention_decode_plan", &tinyvllm::paged_attention_decode_plan_op);
   m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
   // ==== end attention ====
 }

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from tinyvllm.ops import reference
+from tinyvllm.ops import decode_plan, reference
 from tinyvllm.ops._kernels import has_kernel
 
 HAS_GPU = torch.cuda.is_available()
@@ -276,6 +276,77 @@ def test_decode_wide_blocks_under_the_sanitizer():
         seq_lens = torch.randint(1, width * 16 + 1, (batch,), generator=g).tolist()
         out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch, table_width=width)
         _assert_close(out, ref, torch.bfloat16, f"decode wide blocks batch={batch}")
+
+
+def _llama_plan(batch: int, tokens: int, head_dim: int = 64) -> dict[str, int]:
+    """The decode plan at Llama 3.2 1B's heads (32 query, 8 kv), bf16."""
+    q = torch.empty(batch, 32, head_dim, device="cuda", dtype=torch.bfloat16)
+    return decode_plan(q, 8, tokens)
+
+
+def _wave_units(blocks: int, per_sm: int, sms: int) -> int:
+    # The plan's model (paged_attention.cu, "Blocks per SM"): one wave spreads over every
+    # SM; past it, each partial wave costs per_sm units on the SMs that took it.
+    slots = per_sm * sms
+    if blocks <= slots:
+        return -(-blocks // sms)
+    return blocks // slots * per_sm + (per_sm if blocks % slots else 0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_plan_holds_blocks_per_sm_down_where_that_saves_a_wave(head_dim):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fit = _llama_plan(4 * sms, 1024, head_dim)["blocks_per_sm"]  # past two waves: what fits
+    assert _llama_plan(sms // 8 * fit, 1024, head_dim)["blocks_per_sm"] == fit  # one wave
+    held = 0
+    for batch in range(fit * sms // 8 + 1, 2 * fit * sms // 8):  # 8 kv heads: 8 blocks per sequence
+        plan = _llama_plan(batch, 1024, head_dim)
+        assert plan["num_splits"] == 1 and plan["warps"] == 4, plan
+        blocks = 8 * batch
+        expected = fit
+        for r in range(fit - 1, max(2, fit - 2) - 1, -1):
+            if fit > 2 and _wave_units(blocks, r, sms) < _wave_units(blocks, expected, sms):
+                expected = r
+        assert plan["blocks_per_sm"] == expected, (batch, plan)
+        # 512-1023 tokens: only if the model promises at least a fifth less time
+        short = _llama_plan(batch, 512, head_dim)["blocks_per_sm"]
+        promised = 5 * _wave_units(blocks, expected, sms) <= 4 * _wave_units(blocks, fit, sms)
+        assert short == (expected if promised else fit), (batch, short)
+        if expected < fit:
+            held += 1
+            # held down by asking for more shared memory than the kernel uses
+            assert plan["smem_bytes"] > _llama_plan(4 * sms, 1024, head_dim)["smem_bytes"], plan
+        # short contexts keep every block that fits: their blocks are mostly start-up
+        assert _llama_plan(batch, 256, head_dim)["blocks_per_sm"] == fit
+    if sms == 132 and head_dim == 64:  # H100 / H200 SXM: the shapes measured for the rule
+        assert fit == 5 and held > 0
+        assert [_llama_plan(b, 1024)["blocks_per_sm"] for b in (64, 96, 128, 256)] == [5, 3, 4, 5]
+        assert _llama_plan(96, 1024)["smem_bytes"] == 76800
+
+
+@pytest.mark.sanitize
+def test_decode_with_blocks_per_sm_held_down_matches_reference():
+    # The first batch (Llama heads, 512-token table) whose plan holds the blocks per SM
+    # down, with ragged lengths: the padded launch computes what the normal one does.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fit = _llama_plan(4 * sms, 512)["blocks_per_sm"]
+    batch = next(b for b in range(fit * sms // 8, 2 * fit * sms // 8 + 1)
+                 if _llama_plan(b, 512)["blocks_per_sm"] < fit)
+    g = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, 513, (batch,), generator=g).tolist()
+    seq_lens[0] = 512
+    out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch, table_width=32)
+    _assert_close(out, ref, torch.bfloat16, f"decode batch={batch} with fewer blocks per SM")
+
+
+def test_decode_plan_checks_its_arguments():
+    q = torch.empty(4, 32, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        decode_plan(q, 5, 1024)
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        decode_plan(torch.empty(4, 32, 80, device="cuda", dtype=torch.bfloat16), 8, 1024)
+    with pytest.raises(RuntimeError, match="impl must be"):
+        decode_plan(q, 8, 1024, impl=3)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -21,6 +21,8 @@ import math
 import zlib
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,6 +104,27 @@ def test_cpu_tensors_are_rejected_by_name():
         torch.ops.tinyvllm.rms_norm(torch.empty_like(x), x, torch.ones(64), 1e-5)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         torch.ops.tinyvllm.linear(x, torch.randn(8, 64))
+
+
+def test_decode_plan_says_what_it_needs():
+    # Runs everywhere: without the extension, or with it but without a GPU tensor, the
+    # plan query fails with a message that names what is missing.
+    from tinyvllm.ops import decode_plan
+
+    q = torch.empty(4, 32, 64, dtype=torch.bfloat16)
+    match = "query must be a CUDA tensor" if HAS_EXT else "needs the compiled extension"
+    with pytest.raises(RuntimeError, match=match):
+        decode_plan(q, 8, 1024)
+
+
+@gpu
+def test_decode_plan_works_in_a_fresh_interpreter():
+    # tinyvllm.ops.decode_plan loads the extension itself (nothing else imported first).
+    code = ("import torch; from tinyvllm.ops import decode_plan; "
+            "p = decode_plan(torch.empty(96, 32, 64, device='cuda', dtype=torch.bfloat16), 8, 1024); "
+            "print(p['num_splits'], p['warps'], p['blocks_per_sm'] > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "4", "True"], out
 
 
 def test_opcheck_importable():

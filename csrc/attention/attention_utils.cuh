@@ -19,6 +19,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include <cuda_bf16.h>
@@ -49,27 +50,34 @@ inline int cached_device_attribute(int fallback) {
   return cached[dev];
 }
 
-// Once per kernel and GPU: allow the kernel its dynamic shared memory (more than 48 KB
-// must be asked for, and the occupancy query below counts only what is allowed), then
-// ask the CUDA runtime how many blocks of `threads` threads one SM holds at once.
-// Registers and shared memory both decide that, and only the runtime knows both
-// exactly (the decode tensor-core kernel at head_dim 64: 5 blocks, set by its 96
-// registers per thread, not by its 34 KB). Later calls read the cache: no CUDA call on
-// the hot path, and nothing that a CUDA graph capture would object to.
+// Once per kernel, GPU and shared-memory size: allow the kernel its dynamic shared
+// memory (more than 48 KB must be asked for, and the occupancy query below counts only
+// what is allowed), then ask the CUDA runtime how many blocks of `threads` threads one
+// SM holds at once. Registers and shared memory both decide that, and only the runtime
+// knows both exactly (the decode tensor-core kernel at head_dim 64: 5 blocks, set by
+// its 96 registers per thread, not by its 34 KB). A kernel may be launched with more
+// shared memory than it uses, to hold fewer of its blocks on an SM (the decode plan
+// does that), so each size is its own entry, and the allowance only ever grows (a
+// smaller size asked later must not shrink what another launch relies on). Later calls
+// read the cache: no CUDA call on the hot path, nothing a CUDA graph capture objects to.
 inline int prepare_kernel(const void* kernel, int threads, int smem) {
   static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> blocks_per_sm;
+  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes allowed
+  static std::map<std::tuple<const void*, int, int>, int> blocks_per_sm;  // (kernel, device, smem)
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
-  const auto it = blocks_per_sm.find({kernel, dev});
+  const auto it = blocks_per_sm.find({kernel, dev, smem});
   if (it != blocks_per_sm.end()) return it->second;
-  if (smem > 48 * 1024)
+  int& allow = allowed[{kernel, dev}];
+  if (smem > 48 * 1024 && smem > allow) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    allow = smem;
+  }
   int n = 0;
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
   n = n > 0 ? n : 1;
-  blocks_per_sm[{kernel, dev}] = n;
+  blocks_per_sm[{kernel, dev, smem}] = n;
   return n;
 }
 

@@ -95,7 +95,9 @@
 // first kernel instead of following it. Still, it can only start its work once the
 // whole first grid has finished; so where 4-warp blocks would need only 2 to 4 splits,
 // the tensor-core kernel runs one block of 8 or 16 warps per sequence instead (the
-// same warps, the same tiles), whose warps merge in shared memory (plan_decode).
+// same warps, the same tiles), whose warps merge in shared memory (plan_decode). And
+// where the blocks need between one and two waves, the plan may allow fewer blocks per
+// SM than fit, so that the second wave spreads over every SM (blocks_per_sm_for).
 //
 // CUDA graphs: the launcher allocates nothing (the workspace is passed in), never
 // reads device memory on the host, and sizes the grid from max_seq_len, an upper
@@ -152,6 +154,8 @@ struct DecodePlan {
   int num_splits;
   int partition_size;
   int warps;          // mma kernel: warps per block (4, 8 or 16; the CUDA-core kernel always has 4)
+  int smem_bytes;     // mma kernel: dynamic shared memory per block, padded where the plan holds
+                      // down the blocks per SM (plan_blocks_per_sm)
 };
 
 // ---- tensor-core kernel constants ----
@@ -216,6 +220,72 @@ void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
   plan.tensor_cores = plan.tma || impl == 1 || mma_fits(head_dim);
 }
 
+// ---- Blocks per SM for a grid of more than one wave ----
+// Every block of the streaming kernel reads the same number of bytes (equal lengths),
+// and the r blocks on an SM share its bandwidth, so with r blocks per SM a block runs
+// for about r "units" (a unit: the time one block would take alone on its SM). The
+// hardware hands out blocks in two ways, both seen in a per-block trace (SM id, start
+// and end time) on an H200 at Llama-1B shapes:
+//   * the first wave is spread over all SMs: 512 blocks sit 3 or 4 to an SM, and take
+//     ceil(blocks / SMs) units;
+//   * after that, a slot is refilled as soon as it frees up, and an SM frees all its
+//     slots at about the same time, so the next blocks land on the first SMs to finish,
+//     r at a time. At batch 96 x 1024 (768 blocks, 660 slots) the 108 blocks past the
+//     first wave ran on 24 SMs, 5 to an SM, while the other 108 SMs idled: that tail
+//     took another r units on a fifth of the GPU (61.5 us; 52.9 with 3 blocks per SM).
+// So n blocks at r per SM cost ceil(n / SMs) units in one wave, else
+// floor(n / (r SMs)) * r units plus r more for a partial last wave, and holding r
+// below what fits can save a wave: 768 blocks cost 10 units at 5 per SM, 6 at 3.
+// The model is used between one and two waves only. Past two, blocks on some SMs
+// stream 25% faster than on others (the same trace), the waves drift apart, and the
+// measurements went either way (batch 168-256: one block less per SM was 10% slower
+// to 9% faster, shape by shape, about even on average). And a block also pays a
+// start-up (two DRAM round trips) that the other blocks of its SM hide, better the
+// more of them there are: blocks of fewer than 512 tokens (8 tiles per warp) are
+// mostly start-up, and keep every block that fits; below 1024 tokens the model must
+// promise at least a fifth less time (96 x 512: 6 units against 10, 11% faster; 144 x
+// 512: 9 against 10 would have been 3% slower).
+// Measured on H200s, Llama-1B shapes, same buffers (bench/results/
+// h200-2026-11-27-blocks-per-sm/): of 101 shapes (batch 40-256, context 128-4096,
+// head_dim 64/128) the rule changes 30; 29 got faster, by up to 16%, one 0.5% slower.
+constexpr int kMinTokensForFewerBlocks = 512;
+constexpr int kTokensForSmallGains = 1024;
+
+inline int64_t wave_units(int64_t blocks, int per_sm, int num_sms) {
+  const int64_t slots = int64_t(per_sm) * num_sms;
+  if (blocks <= slots) return (blocks + num_sms - 1) / num_sms;
+  return blocks / slots * per_sm + (blocks % slots ? per_sm : 0);
+}
+
+// Blocks per SM for a grid of `blocks` blocks of `tokens` tokens each, when `fit` fit.
+int blocks_per_sm_for(int64_t blocks, int tokens, int fit, int num_sms) {
+  const int64_t wave = int64_t(fit) * num_sms;
+  if (fit <= 2 || tokens < kMinTokensForFewerBlocks || blocks <= wave || blocks >= 2 * wave) return fit;
+  int best = fit;
+  for (int r = fit - 1; r >= std::max(2, fit - 2); --r)
+    if (wave_units(blocks, r, num_sms) < wave_units(blocks, best, num_sms)) best = r;
+  if (tokens < kTokensForSmallGains && 5 * wave_units(blocks, best, num_sms) > 4 * wave_units(blocks, fit, num_sms))
+    return fit;
+  return best;
+}
+
+// Hold the plan's blocks per SM down to blocks_per_sm_for's choice. There is no launch
+// option for "at most r blocks per SM"; shared memory is the lever: a block that asks
+// for 1/r of the SM's shared memory leaves room for r - 1 others. Kept only if the
+// runtime agrees that exactly r fit.
+void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int num_sms, DType dtype, int head_dim, int group) {
+  const int fit = resident_blocks_per_sm(plan, dtype, head_dim, group);
+  const int r = blocks_per_sm_for(blocks, plan.partition_size, fit, num_sms);
+  if (r >= fit) return;
+  const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
+  const int reserved = attn::cached_device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(1024);
+  DecodePlan held = plan;
+  held.smem_bytes = std::max(plan.smem_bytes, per_sm / r - reserved);
+  if (held.smem_bytes <= attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) &&
+      resident_blocks_per_sm(held, dtype, head_dim, group) == r)
+    plan = held;
+}
+
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
 // once (one "wave" of resident blocks), but never partitions shorter than a minimum,
 // below which the merge costs more than the extra parallelism gains.
@@ -223,6 +293,7 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
                        DType dtype, int impl) {
   DecodePlan plan{};
   plan.warps = kDecodeWarps;
+  plan.smem_bytes = decode_mma_smem_bytes(head_dim, kDecodeWarps);
   choose_kernel(plan, dtype, head_dim, impl);
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
   if (plan.tensor_cores) {
@@ -270,6 +341,7 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
       if (decode_mma_smem_bytes(head_dim, warps) > optin || (head_dim == 128 && warps > 2 * kDecodeWarps)) continue;
       DecodePlan wide = plan;
       wide.warps = warps;
+      wide.smem_bytes = decode_mma_smem_bytes(head_dim, warps);
       wide.num_splits = 1;
       wide.partition_size = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
       if (base <= int64_t(resident_blocks_per_sm(wide, dtype, head_dim, group)) * num_sms) {
@@ -278,6 +350,8 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
       }
     }
   }
+  if (plan.tensor_cores && !plan.tma && plan.warps == kDecodeWarps)
+    plan_blocks_per_sm(plan, base * plan.num_splits, num_sms, dtype, head_dim, group);
   return plan;
 }
 
@@ -935,8 +1009,7 @@ struct CacheMaps {
 };
 
 template <typename T, int D, bool HI, bool TMA, int WARPS = kDecodeWarps>
-void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
-  constexpr int smem = decode_mma_smem_bytes(D, WARPS);
+void launch_decode_mma(const DecodeParams& prm, int smem, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
   attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS>),
                        WARPS * 32, smem);
   const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
@@ -946,13 +1019,13 @@ void launch_decode_mma(const DecodeParams& prm, const CacheMaps& maps, int num_s
 
 // cp.async kernel with the plan's warps per block (16 only fits shared memory at head_dim 64).
 template <typename T, int D, bool HI>
-void launch_decode_mma_cp_async(const DecodeParams& prm, int warps, const CacheMaps& maps, int num_seqs,
-                                cudaStream_t stream) {
+void launch_decode_mma_cp_async(const DecodeParams& prm, const DecodePlan& plan, const CacheMaps& maps,
+                                int num_seqs, cudaStream_t stream) {
   if constexpr (D == 64) {
-    if (warps == 16) return launch_decode_mma<T, D, HI, false, 16>(prm, maps, num_seqs, stream);
+    if (plan.warps == 16) return launch_decode_mma<T, D, HI, false, 16>(prm, plan.smem_bytes, maps, num_seqs, stream);
   }
-  if (warps == 8) return launch_decode_mma<T, D, HI, false, 8>(prm, maps, num_seqs, stream);
-  launch_decode_mma<T, D, HI, false, 4>(prm, maps, num_seqs, stream);
+  if (plan.warps == 8) return launch_decode_mma<T, D, HI, false, 8>(prm, plan.smem_bytes, maps, num_seqs, stream);
+  launch_decode_mma<T, D, HI, false, 4>(prm, plan.smem_bytes, maps, num_seqs, stream);
 }
 
 template <typename T, int D>
@@ -988,11 +1061,11 @@ void dispatch_mma(const DecodeParams& prm, const DecodePlan& plan, const CacheMa
                   cudaStream_t stream) {
   const bool hi = prm.group > 8;
   if (plan.tma) {
-    hi ? launch_decode_mma<T, D, true, true>(prm, maps, num_seqs, stream)
-       : launch_decode_mma<T, D, false, true>(prm, maps, num_seqs, stream);
+    hi ? launch_decode_mma<T, D, true, true>(prm, plan.smem_bytes, maps, num_seqs, stream)
+       : launch_decode_mma<T, D, false, true>(prm, plan.smem_bytes, maps, num_seqs, stream);
   } else {
-    hi ? launch_decode_mma_cp_async<T, D, true>(prm, plan.warps, maps, num_seqs, stream)
-       : launch_decode_mma_cp_async<T, D, false>(prm, plan.warps, maps, num_seqs, stream);
+    hi ? launch_decode_mma_cp_async<T, D, true>(prm, plan, maps, num_seqs, stream)
+       : launch_decode_mma_cp_async<T, D, false>(prm, plan, maps, num_seqs, stream);
   }
   if (prm.num_splits > 1) launch_reduce<T, D>(prm, num_seqs, stream);
 }
@@ -1058,11 +1131,20 @@ const void* planned_kernel(const DecodePlan& plan, DType dtype, int group) {
 
 int resident_blocks_per_sm(const DecodePlan& plan, DType dtype, int head_dim, int group) {
   const void* kernel = head_dim == 128 ? planned_kernel<128>(plan, dtype, group) : planned_kernel<64>(plan, dtype, group);
-  return plan.tensor_cores ? attn::prepare_kernel(kernel, plan.warps * 32, decode_mma_smem_bytes(head_dim, plan.warps))
+  return plan.tensor_cores ? attn::prepare_kernel(kernel, plan.warps * 32, plan.smem_bytes)
                            : attn::prepare_kernel(kernel, kDecodeThreads, 0);
 }
 
 }  // namespace
+
+DecodePlanInfo paged_attention_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                                           int max_seq_len, DType dtype, int impl) {
+  const DecodePlan plan = plan_decode(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
+                                      attn::num_sms_of_current_device(), dtype, impl);
+  const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
+  return DecodePlanInfo{plan.tensor_cores, plan.tma, plan.num_splits, plan.partition_size, plan.warps,
+                        resident_blocks_per_sm(plan, dtype, head_dim, group), plan.tensor_cores ? plan.smem_bytes : 0};
+}
 
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, DType dtype, int impl) {

@@ -16,7 +16,7 @@ import torch
 import logging
 
 from tinyvllm.ops import reference
-from tinyvllm.ops._kernels import use_kernel
+from tinyvllm.ops._kernels import has_kernel, use_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,29 @@ def paged_attention_decode(
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
+
+
+DECODE_PLAN_FIELDS = ("tensor_cores", "tma", "num_splits", "partition_size", "warps", "blocks_per_sm", "smem_bytes")
+
+
+def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: int = -1) -> dict[str, int]:
+    """What :func:`paged_attention_decode` launches for a batch shaped like ``query``.
+
+    query [num_seqs, num_heads, head_dim] on the GPU (its dtype picks the kernel); contexts
+    of up to ``max_seq_len`` tokens (the block table's capacity). The answer depends on the
+    GPU (its SM count and how many blocks fit on an SM), e.g. on an H100/H200 at Llama 3.2
+    1B shapes, batch 96 x 1024 tokens::
+
+        {'tensor_cores': 1, 'tma': 0, 'num_splits': 1, 'partition_size': 1024, 'warps': 4,
+         'blocks_per_sm': 3, 'smem_bytes': 76800}
+
+    (csrc/attention/paged_attention.cu, ``plan_decode``, explains each choice).
+    """
+    if not has_kernel("paged_attention_decode_plan"):
+        raise RuntimeError("decode_plan needs the compiled extension tinyvllm._C (pip install -e . on a machine "
+                           "with nvcc and a CUDA build of torch)")
+    values = torch.ops.tinyvllm.paged_attention_decode_plan(query, num_kv_heads, max_seq_len, impl)
+    return dict(zip(DECODE_PLAN_FIELDS, values))
 
 
 def prefill_attention(
