@@ -330,8 +330,10 @@ def test_decode_with_blocks_per_sm_held_down_matches_reference():
     # down, with ragged lengths: the padded launch computes what the normal one does.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     fit = _llama_plan(4 * sms, 512)["blocks_per_sm"]
-    batch = next(b for b in range(fit * sms // 8, 2 * fit * sms // 8 + 1)
-                 if _llama_plan(b, 512)["blocks_per_sm"] < fit)
+    batch = next((b for b in range(fit * sms // 8, 2 * fit * sms // 8 + 1)
+                  if _llama_plan(b, 512)["blocks_per_sm"] < fit), None)
+    if batch is None:
+        pytest.skip(f"no batch holds the blocks per SM down on this GPU ({fit} fit)")
     g = torch.Generator().manual_seed(batch)
     seq_lens = torch.randint(1, 513, (batch,), generator=g).tolist()
     seq_lens[0] = 512
