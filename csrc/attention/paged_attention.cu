@@ -103,6 +103,7 @@
 // reads device memory on the host, and sizes the grid from max_seq_len, an upper
 // bound known on the host (the block table's capacity), not from seq_lens.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -273,8 +274,9 @@ int blocks_per_sm_for(int64_t blocks, int tokens, int fit, int num_sms) {
 // option for "at most r blocks per SM"; shared memory is the lever: a block that asks
 // for 1/r of the SM's shared memory leaves room for r - 1 others. Kept only if the
 // runtime agrees that exactly r fit.
-void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int num_sms, DType dtype, int head_dim, int group) {
-  const int fit = resident_blocks_per_sm(plan, dtype, head_dim, group);
+// `fit`: how many blocks of the plan's kernel fit on an SM unpadded.
+void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, DType dtype, int head_dim,
+                        int group) {
   const int r = blocks_per_sm_for(blocks, plan.partition_size, fit, num_sms);
   if (r >= fit) return;
   const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
@@ -289,8 +291,8 @@ void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int num_sms, DType dty
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
 // once (one "wave" of resident blocks), but never partitions shorter than a minimum,
 // below which the merge costs more than the extra parallelism gains.
-DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
-                       DType dtype, int impl) {
+DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
+                            int num_sms, DType dtype, int impl) {
   DecodePlan plan{};
   plan.warps = kDecodeWarps;
   plan.smem_bytes = decode_mma_smem_bytes(head_dim, kDecodeWarps);
@@ -309,7 +311,8 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   // flight at head_dim 64, which covers the DRAM latency, and more blocks than that only
   // add their start-up and the merge (measured on an H200 with 5 blocks per SM: batch 64
   // x 1024 in 512 blocks 37.4 us, split into 1024 blocks and merged 41 us).
-  const int per_sm = std::min(resident_blocks_per_sm(plan, dtype, head_dim, group), kBlocksPerSmWanted);
+  const int fit = resident_blocks_per_sm(plan, dtype, head_dim, group);
+  const int per_sm = std::min(fit, kBlocksPerSmWanted);
   int64_t target = int64_t(per_sm) * num_sms;
   // Tensor cores: a wave that is 90% full is full enough; splitting it would double the
   // blocks, each with its own fixed cost, and add the merge.
@@ -351,8 +354,28 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
     }
   }
   if (plan.tensor_cores && !plan.tma && plan.warps == kDecodeWarps)
-    plan_blocks_per_sm(plan, base * plan.num_splits, num_sms, dtype, head_dim, group);
+    plan_blocks_per_sm(plan, base * plan.num_splits, fit, num_sms, dtype, head_dim, group);
   return plan;
+}
+
+// The decode op asks for its plan twice per call (the bindings size the workspace
+// first, then launch), and the model asks again for the same shapes in every layer:
+// remember the last answer per thread, so the repeats cost a comparison.
+DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len, int num_sms,
+                       DType dtype, int impl) {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  const std::array<int, 9> key{num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, num_sms,
+                               static_cast<int>(dtype), impl, dev};
+  thread_local std::array<int, 9> last_key{};
+  thread_local DecodePlan last_plan{};
+  thread_local bool have_last = false;
+  if (!have_last || key != last_key) {
+    last_plan = make_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, num_sms, dtype, impl);
+    last_key = key;
+    have_last = true;
+  }
+  return last_plan;
 }
 
 // Number of the sequence's partitions that hold tokens, after clamping its length
