@@ -9,6 +9,7 @@ block 16, bf16), batch 1/8/64/256 x context 128/512/1024/4096. Reported: time, G
 ideal traffic (every k/v byte of the context read once, plus q and out) and its percent of the
 copy bandwidth measured in this run. Peer: torch SDPA (enable_gqa, else repeated kv) on the
 same k/v laid out contiguously [B, kv_heads, L, D] (it does not pay for the block table).
+Our op is given the sum of the lengths (sum_seq_lens), as the engine gives it.
 Targets: >= 80% of copy bandwidth once batch * context >= 64k tokens; faster than SDPA at batch >= 8.
 
 Prefill (prefill_attention), batch 1, 512..8192 tokens, causal, 32 q / 8 kv heads, head_dim 64
@@ -78,8 +79,8 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     out = torch.empty_like(q)
     op = torch.ops.tinyvllm.paged_attention_decode
 
-    def ours():
-        op(out, q, kc, vc, tables, lens, scale, impl)
+    def ours():  # sum_seq_lens: the host's sum of the lengths, as the engine passes it
+        op(out, q, kc, vc, tables, lens, scale, impl, batch * ctx)
 
     q4 = q.unsqueeze(2)  # [B, H, 1, D]
 

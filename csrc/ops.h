@@ -62,8 +62,11 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // stride query_row_stride (heads and head_dim contiguous); block_tables [num_seqs,
 // max_blocks_per_seq] contiguous. max_seq_len is an UPPER BOUND on every seq_lens[i],
 // known on the host (the bindings pass max_blocks_per_seq * block_size), so the grid
-// never depends on device data (CUDA-graph friendly). head_dim 64 or 128; block_size a
-// power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
+// never depends on device data (CUDA-graph friendly). sum_seq_lens: the sum of every
+// seq_lens[i] if the caller knows it on the host (the engine does), else -1; the plan only
+// uses it to tell a batch of about equal lengths (not split where it has enough blocks)
+// from a ragged one, and a wrong value costs speed, never correctness. head_dim 64 or
+// 128; block_size a power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
 // `workspace` holds the flash-decoding partial results (float32); its size in bytes
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
 // be 0 (then workspace may be null). The split count depends on the device's SM count
@@ -73,7 +76,7 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // (sm_90+); an explicit impl that cannot run throws. num_cache_blocks: dimension 0 of
 // the caches (the TMA kernel describes the whole cache to the copy engine).
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                             int max_seq_len, DType dtype, int impl);
+                                             int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);
 // What the decode op would launch for these sizes on the current GPU (plan_decode in
 // attention/paged_attention.cu): for tests, and for a learner who wants to see the plan.
 struct DecodePlanInfo {
@@ -86,12 +89,13 @@ struct DecodePlanInfo {
   int smem_bytes;      // dynamic shared memory per block (mma kernel; padded where blocks_per_sm is held down)
 };
 DecodePlanInfo paged_attention_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                           int max_seq_len, DType dtype, int impl);
+                                           int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);
 void paged_attention_decode(void* out, const void* query, const void* key_cache, const void* value_cache,
                             const int32_t* block_tables, const int32_t* seq_lens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,
-                            int max_seq_len, int64_t num_cache_blocks, int64_t query_row_stride, float scale,
-                            void* workspace, DType dtype, int impl, cudaStream_t stream);
+                            int max_seq_len, int64_t sum_seq_lens, int64_t num_cache_blocks,
+                            int64_t query_row_stride, float scale, void* workspace, DType dtype, int impl,
+                            cudaStream_t stream);
 
 // Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
 // positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.

@@ -348,9 +348,17 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
                        static_cast<int>(block_size), static_cast<int>(block_tables.size(1))};
 }
 
+// sum_seq_lens, the host's sum of the batch's lengths (-1: not known), is a hint to the
+// plan; a value no batch of this shape can have is a caller's bug, named here.
+void check_sum_seq_lens(int64_t sum_seq_lens, int64_t num_seqs, int64_t max_seq_len) {
+  TV_CHECK(sum_seq_lens >= -1 && sum_seq_lens <= num_seqs * max_seq_len, "sum_seq_lens must be -1 (not known) or ",
+           "between 0 and num_seqs x max_seq_len = ", num_seqs, " x ", max_seq_len, " = ", num_seqs * max_seq_len,
+           " (the block table's capacity), got ", sum_seq_lens);
+}
+
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
-                               const at::Tensor& seq_lens, double scale, int64_t impl) {
+                               const at::Tensor& seq_lens, double scale, int64_t impl, int64_t sum_seq_lens) {
   TV_CHECK(impl >= -1 && impl <= 2,
            "impl must be -1 (automatic), 0 (CUDA cores), 1 (tensor cores, cp.async) or 2 (tensor cores, TMA), got ",
            impl);
@@ -364,15 +372,17 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
   // An upper bound of every seq_lens[i] known without reading the GPU: the block
   // table's capacity. The grid and the workspace are sized from it (CUDA-graph safe).
   const int max_seq_len = dims.max_blocks_per_seq * dims.block_size;
+  check_sum_seq_lens(sum_seq_lens, num_seqs, max_seq_len);
   const size_t ws_bytes = paged_attention_decode_workspace_size(static_cast<int>(num_seqs), dims.num_heads,
                                                                 dims.num_kv_heads, dims.head_dim, max_seq_len,
-                                                                dtype_of(query, "query"), static_cast<int>(impl));
+                                                                sum_seq_lens, dtype_of(query, "query"),
+                                                                static_cast<int>(impl));
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
   paged_attention_decode(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                          block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), static_cast<int>(num_seqs),
                          dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size, dims.max_blocks_per_seq,
-                         max_seq_len, key_cache.size(0), row_stride(query), static_cast<float>(scale),
+                         max_seq_len, sum_seq_lens, key_cache.size(0), row_stride(query), static_cast<float>(scale),
                          ws_bytes > 0 ? workspace.data_ptr() : nullptr, dtype_of(query, "query"),
                          static_cast<int>(impl), current_stream());
 }
@@ -382,7 +392,7 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
 // tokens: [tensor_cores, tma, num_splits, partition_size, warps, blocks_per_sm,
 // smem_bytes] (tinyvllm.ops.decode_plan names them).
 std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int64_t num_kv_heads,
-                                                    int64_t max_seq_len, int64_t impl) {
+                                                    int64_t max_seq_len, int64_t impl, int64_t sum_seq_lens) {
   TV_CHECK(impl >= -1 && impl <= 2, "impl must be -1, 0, 1 or 2, got ", impl);
   check_cuda(query, "query");
   TV_CHECK(query.dim() == 3, "query must be [num_seqs, num_heads, head_dim], got ", dims_str(query.sizes()));
@@ -391,10 +401,12 @@ std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int
   TV_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
            ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   TV_CHECK(max_seq_len >= 0 && max_seq_len <= INT_MAX / 2, "max_seq_len out of range: ", max_seq_len);
+  check_sum_seq_lens(sum_seq_lens, query.size(0), max_seq_len);
   const c10::cuda::CUDAGuard guard(query.device());
   const DecodePlanInfo p = paged_attention_decode_plan(
       static_cast<int>(query.size(0)), static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
-      static_cast<int>(head_dim), static_cast<int>(max_seq_len), dtype_of(query, "query"), static_cast<int>(impl));
+      static_cast<int>(head_dim), static_cast<int>(max_seq_len), sum_seq_lens, dtype_of(query, "query"),
+      static_cast<int>(impl));
   return {p.tensor_cores, p.tma, p.num_splits, p.partition_size, p.warps, p.blocks_per_sm, p.smem_bytes};
 }
 
@@ -470,8 +482,10 @@ TORCH_LIBRARY(tinyvllm, m) {
   // ==== attention (csrc/attention/): schemas ====
   m.def(
       "paged_attention_decode(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1) -> ()");
-  m.def("paged_attention_decode_plan(Tensor query, int num_kv_heads, int max_seq_len, int impl=-1) -> int[]");
+      "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1, int sum_seq_lens=-1) -> ()");
+  m.def(
+      "paged_attention_decode_plan(Tensor query, int num_kv_heads, int max_seq_len, int impl=-1, "
+      "int sum_seq_lens=-1) -> int[]");
   m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");

@@ -45,7 +45,7 @@ def main() -> None:
     del k, v
     lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    torch.ops.tinyvllm.paged_attention_decode(out, q, kc, vc, tables, lens, 1.0 / math.sqrt(d), args.impl)
+    torch.ops.tinyvllm.paged_attention_decode(out, q, kc, vc, tables, lens, 1.0 / math.sqrt(d), args.impl, b * L)
     torch.cuda.synchronize()
     print("ok", out.float().abs().mean().item())
 

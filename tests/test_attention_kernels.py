@@ -92,7 +92,7 @@ def _assert_close(out, ref, dtype, what):
 
 # ------------------------------------------------------------------------------ decode
 def run_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, table_width=None,
-               query_row_pad=0, impl=-1):
+               query_row_pad=0, impl=-1, sum_seq_lens=-1):
     kc, vc, tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed,
                                          table_width=table_width)
     b = len(seq_lens)
@@ -102,7 +102,7 @@ def run_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, s
     query = q_full[:, : num_heads * head_dim].view(b, num_heads, head_dim)  # row-strided when padded
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.full((b, num_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
-    torch.ops.tinyvllm.paged_attention_decode(out, query, kc, vc, tables, lens, scale, impl)
+    torch.ops.tinyvllm.paged_attention_decode(out, query, kc, vc, tables, lens, scale, impl, sum_seq_lens)
     ref = torch.empty((b, num_heads, head_dim), dtype=torch.float32, device="cuda")
     reference.paged_attention_decode(ref, query.float(), kc.float(), vc.float(), tables, lens, scale)
     torch.cuda.synchronize()
@@ -169,6 +169,10 @@ def test_decode_impl_choice_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="impl must be -1"):
         torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
                                                   a["block_tables"], a["seq_lens"], a["scale"], 3)
+    capacity = a["block_tables"].shape[1] * a["key_cache"].shape[2]  # tokens the table can hold per sequence
+    with pytest.raises(RuntimeError, match=rf"sum_seq_lens must be .* 2 x {capacity} = {2 * capacity} .* got"):
+        torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
+                                                  a["block_tables"], a["seq_lens"], a["scale"], -1, 2 * capacity + 1)
     f = _decode_args()
     f32 = {k: f[k].float() for k in ("out", "query", "key_cache", "value_cache")}
     for impl in (1, 2):
@@ -278,10 +282,10 @@ def test_decode_wide_blocks_under_the_sanitizer():
         _assert_close(out, ref, torch.bfloat16, f"decode wide blocks batch={batch}")
 
 
-def _llama_plan(batch: int, tokens: int, head_dim: int = 64) -> dict[str, int]:
+def _llama_plan(batch: int, tokens: int, head_dim: int = 64, sum_seq_lens: int | None = None) -> dict[str, int]:
     """The decode plan at Llama 3.2 1B's heads (32 query, 8 kv), bf16."""
     q = torch.empty(batch, 32, head_dim, device="cuda", dtype=torch.bfloat16)
-    return decode_plan(q, 8, tokens)
+    return decode_plan(q, 8, tokens, sum_seq_lens=sum_seq_lens)
 
 
 def _wave_units(blocks: int, per_sm: int, sms: int) -> int:
@@ -349,6 +353,53 @@ def test_decode_plan_checks_its_arguments():
         decode_plan(torch.empty(4, 32, 80, device="cuda", dtype=torch.bfloat16), 8, 1024)
     with pytest.raises(RuntimeError, match="impl must be"):
         decode_plan(q, 8, 1024, impl=3)
+    for impossible in (-2, 4 * 1024 + 1):  # 4 sequences of at most 1024 tokens
+        with pytest.raises(RuntimeError, match="sum_seq_lens must be -1 .* between 0 and num_seqs x max_seq_len"):
+            decode_plan(q, 8, 1024, sum_seq_lens=impossible)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_plan_does_not_split_equal_lengths_with_two_blocks_per_sm(head_dim):
+    # From 2 (head_dim 64) or 2.5 (128) 4-warp blocks per SM on, a batch of about equal
+    # lengths (mean >= 4/5 of the table's capacity, known from sum_seq_lens) runs one block
+    # per (sequence, kv head). Without the sum, or with one long sequence among short ones,
+    # the plan cannot rule out a long sequence whose blocks would run alone at the end,
+    # and keeps what it had.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tokens, changed = 4096, 0
+    first = -(-(4 if head_dim == 64 else 5) * sms // 16)  # 8 kv heads: 8 blocks per sequence
+    for batch in range(first, 4 * sms // 8 + 1):
+        blind = _llama_plan(batch, tokens, head_dim)
+        equal = _llama_plan(batch, tokens, head_dim, sum_seq_lens=batch * tokens)
+        assert equal["num_splits"] == 1 and equal["warps"] == 4, (batch, equal)
+        edge = -(-4 * batch * tokens // 5)  # the smallest sum whose mean is 4/5 of the capacity
+        assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=edge) == equal
+        assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=edge - 1) == blind
+        assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=tokens + (batch - 1) * 1024) == blind
+        changed += equal != blind
+    # Below that the sum changes nothing (wide blocks or splits stay).
+    few = first - 1
+    assert _llama_plan(few, tokens, head_dim, sum_seq_lens=few * tokens) == _llama_plan(few, tokens, head_dim)
+    if sms == 132:  # H100 / H200 SXM: the measured shapes (batch 34-59) were split before
+        assert changed > 0 and first == (33 if head_dim == 64 else 42)
+        assert _llama_plan(44, 1024, head_dim)["num_splits"] == 2
+        assert _llama_plan(44, 1024, head_dim, sum_seq_lens=44 * 1024)["num_splits"] == 1
+
+
+@pytest.mark.sanitize
+def test_decode_length_hint_never_changes_the_result():
+    # sum_seq_lens only picks the plan. Right, absent, or wrong (a ragged batch said to be
+    # of equal lengths), the output is the reference's.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = -(-5 * sms // 16)  # about 2.5 blocks per SM at 8 kv heads (42 on 132 SMs)
+    g = torch.Generator().manual_seed(batch)
+    ragged = torch.randint(1, 1025, (batch,), generator=g).tolist()
+    ragged[0] = 1024
+    for seq_lens in ([1024] * batch, ragged):
+        for hint in (-1, sum(seq_lens), batch * 1024):
+            out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch, table_width=64,
+                                  sum_seq_lens=hint)
+            _assert_close(out, ref, torch.bfloat16, f"decode batch={batch} sum_seq_lens={hint}")
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -414,11 +414,11 @@ def test_prepare_inputs_layout():
     assert attn.slot_mapping.tolist() == [3 * 4 + 1, 4 * 4 + 0] and attn.slot_mapping.dtype == torch.int64
     assert attn.block_tables.tolist() == [[7, 3, 0], [2, 9, 4]] and attn.block_tables.dtype == torch.int32
     assert attn.seq_lens.tolist() == [6, 9] and attn.seq_lens.dtype == torch.int32
-    assert attn.max_seqlen_q == 1
+    assert attn.max_seqlen_q == 1 and attn.sum_seq_lens == 15  # host ints: no device read
 
     c = Seq(list(range(7)), num_computed_tokens=2, block_table=[5, 1])  # prefill positions 2..6
     ids, pos, attn = runner.prepare_inputs([a, c])
-    assert attn.is_prefill and attn.max_seqlen_q == 5
+    assert attn.is_prefill and attn.max_seqlen_q == 5 and attn.sum_seq_lens == 13
     assert pos.tolist() == [5, 2, 3, 4, 5, 6]
     assert attn.slot_mapping.tolist() == [13, 22, 23, 4, 5, 6]
     assert attn.cu_seqlens_q.tolist() == [0, 1, 6] and attn.cu_seqlens_q.dtype == torch.int32

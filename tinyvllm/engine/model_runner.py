@@ -232,6 +232,7 @@ class ModelRunner:
             max_seqlen_q=max(cu_seqlens_q[s + 1] - cu_seqlens_q[s] for s in range(num_seqs)),
             cu_seqlens_q=d_cu.to(torch.int32) if is_prefill else None,
             logits_indices=d_last if is_prefill else None,
+            sum_seq_lens=sum(seq_lens),
         )
         return d_ids, d_pos, attn
 

@@ -13,7 +13,8 @@ per step, on the device, and passes it down:
 
 Decode (every sequence has exactly one new token, row ``s`` is sequence ``s``) needs no
 ``cu_seqlens_q`` and no ``logits_indices``. All tensors live on the model's device; the
-plain ints (``max_seqlen_q``) are known on the host, so nothing here forces a sync.
+plain ints (``max_seqlen_q``, ``sum_seq_lens``) are known on the host, so nothing here
+forces a sync.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AttentionMetadata:
     max_seqlen_q: int  # longest run of new tokens (1 for decode): a launch-size hint
     cu_seqlens_q: torch.Tensor | None = None  # [S+1] int32: sequence s owns rows cu[s]..cu[s+1]-1 (prefill)
     logits_indices: torch.Tensor | None = None  # [S] int64: row of each sequence's last token (prefill)
+    sum_seq_lens: int | None = None  # sum of seq_lens, known on the host: a hint for the decode kernel's plan
 
     @property
     def is_decode(self) -> bool:

@@ -189,7 +189,8 @@ class LlamaForCausalLM:
                 self.scale,
             )
         else:  # one query token per sequence
-            out = ops.paged_attention_decode(q, key_cache, value_cache, attn.block_tables, attn.seq_lens, self.scale)
+            out = ops.paged_attention_decode(q, key_cache, value_cache, attn.block_tables, attn.seq_lens, self.scale,
+                                             sum_seq_lens=attn.sum_seq_lens)
         return _linear(out.view(num_tokens, self.q_size), layer.o_proj, layer.o_bias)
 
     def mlp(self, layer: LlamaLayerWeights, x: torch.Tensor) -> torch.Tensor:

@@ -117,16 +117,20 @@ def paged_attention_decode(
     scale: float,
     out: torch.Tensor | None = None,
     impl: int = -1,
+    sum_seq_lens: int | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D].
 
     impl picks the GPU kernel: -1 automatic (the fastest the GPU runs), 0 CUDA cores,
-    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+)."""
+    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+).
+    sum_seq_lens: the sum of ``seq_lens``, if the caller knows it on the host (the engine
+    does). A hint for the GPU plan only: it tells a batch of about equal lengths from a
+    ragged one (see :func:`decode_plan`); the result never depends on it."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
         torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                                  impl)
+                                                  impl, -1 if sum_seq_lens is None else sum_seq_lens)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
@@ -135,13 +139,16 @@ def paged_attention_decode(
 DECODE_PLAN_FIELDS = ("tensor_cores", "tma", "num_splits", "partition_size", "warps", "blocks_per_sm", "smem_bytes")
 
 
-def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: int = -1) -> dict[str, int]:
+def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: int = -1,
+                sum_seq_lens: int | None = None) -> dict[str, int]:
     """What :func:`paged_attention_decode` launches for a batch shaped like ``query``.
 
     query [num_seqs, num_heads, head_dim] on the GPU (its dtype picks the kernel); contexts
-    of up to ``max_seq_len`` tokens (the block table's capacity). The answer depends on the
-    GPU (its SM count and how many blocks fit on an SM), e.g. on an H100/H200 at Llama 3.2
-    1B shapes, batch 96 x 1024 tokens::
+    of up to ``max_seq_len`` tokens (the block table's capacity); ``sum_seq_lens`` as for
+    :func:`paged_attention_decode` (None: not known, so the plan cannot assume the lengths
+    are about equal, and splits long contexts even where it has blocks enough). The answer
+    depends on the GPU (its SM count and how many blocks fit on an SM), e.g. on an
+    H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
 
         {'tensor_cores': 1, 'tma': 0, 'num_splits': 1, 'partition_size': 1024, 'warps': 4,
          'blocks_per_sm': 3, 'smem_bytes': 76800}
@@ -151,7 +158,8 @@ def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: 
     if not has_kernel("paged_attention_decode_plan"):
         raise RuntimeError("decode_plan needs the compiled extension tinyvllm._C (pip install -e . on a machine "
                            "with nvcc and a CUDA build of torch)")
-    values = torch.ops.tinyvllm.paged_attention_decode_plan(query, num_kv_heads, max_seq_len, impl)
+    values = torch.ops.tinyvllm.paged_attention_decode_plan(query, num_kv_heads, max_seq_len, impl,
+                                                            -1 if sum_seq_lens is None else sum_seq_lens)
     return dict(zip(DECODE_PLAN_FIELDS, values))
 
 
