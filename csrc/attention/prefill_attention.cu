@@ -71,7 +71,12 @@
 //
 // Shared-memory rows are padded by 8 elements (16 bytes): ldmatrix reads eight
 // 16-byte rows at once, and the padding puts those rows in different banks
-// (no bank conflicts).
+// (no bank conflicts). The decode kernel swizzles dense rows instead (padding made
+// cp.async fetch half the 32-byte sectors twice); here that was tried and measured
+// slower on an H200 (3-6% at 2048-8192 tokens, even at 512-1024): each ldmatrix
+// address then needs an XOR that cannot fold into the instruction's offset, the MT = 2
+// kernels are at 245-255 registers already, and MT = 1 at head_dim 64 (capped at 128)
+// spilled. Prefill is bound by the math, not by these copies.
 //
 // ---- fp32 --------------------------------------------------------------------
 // Tensor cores take 16-bit inputs; the fp32 path is a plain CUDA-core kernel (one warp
