@@ -378,7 +378,8 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
 //
 // sum_seq_lens: the sum of the batch's lengths if the caller knows it on the host (the
 // engine does), else -1. It only says whether the lengths are about equal (their mean is
-// at least 4/5 of max_seq_len); the grid never depends on it beyond that.
+// at least 4/5 of max_seq_len); the grid never depends on it beyond that. (A CUDA graph
+// keeps the plan it captured: replayed for other lengths it stays correct, if slower.)
 DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
                        int64_t sum_seq_lens, int num_sms, DType dtype, int impl) {
   int dev = 0;
