@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--ordered", action="store_true", help="blocks in order (default: shuffled, as the benchmark)")
     ap.add_argument("--sdpa", action="store_true", help="run torch SDPA on contiguous k/v instead")
     ap.add_argument("--impl", type=int, default=-1, help="decode kernel (-1 automatic, 0, 1 cp.async, 2 TMA)")
     args = ap.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
         torch.cuda.synchronize()
         print("ok", o.float().abs().mean().item())
         return
-    kc, vc, tables = paged_from_contiguous(k, v, args.block_size, gen)
+    kc, vc, tables = paged_from_contiguous(k, v, args.block_size, gen, shuffle=not args.ordered)
     del k, v
     lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
