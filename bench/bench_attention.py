@@ -17,6 +17,11 @@ and 128. TFLOP/s counts the causal half: 2 * n^2 * head_dim * num_heads. Peer: S
 backend, is_causal=True, on contiguous q/k/v (kv repeated to 32 heads outside the timing).
 Target: >= 0.7x SDPA flash.
 
+Ragged decode (--ragged): batches of 64/128/256 sequences of unequal lengths (RAGGED), run as the
+engine runs them: longest first, with sum_seq_lens. Beside it the same batch in arrival order
+without the sum (the JSON's given_order_no_sum_us), and the peer: SDPA on a contiguous cache padded
+to the longest length with a key-padding mask.
+
 Every repetition starts with a cold L2 (common.time_us overwrites a buffer several times the
 L2 first), so the numbers are HBM numbers. Inputs are random, never zeros.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 
 import torch
@@ -102,6 +108,62 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
                   extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
 
 
+RAGGED = {  # name -> lengths of a batch of b (random.Random(b)), Llama-1B heads
+    "uniform 100-2048": lambda b, r: [r.randint(100, 2048) for _ in range(b)],
+    "one 8192 among 1024s": lambda b, r: [8192 if i == b // 2 else 1024 for i in range(b)],
+    "uniform 1-8192": lambda b, r: [r.randint(1, 8192) for _ in range(b)],
+}
+
+
+def bench_decode_ragged(batch: int, kind: str, d: int = 64, dtype=torch.bfloat16) -> Result:
+    """A batch of unequal lengths, as the engine runs it: longest first, with sum_seq_lens.
+
+    extra["given_order_no_sum_us"]: the same batch in arrival order without the sum (what the
+    op did before the ragged rule and the scheduler's order). The peer: SDPA on a contiguous
+    cache padded to the longest length, with a key-padding mask (what a non-paged engine does)."""
+    lens_l = RAGGED[kind](batch, random.Random(batch))
+    L = max(lens_l)
+    gen = torch.Generator(device="cpu").manual_seed(batch)
+    q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, NUM_KV_HEADS, L, d, device="cuda", dtype=dtype)
+    v = torch.randn(batch, NUM_KV_HEADS, L, d, device="cuda", dtype=dtype)
+    kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)  # padding blocks are stored, never read
+    lens = torch.tensor(lens_l, dtype=torch.int32, device="cuda")
+    order = torch.tensor(sorted(range(batch), key=lambda i: -lens_l[i]), device="cuda")  # stable: longest first
+    q_s, tables_s, lens_s = q[order].contiguous(), tables[order].contiguous(), lens[order].contiguous()
+    scale, total = 1.0 / math.sqrt(d), sum(lens_l)
+    out, out_s = torch.empty_like(q), torch.empty_like(q)
+    op = torch.ops.tinyvllm.paged_attention_decode
+
+    def ours():
+        op(out_s, q_s, kc, vc, tables_s, lens_s, scale, -1, total)
+
+    def before():
+        op(out, q, kc, vc, tables, lens, scale, -1, -1)
+
+    mask = (torch.arange(L, device="cuda")[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    q4 = q.unsqueeze(2)
+    kr, vr = k.repeat_interleave(NUM_HEADS // NUM_KV_HEADS, 1), v.repeat_interleave(NUM_HEADS // NUM_KV_HEADS, 1)
+
+    def peer():
+        return torch.nn.functional.scaled_dot_product_attention(q4, kr, vr, attn_mask=mask)
+
+    ours()
+    before()
+    ref = peer().squeeze(2)
+    got = torch.empty_like(out_s)
+    got[order] = out_s
+    correct = all(bool(torch.allclose(x.float(), ref.float(), atol=2e-2, rtol=2e-2)) for x in (got, out))
+    t_ours, t_before, t_peer = time_us(ours), time_us(before), time_us(peer)
+    esize = q.element_size()
+    nbytes = 2 * total * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
+    del k, v, kr, vr, kc, vc
+    return Result("paged_attention_decode", f"B={batch} {kind} {NUM_HEADS}/{NUM_KV_HEADS}x{d} ragged", str(dtype)[6:],
+                  t_ours, t_peer, "sdpa padded + mask", bytes=nbytes, correct=correct,
+                  extra={"batch": batch, "context": L, "tokens": total, "ragged": kind,
+                         "given_order_no_sum_us": t_before})
+
+
 def bench_prefill(n: int, d: int, dtype=torch.bfloat16, impl: int = -1) -> Result:
     gen = torch.Generator(device="cpu").manual_seed(n + d)
     q = torch.randn(n, NUM_HEADS, d, device="cuda", dtype=dtype)
@@ -151,6 +213,9 @@ def main() -> None:
                     help="prefill kernel: -1 automatic, 1 = 16 query rows per warp, 2 = 32 rows per warp")
     ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
                     help="also time decode with these cache block sizes (the sweep uses 16)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="also time decode batches of unequal lengths (64, 128, 256 sequences; see RAGGED)")
+    ap.add_argument("--ragged-only", action="store_true", help="only the ragged decode batches")
     ap.add_argument("--ordered-blocks", action="store_true",
                     help="also time decode with each sequence's blocks in order (what random placement costs)")
     args = ap.parse_args()
@@ -165,9 +230,10 @@ def main() -> None:
     ceilings = {"copy_GBps": copy_bandwidth(), "matmul_bf16_TFLOPs": matmul_tflops()}
     print(f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
 
-    batches = [] if args.prefill_only else args.batches or ([1, 64] if args.quick else [1, 8, 64, 256])
+    args.ragged = args.ragged or args.ragged_only
+    batches = [] if args.prefill_only or args.ragged_only else args.batches or ([1, 64] if args.quick else [1, 8, 64, 256])
     contexts = [512, 4096] if args.quick else [128, 512, 1024, 4096]
-    prefill_ns = [] if args.decode_only else [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
+    prefill_ns = [] if args.decode_only or args.ragged_only else [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
     prefill_ds = [64] if args.quick else [64, 128]
 
     results: list[Result] = []
@@ -182,6 +248,10 @@ def main() -> None:
                 if b * L >= 65536:
                     results.append(bench_decode(b, L, block_size=bs))
                     torch.cuda.empty_cache()
+    for b in [64, 128, 256] if args.ragged else []:
+        for kind in RAGGED:
+            results.append(bench_decode_ragged(b, kind))
+            torch.cuda.empty_cache()
     for d in prefill_ds:
         for n in prefill_ns:
             results.append(bench_prefill(n, d, impl=args.prefill_impl))
@@ -190,7 +260,9 @@ def main() -> None:
     print()
     print_table(results, ceilings)
     # The summary and the chart use the standard sweep (shuffled blocks of 16 tokens) only.
-    dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape and " bs" not in r.shape]
+    dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape and " bs" not in r.shape
+           and "ragged" not in r.extra]
+    ragged = [r for r in results if "ragged" in r.extra]
     big = [r for r in dec if r.extra["tokens"] >= 65536]
     pre = [r for r in results if r.op == "prefill_attention"]
     summary = {
@@ -199,22 +271,30 @@ def main() -> None:
         "prefill_min_ratio_vs_sdpa_flash": min((r.speedup for r in pre), default=None),
         "all_correct": all(r.correct for r in results),
     }
+    if ragged:  # the engine's way (longest first, with the sum) against the op's old way, same batch
+        summary["ragged_speedup_vs_given_order_no_sum"] = {
+            r.shape: round(r.extra["given_order_no_sum_us"] / r.ours_us, 3) for r in ragged}
     print()
     for k_, v_ in summary.items():
         print(f"{k_}: {v_:.3f}" if isinstance(v_, float) else f"{k_}: {v_}")
     write_json(args.out, info, ceilings, results, summary=summary)
-    try_plot(
-        os.path.splitext(args.out)[0] + ".png",
-        f"attention on {info['device']}",
-        [
-            ("decode: % of copy bandwidth", [r.shape for r in dec],
-             {"ours": [100 * r.gbps() / ceilings["copy_GBps"] for r in dec],
-              "sdpa": [100 * r.bytes / (r.torch_us * 1e-6) / 1e9 / ceilings["copy_GBps"] for r in dec]}, "% copy BW"),
-            ("prefill: TFLOP/s (causal)", [r.shape for r in pre],
-             {"ours": [r.tflops() for r in pre], "sdpa flash": [r.flops / (r.torch_us * 1e-6) / 1e12 for r in pre]},
-             "TFLOP/s"),
-        ],
-    )
+    def pct(us: float, r: Result) -> float:  # the ideal traffic at this time, in % of the copy bandwidth
+        return 100 * r.bytes / (us * 1e-6) / 1e9 / ceilings["copy_GBps"]
+
+    panels = [
+        ("decode: % of copy bandwidth", [r.shape for r in dec],
+         {"ours": [pct(r.ours_us, r) for r in dec], "sdpa": [pct(r.torch_us, r) for r in dec]}, "% copy BW"),
+        ("prefill: TFLOP/s (causal)", [r.shape for r in pre],
+         {"ours": [r.tflops() for r in pre], "sdpa flash": [r.flops / (r.torch_us * 1e-6) / 1e12 for r in pre]},
+         "TFLOP/s"),
+        ("ragged decode: % of copy bandwidth (of the real lengths' bytes)", [r.shape for r in ragged],
+         {"ours (longest first, sum)": [pct(r.ours_us, r) for r in ragged],
+          "ours (given order, no sum)": [pct(r.extra["given_order_no_sum_us"], r) for r in ragged],
+          "sdpa padded + mask": [pct(r.torch_us, r) for r in ragged]}, "% copy BW"),
+    ]
+    panels = [p for p in panels if p[1]]
+    if panels:
+        try_plot(os.path.splitext(args.out)[0] + ".png", f"attention on {info['device']}", panels)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh [build] [test] [sanitize] [bench] [e2e]   (default: all)
 #   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
+#   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
 #
 # Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
 set -uo pipefail
@@ -67,6 +68,11 @@ fi
 if has battn; then
   python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
   note "bench_attention rc=${PIPESTATUS[0]}"
+fi
+
+if has ragged; then  # decode batches of unequal lengths (the engine's order and sum against the op's old way)
+  python3 bench/bench_attention.py --ragged-only --out "$OUT/attention_ragged.json" 2>&1 | tee "$OUT/bench_attention_ragged.log"
+  note "bench_attention --ragged-only rc=${PIPESTATUS[0]}"
 fi
 
 if has e2e; then

@@ -375,7 +375,11 @@ def test_decode_plan_does_not_split_equal_lengths_with_two_blocks_per_sm(head_di
         edge = -(-4 * batch * tokens // 5)  # the smallest sum whose mean is 4/5 of the capacity
         assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=edge) == equal
         assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=edge - 1) == blind
-        assert _llama_plan(batch, tokens, head_dim, sum_seq_lens=tokens + (batch - 1) * 1024) == blind
+        skewed = _llama_plan(batch, tokens, head_dim, sum_seq_lens=tokens + (batch - 1) * 1024)
+        if blind["num_splits"] == 1 and blind["warps"] == 4:  # blocks enough: the ragged rule cuts the long one
+            assert skewed["num_splits"] == 2 and skewed["partition_size"] == 2048, (batch, skewed)
+        else:  # the split the plan already had protects the long sequence
+            assert skewed == blind, (batch, skewed, blind)
         changed += equal != blind
     # Below that the sum changes nothing (wide blocks or splits stay).
     few = first - 1
@@ -384,6 +388,36 @@ def test_decode_plan_does_not_split_equal_lengths_with_two_blocks_per_sm(head_di
         assert changed > 0 and first == (33 if head_dim == 64 else 42)
         assert _llama_plan(44, 1024, head_dim)["num_splits"] == 2
         assert _llama_plan(44, 1024, head_dim, sum_seq_lens=44 * 1024)["num_splits"] == 1
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_plan_splits_only_the_long_sequences_of_a_ragged_batch(head_dim):
+    # Blocks enough for every SM, and a mean (sum_seq_lens / batch) under half the longest:
+    # the contexts are cut into partitions of at most twice the mean, rounded up to 256
+    # tokens, so that the long sequences' blocks do not stream alone at the end.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = 4 * sms // 8 + 8  # 8 kv heads: more than 4 blocks per SM, so the count never splits
+    blind = _llama_plan(batch, 8192, head_dim)
+    assert blind["num_splits"] == 1
+    one_long = 8192 + (batch - 1) * 1024  # one sequence of 8192 tokens among 1024s: mean about 1050
+    plan = _llama_plan(batch, 8192, head_dim, sum_seq_lens=one_long)
+    assert plan["num_splits"] == 4 and plan["partition_size"] == 2048 and plan["warps"] == 4, plan
+    # A step later every sequence is one token longer: the same plan (no re-planning per step).
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=one_long + batch) == plan
+    # Mean 1000 -> partitions of 2048; mean 1500 -> 3072, i.e. 3 of 2731 rounded to 2752.
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=1000 * batch)["partition_size"] == 2048
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=1500 * batch)["num_splits"] == 3
+    # The longest within twice the mean: unchanged (uniform 1024-8192 has mean about 4600).
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=4600 * batch) == blind
+    # Without the sum, or with equal lengths: unchanged.
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=-1) == blind
+    assert _llama_plan(batch, 8192, head_dim, sum_seq_lens=8192 * batch) == blind
+    # Never below the tensor-core kernel's shortest partition (128 tokens).
+    tiny = _llama_plan(batch, 1024, head_dim, sum_seq_lens=batch)  # mean 1
+    assert tiny["partition_size"] >= 128 and tiny["num_splits"] == 4, tiny
+    # Where the count already splits (few blocks), the sum does not change the split.
+    few = max(1, sms // 16)
+    assert _llama_plan(few, 8192, head_dim, sum_seq_lens=8192 + (few - 1) * 1024) == _llama_plan(few, 8192, head_dim)
 
 
 @pytest.mark.sanitize
@@ -400,6 +434,16 @@ def test_decode_length_hint_never_changes_the_result():
             out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=batch, table_width=64,
                                   sum_seq_lens=hint)
             _assert_close(out, ref, torch.bfloat16, f"decode batch={batch} sum_seq_lens={hint}")
+    # A batch big enough for the ragged rule (more than 4 blocks per SM), mostly short with a
+    # few long sequences: the long ones are split and merged. Right, absent, and wrong sums
+    # (said to be equal; said to be far shorter, which cuts every context into 256-token partitions).
+    big = 4 * sms // 8 + 8
+    seq_lens = torch.randint(1, 200, (big,), generator=g).tolist()
+    seq_lens[3] = seq_lens[big // 2] = 1024
+    seq_lens[-1] = 1000
+    for hint in (-1, sum(seq_lens), big * 1024, big):
+        out, ref = run_decode(seq_lens, 32, 8, 64, 16, torch.bfloat16, seed=big, table_width=64, sum_seq_lens=hint)
+        _assert_close(out, ref, torch.bfloat16, f"decode ragged batch={big} sum_seq_lens={hint}")
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -62,6 +62,26 @@ def test_prefill_waits_for_blocks():
     assert not out.is_prefill and [s.request_id for s in out.seqs] == ["a"]
 
 
+def test_decode_batch_runs_longest_first():
+    """The decode batch is ordered longest first (ties keep arrival order); preemption is not affected."""
+    bm = BlockManager(100, 4)
+    sch = Scheduler(bm, max_num_seqs=10, max_num_batched_tokens=1000)
+    seqs = [mk("short", 3), mk("long", 10), mk("mid", 6), mk("mid2", 6)]
+    for s in seqs:
+        sch.add(s)
+    out = sch.schedule()
+    assert out.is_prefill and [s.request_id for s in out.seqs] == ["short", "long", "mid", "mid2"]  # arrival order
+    fake_step(out)
+    out = sch.schedule()
+    assert not out.is_prefill and [s.request_id for s in out.seqs] == ["long", "mid", "mid2", "short"]
+    assert [s.num_tokens for s in out.seqs] == [11, 7, 7, 4]
+    assert [s.request_id for s in sch.running] == ["short", "long", "mid", "mid2"]  # the queue keeps arrival order
+    fake_step(out)
+    sch.finish(seqs[1])
+    out = sch.schedule()
+    assert [s.request_id for s in out.seqs] == ["mid", "mid2", "short"]
+
+
 def test_decode_preempts_newest_and_recomputes():
     bm = BlockManager(4, 4)
     sch = Scheduler(bm, max_num_seqs=10, max_num_batched_tokens=1000)
