@@ -17,10 +17,10 @@ and 128. TFLOP/s counts the causal half: 2 * n^2 * head_dim * num_heads. Peer: S
 backend, is_causal=True, on contiguous q/k/v (kv repeated to 32 heads outside the timing).
 Target: >= 0.7x SDPA flash.
 
-Ragged decode (--ragged): batches of 64/128/256 sequences of unequal lengths (RAGGED), run as the
-engine runs them: longest first, with sum_seq_lens. Beside it the same batch in arrival order
-without the sum (the JSON's given_order_no_sum_us), and the peer: SDPA on a contiguous cache padded
-to the longest length with a key-padding mask.
+Ragged decode (--ragged): batches of 8 to 256 sequences of unequal lengths (RAGGED), run as the
+engine runs them: with sum_seq_lens, and longest first from two blocks per SM on. Beside it the
+same batch in arrival order without the sum (the JSON's given_order_no_sum_us), and the peer: SDPA
+on a contiguous cache padded to the longest length with a key-padding mask.
 
 Every repetition starts with a cold L2 (common.time_us overwrites a buffer several times the
 L2 first), so the numbers are HBM numbers. Inputs are random, never zeros.
@@ -116,7 +116,9 @@ RAGGED = {  # name -> lengths of a batch of b (random.Random(b)), Llama-1B heads
 
 
 def bench_decode_ragged(batch: int, kind: str, d: int = 64, dtype=torch.bfloat16) -> Result:
-    """A batch of unequal lengths, as the engine runs it: longest first, with sum_seq_lens.
+    """A batch of unequal lengths, as the engine runs it: with sum_seq_lens, and longest first
+    from two blocks per SM on (ModelRunner.decode_longest_first_min_seqs; smaller batches keep
+    their order).
 
     extra["given_order_no_sum_us"]: the same batch in arrival order without the sum (what the
     op did before the ragged rule and the scheduler's order). The peer: SDPA on a contiguous
@@ -129,7 +131,10 @@ def bench_decode_ragged(batch: int, kind: str, d: int = 64, dtype=torch.bfloat16
     v = torch.randn(batch, NUM_KV_HEADS, L, d, device="cuda", dtype=dtype)
     kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)  # padding blocks are stored, never read
     lens = torch.tensor(lens_l, dtype=torch.int32, device="cuda")
-    order = torch.tensor(sorted(range(batch), key=lambda i: -lens_l[i]), device="cuda")  # stable: longest first
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    longest_first = batch >= -(-2 * sms // NUM_KV_HEADS)  # the engine's threshold (ModelRunner)
+    idx = sorted(range(batch), key=lambda i: -lens_l[i]) if longest_first else list(range(batch))  # stable
+    order = torch.tensor(idx, device="cuda")
     q_s, tables_s, lens_s = q[order].contiguous(), tables[order].contiguous(), lens[order].contiguous()
     scale, total = 1.0 / math.sqrt(d), sum(lens_l)
     out, out_s = torch.empty_like(q), torch.empty_like(q)
@@ -160,7 +165,7 @@ def bench_decode_ragged(batch: int, kind: str, d: int = 64, dtype=torch.bfloat16
     del k, v, kr, vr, kc, vc
     return Result("paged_attention_decode", f"B={batch} {kind} {NUM_HEADS}/{NUM_KV_HEADS}x{d} ragged", str(dtype)[6:],
                   t_ours, t_peer, "sdpa padded + mask", bytes=nbytes, correct=correct,
-                  extra={"batch": batch, "context": L, "tokens": total, "ragged": kind,
+                  extra={"batch": batch, "context": L, "tokens": total, "ragged": kind, "longest_first": longest_first,
                          "given_order_no_sum_us": t_before})
 
 
@@ -214,7 +219,7 @@ def main() -> None:
     ap.add_argument("--block-sizes", type=int, nargs="*", default=[],
                     help="also time decode with these cache block sizes (the sweep uses 16)")
     ap.add_argument("--ragged", action="store_true",
-                    help="also time decode batches of unequal lengths (64, 128, 256 sequences; see RAGGED)")
+                    help="also time decode batches of unequal lengths (8 to 256 sequences; see RAGGED)")
     ap.add_argument("--ragged-only", action="store_true", help="only the ragged decode batches")
     ap.add_argument("--ordered-blocks", action="store_true",
                     help="also time decode with each sequence's blocks in order (what random placement costs)")
@@ -248,7 +253,7 @@ def main() -> None:
                 if b * L >= 65536:
                     results.append(bench_decode(b, L, block_size=bs))
                     torch.cuda.empty_cache()
-    for b in [64, 128, 256] if args.ragged else []:
+    for b in [8, 16, 32, 64, 128, 256] if args.ragged else []:
         for kind in RAGGED:
             results.append(bench_decode_ragged(b, kind))
             torch.cuda.empty_cache()
@@ -271,7 +276,7 @@ def main() -> None:
         "prefill_min_ratio_vs_sdpa_flash": min((r.speedup for r in pre), default=None),
         "all_correct": all(r.correct for r in results),
     }
-    if ragged:  # the engine's way (longest first, with the sum) against the op's old way, same batch
+    if ragged:  # the engine's way (its order, with the sum) against the op's old way, same batch
         summary["ragged_speedup_vs_given_order_no_sum"] = {
             r.shape: round(r.extra["given_order_no_sum_us"] / r.ours_us, 3) for r in ragged}
     print()
@@ -288,7 +293,7 @@ def main() -> None:
          {"ours": [r.tflops() for r in pre], "sdpa flash": [r.flops / (r.torch_us * 1e-6) / 1e12 for r in pre]},
          "TFLOP/s"),
         ("ragged decode: % of copy bandwidth (of the real lengths' bytes)", [r.shape for r in ragged],
-         {"ours (longest first, sum)": [pct(r.ours_us, r) for r in ragged],
+         {"ours (the engine's order, sum)": [pct(r.ours_us, r) for r in ragged],
           "ours (given order, no sum)": [pct(r.extra["given_order_no_sum_us"], r) for r in ragged],
           "sdpa padded + mask": [pct(r.torch_us, r) for r in ragged]}, "% copy BW"),
     ]

@@ -65,7 +65,7 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // never depends on device data (CUDA-graph friendly). sum_seq_lens: the sum of every
 // seq_lens[i] if the caller knows it on the host (the engine does), else -1; the plan only
 // uses it to tell a batch of about equal lengths (not split where it has enough blocks)
-// from a ragged one (whose sequences longer than twice the mean are split), and a wrong
+// from a skewed one (the longest over 3x the mean: the long ones are cut), and a wrong
 // value costs speed, never correctness. head_dim 64 or
 // 128; block_size a power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
 // `workspace` holds the flash-decoding partial results (float32); its size in bytes

@@ -32,13 +32,16 @@ def mixed_workload(n=10, seed=0, vocab=60):
     return arrivals, [r for _, r in reqs]
 
 
+@pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("num_blocks, max_num_seqs, budget", [(64, 8, None), (12, 8, 64), (64, 3, 48)])
-def test_continuous_batching_matches_alone_fake(num_blocks, max_num_seqs, budget):
+def test_continuous_batching_matches_alone_fake(num_blocks, max_num_seqs, budget, longest_first):
     make = lambda: make_fake_engine(
         num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=48
     )
     arrivals, reqs = mixed_workload()
     eng = make()
+    if longest_first:  # every decode batch of 2 or more longest first: outputs still go to their own requests
+        eng.scheduler.longest_first_min_seqs = 2
     final = run_to_completion(eng, arrivals)
     assert set(final) == {r[0] for r in reqs}
     for rid, prompt, params in reqs:
@@ -56,6 +59,17 @@ def test_continuous_batching_matches_alone_fake(num_blocks, max_num_seqs, budget
         assert len(batch) <= max_num_seqs
         if budget:
             assert sum(n for _, n in batch) <= budget
+
+
+def test_engine_takes_the_decode_order_threshold_from_its_runner():
+    from engine_helpers import FakeRunner
+    from tinyvllm.engine.llm_engine import LLMEngine
+
+    assert make_fake_engine().scheduler.longest_first_min_seqs is None  # a runner that does not say: arrival order
+    runner = FakeRunner(64, block_size=4, num_blocks=16)
+    runner.decode_longest_first_min_seqs = 3
+    eng = LLMEngine(runner, FakeTokenizer(), block_size=4, num_kv_blocks=16, max_model_len=32, vocab_size=64)
+    assert eng.scheduler.longest_first_min_seqs == 3
 
 
 def test_requests_join_while_others_decode_and_blocks_free_at_once():
@@ -204,10 +218,13 @@ def tiny_llm_factory(tiny_llama_dir):
     return make
 
 
+@pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("num_kv_blocks, max_num_seqs", [(64, 256), (14, 4)])
-def test_continuous_batching_matches_alone_real_model(tiny_llm_factory, num_kv_blocks, max_num_seqs):
+def test_continuous_batching_matches_alone_real_model(tiny_llm_factory, num_kv_blocks, max_num_seqs, longest_first):
     llm = tiny_llm_factory(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, block_size=4, max_model_len=48)
     eng = llm.llm_engine
+    # The runner's own threshold (2 blocks per SM of kv heads) is far above this batch; force the order.
+    eng.scheduler.longest_first_min_seqs = 2 if longest_first else None
     rng = random.Random(1)
     vocab = eng.vocab_size
     reqs = []

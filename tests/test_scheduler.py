@@ -62,10 +62,19 @@ def test_prefill_waits_for_blocks():
     assert not out.is_prefill and [s.request_id for s in out.seqs] == ["a"]
 
 
-def test_decode_batch_runs_longest_first():
-    """The decode batch is ordered longest first (ties keep arrival order); preemption is not affected."""
+def test_decode_batch_runs_longest_first_from_the_runners_batch_size():
+    """A decode batch of at least longest_first_min_seqs sequences goes longest first (ties keep
+    arrival order), a smaller one (or with no threshold) in arrival order; preemption is not affected."""
+    for threshold, expect in ((None, ["short", "long", "mid", "mid2"]), (5, ["short", "long", "mid", "mid2"]),
+                              (4, ["long", "mid", "mid2", "short"])):
+        bm = BlockManager(100, 4)
+        sch = Scheduler(bm, max_num_seqs=10, max_num_batched_tokens=1000, longest_first_min_seqs=threshold)
+        for s in [mk("short", 3), mk("long", 10), mk("mid", 6), mk("mid2", 6)]:
+            sch.add(s)
+        fake_step(sch.schedule())
+        assert [s.request_id for s in sch.schedule().seqs] == expect, threshold
     bm = BlockManager(100, 4)
-    sch = Scheduler(bm, max_num_seqs=10, max_num_batched_tokens=1000)
+    sch = Scheduler(bm, max_num_seqs=10, max_num_batched_tokens=1000, longest_first_min_seqs=2)
     seqs = [mk("short", 3), mk("long", 10), mk("mid", 6), mk("mid2", 6)]
     for s in seqs:
         sch.add(s)

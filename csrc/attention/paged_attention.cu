@@ -83,22 +83,23 @@
 // end the states are merged across the rows of a warp (shuffles), then across
 // warps (shared memory).
 //
-// Flash-decoding (split-K over the context): with batch 1 and 8 kv heads there
-// would be only 8 blocks for 132 SMs. So the context is cut into num_splits
-// partitions of partition_size tokens, one block each; each block writes its
-// unnormalised (m, l, acc) into a workspace, and a small second kernel merges the
-// partitions of each (sequence, head). The split count is chosen on the host from
-// num_seqs * num_kv_heads against the SM count and the longest possible context
-// (plan_decode below); a batch of about equal lengths with blocks enough for every SM is
-// not split at all, and in a ragged one only the sequences longer than twice the mean are. A sequence that fits into one partition is finished by the
-// first kernel directly, and the second kernel skips it. The second kernel is
-// launched "programmatically dependent" (launch_reduce), so its launch overlaps the
-// first kernel instead of following it. Still, it can only start its work once the
-// whole first grid has finished; so where 4-warp blocks would need only 2 to 4 splits,
-// the tensor-core kernel runs one block of 8 or 16 warps per sequence instead (the
-// same warps, the same tiles), whose warps merge in shared memory (plan_decode). And
-// where the blocks need between one and two waves, the plan may allow fewer blocks per
-// SM than fit, so that the second wave spreads over every SM (blocks_per_sm_for).
+// Flash-decoding (split-K over the context): with batch 1 and 8 kv heads there would be
+// only 8 blocks for 132 SMs. So the context is cut into num_splits partitions of
+// partition_size tokens, one block each; each block writes its unnormalised (m, l, acc)
+// into a workspace, and a small second kernel merges the partitions of each (sequence,
+// head). The split count is chosen on the host from num_seqs * num_kv_heads against the
+// SM count and the longest possible context (plan_decode below); a batch of about equal
+// lengths with blocks enough for every SM is not split at all; in a skewed one (the
+// longest more than 3x the mean) the long sequences are cut into pieces sized by the
+// batch's total work. A sequence that fits into one partition is finished by the first
+// kernel directly, and the second kernel skips it. The second kernel is launched
+// "programmatically dependent" (launch_reduce), so its launch overlaps the first kernel
+// instead of following it. Still, it can only start its work once the whole first grid
+// has finished; so where 4-warp blocks would need only 2 to 4 splits, the tensor-core
+// kernel runs one block of 8 or 16 warps per sequence instead (the same warps, the same
+// tiles), whose warps merge in shared memory (plan_decode). And where the blocks need
+// between one and two waves, the plan may allow fewer blocks per SM than fit, so that
+// the second wave spreads over every SM (blocks_per_sm_for).
 //
 // CUDA graphs: the launcher allocates nothing (the workspace is passed in), never
 // reads device memory on the host, and sizes the grid from max_seq_len, an upper
@@ -294,11 +295,10 @@ void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, 
 // below which the merge costs more than the extra parallelism gains.
 //
 // equal_lengths: the caller says the lengths are about equal (see plan_decode).
-// ragged_partition: > 0 if the caller says they are not, and a block of the longest
-// sequence would stream more than twice the mean length: then the longest sequences are
-// cut into partitions of at most this many tokens (see the ragged rule below).
+// skewed_sum: > 0 if the caller says the longest sequence is more than 3x the mean
+// length: the sum of the lengths (rounded up to 256), else 0 (see the skewed rule below).
 DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
-                            bool equal_lengths, int ragged_partition, int num_sms, DType dtype, int impl) {
+                            bool equal_lengths, int64_t skewed_sum, int num_sms, DType dtype, int impl) {
   DecodePlan plan{};
   plan.warps = kDecodeWarps;
   plan.smem_bytes = decode_mma_smem_bytes(head_dim, kDecodeWarps);
@@ -337,19 +337,35 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // (sum_seq_lens, see plan_decode) the split stays.
   const int64_t min_blocks_x2 = head_dim > 64 ? 5 : 4;  // twice the blocks per SM wanted
   if (plan.tensor_cores && equal_lengths && 2 * base >= min_blocks_x2 * num_sms) splits = 1;
-  // Ragged lengths with blocks enough for every SM (the count above asks for no split): a
-  // block per (sequence, kv head) would make the longest sequences' blocks the last to
-  // finish, streaming alone while most SMs idle. So cut every context into partitions of
-  // at most twice the mean length: the short sequences stay whole, the long ones become a
-  // few blocks of about twice the mean, merged as for any split. Measured on an H200
-  // (Llama-1B heads, sequences given longest first, as the scheduler does): one 8192-token
-  // sequence among 1024s, batch 64: 89 -> 52 us; batch 128: 111 -> 85; batch 256: 161 ->
-  // 150. Batches whose longest is within twice the mean (lengths uniform in 100-2048,
-  // 1024-4096 or 1-8192, or half 512 and half 4096) are not split: there, 1024- or
-  // 2048-token partitions were 3-9% slower at batch 128-256, and within 2% at batch 64
-  // (bench/results/h200-2026-11-27-decode-gap/, section 7).
-  const bool ragged_split = plan.tensor_cores && ragged_partition > 0 && splits == 1 && max_seq_len > ragged_partition;
-  if (ragged_split) splits = (max_seq_len + ragged_partition - 1) / ragged_partition;
+  // Skewed lengths (the longest more than 3x the mean, known from sum_seq_lens): the
+  // blocks of the long sequences take that much longer than the rest, and however the
+  // others are spread, they end up streaming alone on a few SMs while the rest idle. So
+  // cut the contexts into pieces sized by the batch's TOTAL work: about `target` blocks'
+  // worth of tokens each (sum / (target / kv heads)), and never more than twice the mean.
+  // The short sequences stay whole, the long ones become several blocks, merged as for
+  // any split; no wide blocks, which would take a long sequence whole again. Measured on
+  // an H200 (Llama-1B heads, longest first, as the scheduler orders the batch), one
+  // 8192-token sequence among 1024s: batch 8 22.9 -> 17.3 us (256-token pieces), 16 39.1
+  // -> 21.0 (512), 48 53.0 -> 38.2 (1024), 128 111 -> 85 (2304), 256 161 -> 150 (2304);
+  // the rule's 768 at batch 32 and 1280 at 64 were not timed, their neighbours were: 32
+  // 53.2 -> 28.2 (1024) and 32.3 (512), 64 89 -> 48.6 (1024) and 51.5 (2048). Merely
+  // ragged batches (the longest within 2-2.3x the mean: lengths uniform in 100-2048 or
+  // 1-8192, half 512 and half 4096) keep their plan: cut the same way, most were 3-9%
+  // slower, two 4-5% faster (bench/results/h200-2026-11-27-decode-gap/, section 7).
+  bool skewed_split = false;
+  if (plan.tensor_cores && skewed_sum > 0) {
+    const int64_t per_head = num_kv_heads * int64_t(plan.head_chunks);
+    const int64_t pieces = std::max<int64_t>(1, (target + per_head - 1) / per_head);  // blocks per kv head
+    const int64_t mean = (skewed_sum + num_seqs - 1) / num_seqs;
+    const int64_t by_work = ((skewed_sum + pieces - 1) / pieces + 255) / 256 * 256;
+    const int64_t by_mean = (2 * mean + 255) / 256 * 256;
+    const int64_t piece = std::max<int64_t>(kMinPartition, std::min(by_work, by_mean));
+    const int64_t cut = (max_seq_len + piece - 1) / piece;
+    if (cut > splits) {
+      splits = cut;
+      skewed_split = true;
+    }
+  }
   const int min_part = plan.tensor_cores ? kMinPartition : kPartitionAlign;
   const int64_t by_len = (max_seq_len + min_part - 1) / min_part;
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, by_len, kMaxSplits}));
@@ -369,8 +385,8 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // us, 16 x 512 12.0 -> 10.5, 32 x 1024 24.3 -> 21.7 (8 warps), 24 x 512 14.9 -> 12.3
   // (8 warps for 3 splits: 192 blocks of 16 warps would need two waves). With more than
   // 4 splits, wider blocks that still need the merge won some shapes and lost others.
-  // (Not for a ragged split: a wide block would again take a long sequence whole.)
-  if (plan.tensor_cores && !plan.tma && !ragged_split && plan.num_splits > 1 && plan.num_splits <= 4) {
+  // (Not for a skewed batch: a wide block would again take a long sequence whole.)
+  if (plan.tensor_cores && !plan.tma && !skewed_split && plan.num_splits > 1 && plan.num_splits <= 4) {
     const int optin = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
     for (int warps = plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps; warps >= 2 * kDecodeWarps; warps /= 2) {
       // (16 warps at head_dim 128 would need 263 KB: no GPU has that, and no such kernel exists.)
@@ -386,7 +402,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
       }
     }
   }
-  if (plan.tensor_cores && !plan.tma && !ragged_split && plan.warps == kDecodeWarps)  // (its wave model: equal blocks)
+  if (plan.tensor_cores && !plan.tma && !skewed_split && plan.warps == kDecodeWarps)  // (its wave model: equal blocks)
     plan_blocks_per_sm(plan, base * plan.num_splits, fit, num_sms, dtype, head_dim, group);
   return plan;
 }
@@ -396,31 +412,27 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
 // remember the last answer per thread, so the repeats cost a comparison.
 //
 // sum_seq_lens: the sum of the batch's lengths if the caller knows it on the host (the
-// engine does), else -1. It says two things: whether the lengths are about equal (their
-// mean is at least 4/5 of max_seq_len), and if not, the ragged rule's partition size,
-// twice the mean rounded up to 256 tokens (rounded, so that a batch whose sum grows by one
-// token per sequence per step is not re-planned at every step). The grid never depends on
-// it beyond that. (A CUDA graph keeps the plan it captured: replayed for other lengths it
+// engine does), else -1. It says whether the lengths are about equal (their mean is at
+// least 4/5 of max_seq_len) or skewed (the mean under 1/3 of it); for a skewed batch the
+// plan also sizes its pieces from the sum, rounded up to 256 tokens (so that a sum that
+// grows by a token per sequence per step rarely re-plans). The grid never depends on it
+// beyond that. (A CUDA graph keeps the plan it captured: replayed for other lengths it
 // stays correct, if slower.)
 DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_dim, int max_seq_len,
                        int64_t sum_seq_lens, int num_sms, DType dtype, int impl) {
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   const bool equal_lengths = sum_seq_lens >= 0 && 4 * int64_t(num_seqs) * max_seq_len <= 5 * sum_seq_lens;
-  int ragged_partition = 0;
-  if (sum_seq_lens >= 0 && !equal_lengths && num_seqs > 0) {
-    const int64_t mean = (sum_seq_lens + num_seqs - 1) / num_seqs;
-    const int64_t part = std::max<int64_t>(kMinPartition, (2 * mean + 255) / 256 * 256);
-    if (part < max_seq_len) ragged_partition = static_cast<int>(part);
-  }
-  const std::array<int, 11> key{num_seqs,   num_heads, num_kv_heads,  head_dim, max_seq_len, equal_lengths,
-                                ragged_partition, num_sms, static_cast<int>(dtype), impl, dev};
-  thread_local std::array<int, 11> last_key{};
+  const bool skewed = sum_seq_lens >= 0 && 3 * sum_seq_lens < int64_t(num_seqs) * max_seq_len;
+  const int64_t skewed_sum = skewed ? std::max<int64_t>(256, (sum_seq_lens + 255) / 256 * 256) : 0;
+  const std::array<int64_t, 11> key{num_seqs,   num_heads, num_kv_heads,  head_dim, max_seq_len, equal_lengths,
+                                    skewed_sum, num_sms,   static_cast<int>(dtype), impl, dev};
+  thread_local std::array<int64_t, 11> last_key{};
   thread_local DecodePlan last_plan{};
   thread_local bool have_last = false;
   if (!have_last || key != last_key) {
     last_plan = make_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, equal_lengths,
-                                 ragged_partition, num_sms,
+                                 skewed_sum, num_sms,
                                  dtype, impl);
     last_key = key;
     have_last = true;

@@ -103,7 +103,9 @@ class LLMEngine:
 
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            # the runner knows its attention kernel, and so when the order of a decode batch matters
+            longest_first_min_seqs=getattr(model_runner, "decode_longest_first_min_seqs", None),
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)

@@ -166,6 +166,18 @@ class ModelRunner:
             for _ in range(m.num_layers)
         ]
 
+        # Decode batches at least this large go to the model longest sequence first (the
+        # scheduler orders them; None: never). The attention kernel's blocks reach the SMs
+        # in batch order, so past about two blocks per SM the long ones should start first.
+        # Below that, a batch runs as one wave of wide blocks, one per SM, where the order
+        # only decides which SMs take the long ones, and longest first puts them side by
+        # side: measured on an H200, batch 16 was up to 19% SLOWER longest first, batch
+        # 48-256 up to 16% faster (bench/results/h200-2026-11-27-decode-gap/, section 7).
+        self.decode_longest_first_min_seqs: int | None = None
+        if self.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.decode_longest_first_min_seqs = -(-2 * sms // m.num_kv_heads)
+
         # The host side of the one host-to-device copy per step (pinned, so the copy is async).
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)

@@ -25,9 +25,9 @@ without chunked prefill):
   sequence needing the block is itself the newest, it is the one preempted.
   That way the oldest requests always make progress and nothing deadlocks, as
   long as one sequence alone fits in the cache, which the engine guarantees by
-  capping a sequence's length at the cache capacity. The decode batch is handed
-  to the model longest sequence first (see ``_schedule_decode``: it makes the
-  attention kernel's last blocks short ones).
+  capping a sequence's length at the cache capacity. A large decode batch is
+  handed to the model longest sequence first (see ``_schedule_decode``: it makes
+  the attention kernel's last blocks short ones).
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 longest_first_min_seqs: int | None = None) -> None:
+        """longest_first_min_seqs: decode batches of at least this many sequences are handed to
+        the model longest first (None: always in arrival order); see ``_schedule_decode``."""
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}.")
         if max_num_batched_tokens < 1:
@@ -63,6 +66,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.longest_first_min_seqs = longest_first_min_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -142,12 +146,13 @@ class Scheduler:
                 self.block_manager.append_slot(seq)
                 scheduled.append(seq)
             i += 1
-        # Longest first: the decode attention kernel's blocks reach the SMs in batch order, so
-        # the longest sequences start first and the short ones fill in behind them, instead of
-        # a long one starting last and streaming alone at the end ("longest processing time
-        # first"). Measured on an H200, Llama-1B heads, ragged batches of 128-256: the kernel
-        # 4-13% faster at 8 of 10, within 1% at the other two (bench/results/
-        # h200-2026-11-27-decode-gap/, section 7). The sort is
-        # stable, and the engine pairs each output with its sequence, so nothing else changes.
-        out.seqs = sorted(scheduled, key=lambda s: s.num_tokens, reverse=True)
+        # Longest first (for batches the model runner says are large enough): the decode
+        # attention kernel's blocks reach the SMs in batch order, so the longest sequences
+        # start first and the short ones fill in behind them, instead of a long one starting
+        # last and streaming alone at the end ("longest processing time first"). Measured on
+        # an H200, Llama-1B heads, ragged batches of 128-256: the kernel 4-13% faster at 8 of
+        # 10, within 1% at the other two (bench/results/h200-2026-11-27-decode-gap/, section
+        # 7). The sort is stable, and the engine pairs each output with its sequence.
+        n = self.longest_first_min_seqs
+        out.seqs = sorted(scheduled, key=lambda s: s.num_tokens, reverse=True) if n and len(scheduled) >= n else scheduled
         return out

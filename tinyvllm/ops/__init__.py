@@ -125,8 +125,8 @@ def paged_attention_decode(
     1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+).
     sum_seq_lens: the sum of ``seq_lens``, if the caller knows it on the host (the engine
     does). A hint for the GPU plan only: it tells a batch of about equal lengths (not split
-    where there are blocks enough) from a ragged one (its sequences longer than twice the mean
-    are split); see :func:`decode_plan`. The result never depends on it. For a ragged batch,
+    where there are blocks enough) from a skewed one (the longest more than 3x the mean: the
+    long sequences are cut into pieces); see :func:`decode_plan`. The result never depends on it. For a ragged batch,
     pass the sequences longest first (the engine's scheduler does): the kernel's blocks start
     in batch order, so the long ones then start first."""
     if out is None:
@@ -149,8 +149,8 @@ def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: 
     query [num_seqs, num_heads, head_dim] on the GPU (its dtype picks the kernel); contexts
     of up to ``max_seq_len`` tokens (the block table's capacity); ``sum_seq_lens`` as for
     :func:`paged_attention_decode` (None: not known; then the plan cannot tell equal lengths,
-    which it would not split where it has blocks enough, from ragged ones, whose longest
-    sequences it would). The answer
+    which it would not split where it has blocks enough, from skewed ones, whose long
+    sequences it would cut). The answer
     depends on the GPU (its SM count and how many blocks fit on an SM), e.g. on an
     H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
 
