@@ -66,8 +66,8 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // seq_lens[i] if the caller knows it on the host (the engine does), else -1; the plan only
 // uses it to tell a batch of about equal lengths (not split where it has enough blocks)
 // from a skewed one (the longest over 3x the mean: the long ones are cut), and a wrong
-// value costs speed, never correctness. head_dim 64 or
-// 128; block_size a power of two (the bindings allow 8..128); num_heads % num_kv_heads == 0.
+// value costs speed, never correctness. head_dim 64 or 128; block_size a power of two
+// (the bindings allow 8..128); num_heads % num_kv_heads == 0.
 // `workspace` holds the flash-decoding partial results (float32); its size in bytes
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
 // be 0 (then workspace may be null). The split count depends on the device's SM count

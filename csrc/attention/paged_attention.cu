@@ -432,8 +432,7 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   thread_local bool have_last = false;
   if (!have_last || key != last_key) {
     last_plan = make_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, equal_lengths,
-                                 skewed_sum, num_sms,
-                                 dtype, impl);
+                                 skewed_sum, num_sms, dtype, impl);
     last_key = key;
     have_last = true;
   }

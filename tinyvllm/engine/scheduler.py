@@ -154,5 +154,7 @@ class Scheduler:
         # 10, within 1% at the other two (bench/results/h200-2026-11-27-decode-gap/, section
         # 7). The sort is stable, and the engine pairs each output with its sequence.
         n = self.longest_first_min_seqs
-        out.seqs = sorted(scheduled, key=lambda s: s.num_tokens, reverse=True) if n and len(scheduled) >= n else scheduled
+        if n and len(scheduled) >= n:
+            scheduled.sort(key=lambda s: s.num_tokens, reverse=True)
+        out.seqs = scheduled
         return out
