@@ -126,9 +126,9 @@ def paged_attention_decode(
     sum_seq_lens: the sum of ``seq_lens``, if the caller knows it on the host (the engine
     does). A hint for the GPU plan only: it tells a batch of about equal lengths (not split
     where there are blocks enough) from a skewed one (the longest more than 3x the mean: the
-    long sequences are cut into pieces); see :func:`decode_plan`. The result never depends on it. For a ragged batch,
-    pass the sequences longest first (the engine's scheduler does): the kernel's blocks start
-    in batch order, so the long ones then start first."""
+    long sequences are cut into pieces); see :func:`decode_plan`. The result never depends on
+    it. For a large ragged batch (two blocks per SM and more), pass the sequences longest first,
+    as the engine's scheduler does: the kernel's blocks start in batch order."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
