@@ -346,11 +346,10 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // split; no wide blocks, which would take a long sequence whole again. Measured on an
   // H200 (Llama-1B heads, in the scheduler's order), one 8192-token sequence among 1024s:
   // batch 8 22.9 -> 17.3 us (256-token pieces), 16 39.1 -> 21.0 (512), 48 53.0 -> 38.2
-  // (1024), 128 111 -> 85 (2304), 256 161 -> 150 (2304); the rule's 768 at batch 32 and
-  // 1280 at 64 were not timed, their neighbours were: 32 53.2 -> 28.2 (1024) and 32.3
-  // (512), 64 89 -> 48.6 (1024) and 51.5 (2048). Merely ragged batches (the longest within
-  // 2-2.3x the mean: lengths uniform in 100-2048 or 1-8192, half 512 and half 4096) keep
-  // their plan: cut the same way, most were 3-9% slower, two 4-5% faster
+  // (1024), 128 111 -> 85 (2304), 256 161 -> 150 (2304); and with the committed rule (768
+  // at batch 32, 1280 at 64): 32 54.0 -> 31.5, 64 90.7 -> 49.9. Merely ragged batches (the
+  // longest within 2-2.3x the mean: lengths uniform in 100-2048 or 1-8192, half 512 and
+  // half 4096) keep their plan: cut the same way, most were 3-9% slower, two 4-5% faster
   // (bench/results/h200-2026-11-27-decode-gap/, section 7).
   bool skewed_split = false;
   if (plan.tensor_cores && skewed_sum > 0) {
