@@ -131,8 +131,10 @@ def bench_decode_ragged(batch: int, kind: str, d: int = 64, dtype=torch.bfloat16
     v = torch.randn(batch, NUM_KV_HEADS, L, d, device="cuda", dtype=dtype)
     kc, vc, tables = paged_from_contiguous(k, v, BLOCK, gen)  # padding blocks are stored, never read
     lens = torch.tensor(lens_l, dtype=torch.int32, device="cuda")
+    from tinyvllm.engine.model_runner import decode_longest_first_min_seqs
+
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    longest_first = batch >= -(-2 * sms // NUM_KV_HEADS)  # the engine's threshold (ModelRunner)
+    longest_first = batch >= decode_longest_first_min_seqs(NUM_KV_HEADS, sms)  # as the engine orders it
     idx = sorted(range(batch), key=lambda i: -lens_l[i]) if longest_first else list(range(batch))  # stable
     order = torch.tensor(idx, device="cuda")
     q_s, tables_s, lens_s = q[order].contiguous(), tables[order].contiguous(), lens[order].contiguous()

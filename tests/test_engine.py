@@ -70,6 +70,10 @@ def test_engine_takes_the_decode_order_threshold_from_its_runner():
     runner.decode_longest_first_min_seqs = 3
     eng = LLMEngine(runner, FakeTokenizer(), block_size=4, num_kv_blocks=16, max_model_len=32, vocab_size=64)
     assert eng.scheduler.longest_first_min_seqs == 3
+    # The real runner's threshold: two attention blocks per SM (H100/H200: 132 SMs; Llama 3.2 1B: 8 kv heads).
+    from tinyvllm.engine.model_runner import decode_longest_first_min_seqs
+
+    assert decode_longest_first_min_seqs(8, 132) == 33 and decode_longest_first_min_seqs(2, 132) == 132
 
 
 def test_requests_join_while_others_decode_and_blocks_free_at_once():

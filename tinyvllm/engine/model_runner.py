@@ -106,6 +106,12 @@ def determine_num_blocks(
     return int(num_blocks)
 
 
+def decode_longest_first_min_seqs(num_kv_heads: int, num_sms: int) -> int:
+    """The smallest decode batch worth ordering longest first: two attention blocks per SM
+    (one block per sequence and kv head). See ``ModelRunner.decode_longest_first_min_seqs``."""
+    return -(-2 * num_sms // num_kv_heads)
+
+
 def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slots of positions start..end-1: block_table[p // bs] * bs + p % bs, one range per block."""
     slots: list[int] = []
@@ -176,7 +182,7 @@ class ModelRunner:
         self.decode_longest_first_min_seqs: int | None = None
         if self.device.type == "cuda":
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self.decode_longest_first_min_seqs = -(-2 * sms // m.num_kv_heads)
+            self.decode_longest_first_min_seqs = decode_longest_first_min_seqs(m.num_kv_heads, sms)
 
         # The host side of the one host-to-device copy per step (pinned, so the copy is async).
         self._pinned = self.device.type == "cuda"

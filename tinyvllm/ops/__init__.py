@@ -150,9 +150,8 @@ def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: 
     of up to ``max_seq_len`` tokens (the block table's capacity); ``sum_seq_lens`` as for
     :func:`paged_attention_decode` (None: not known; then the plan cannot tell equal lengths,
     which it would not split where it has blocks enough, from skewed ones, whose long
-    sequences it would cut). The answer
-    depends on the GPU (its SM count and how many blocks fit on an SM), e.g. on an
-    H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
+    sequences it would cut). The answer depends on the GPU (its SM count and how many blocks
+    fit on an SM), e.g. on an H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
 
         {'tensor_cores': 1, 'tma': 0, 'num_splits': 1, 'partition_size': 1024, 'warps': 4,
          'blocks_per_sm': 3, 'smem_bytes': 76800}
