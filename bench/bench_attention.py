@@ -22,8 +22,8 @@ engine runs them: with sum_seq_lens, and longest first from two blocks per SM on
 same batch in arrival order without the sum (the JSON's given_order_no_sum_us), and the peer: SDPA
 on a contiguous cache padded to the longest length with a key-padding mask.
 
-Every repetition starts with a cold L2 (common.time_us overwrites a buffer several times the
-L2 first), so the numbers are HBM numbers. Inputs are random, never zeros.
+Every repetition starts with a cold L2 (common.time_us first reads a buffer several times the
+size of the L2), so the numbers are HBM numbers. Inputs are random, never zeros.
 """
 
 from __future__ import annotations
