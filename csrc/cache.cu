@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(256)
     reshape_and_cache_kernel(const T* __restrict__ key, const T* __restrict__ value, T* __restrict__ key_cache,
                              T* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping,
                              int64_t num_tokens, int num_kv_heads, int head_dim, int block_size, int64_t num_slots,
-                             int64_t key_row_stride, int64_t value_row_stride) {
+                             int64_t key_row_stride, int64_t value_row_stride, int* errors) {
   const int vecs_per_head = head_dim / VEC;
   const int vecs_per_token = num_kv_heads * vecs_per_head;
   const int64_t first_token = static_cast<int64_t>(blockIdx.x) * blockDim.y * U + threadIdx.y;
@@ -80,10 +80,14 @@ __global__ void __launch_bounds__(256)
         slot[u] = slot_mapping[token];
       }
     }
-    // 2. Stores into the paged cache, skipping padding (slot -1) and slots outside it.
+    // 2. Stores into the paged cache, skipping padding (slot -1) and slots past its end.
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (slot[u] < 0 || slot[u] >= num_slots) continue;
+      if (slot[u] < 0) continue;  // padding
+      if (slot[u] >= num_slots) {  // past the cache: never written, and the host is told
+        raise_kernel_error(errors, kErrSlotMapping);
+        continue;
+      }
       const int64_t block = slot[u] / block_size;
       const int64_t offset = slot[u] - block * block_size;
       const int64_t dst = ((block * num_kv_heads + head) * block_size + offset) * head_dim + d;
@@ -107,7 +111,7 @@ void launch(const T* key, const T* value, T* key_cache, T* value_cache, const in
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_tokens, tokens_per_block)));
   reshape_and_cache_kernel<T, VEC, kTokensPerThread><<<grid, dim3(bx, by), 0, stream>>>(
       key, value, key_cache, value_cache, slot_mapping, num_tokens, num_kv_heads, head_dim, block_size, num_slots,
-      key_row_stride, value_row_stride);
+      key_row_stride, value_row_stride, kernel_error_flags());
 }
 
 }  // namespace

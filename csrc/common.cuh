@@ -12,6 +12,7 @@
 //   * warp_reduce_sum /     sum a float over the 32 threads of a warp, or over a
 //     block_reduce_sum      whole thread block.
 //   * TINYVLLM_DISPATCH     call a template with the C++ type matching a DType.
+//   * raise_kernel_error    flag an index a kernel refused to follow (errors.cu).
 //
 // No torch here: this header is plain CUDA C++ (see ops.h for why).
 #pragma once
@@ -41,6 +42,13 @@ namespace tinyvllm {
                                " (" #expr ") at " __FILE__ ":" + std::to_string(__LINE__));          \
     }                                                                                                 \
   } while (0)
+
+// A kernel met an index it must not follow (ops.h, KernelError): raise the host-visible
+// flag. A plain store of 1 suffices (every writer writes the same value); it happens
+// only on bad input, so the hot paths pay a comparison, never a store.
+__device__ __forceinline__ void raise_kernel_error(int* flags, KernelError which) {
+  *reinterpret_cast<volatile int*>(flags + which) = 1;
+}
 
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {

@@ -24,6 +24,26 @@ namespace tinyvllm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// ---- bad indices found on the GPU (errors.cu) -------------------------------
+// Some bad inputs hide in device data that the bindings cannot read without waiting
+// for the GPU: a block-table entry outside the cache, a slot or a position past the
+// end, query runs (cu_seqlens_q) that leave the query. A kernel never follows such
+// an index (each op below says what it does instead) and raises one of these flags
+// in pinned host memory; the host reads them once the kernels are done, e.g. after
+// the engine's per-step copy of the sampled tokens (tinyvllm.ops.check_kernel_errors).
+enum KernelError : int {
+  kErrBlockTable = 0,  // attention: a block_tables entry that seq_lens covers is outside [0, num_blocks)
+  kErrSlotMapping = 1,  // reshape_and_cache: a slot at or past num_blocks * block_size
+  kErrPosition = 2,     // rotary_embedding: a position outside [0, max_position)
+  kErrQueryRuns = 3,    // prefill_attention: a query run outside the query, longer than its seq_len or max_seqlen_q
+  kNumKernelErrors = 4
+};
+// Device-visible pointer to kNumKernelErrors ints (allocated on first use; never null).
+int* kernel_error_flags();
+// Copy the flags into out[kNumKernelErrors] (call after the kernels have finished),
+// and reset them to 0 if `clear`.
+void read_kernel_errors(int* out, bool clear);
+
 // ---- normalisation (rmsnorm.cu) -------------------------------------------
 // out[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight.
 // `impl` picks the version of the reduction: 0 = shared-memory tree (the
@@ -39,7 +59,7 @@ void fused_add_rms_norm(void* x, void* residual, const void* weight, int64_t num
 // Rotates q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] in place
 // (rotate-half pairing) using cos_sin_cache [max_position, rot_dim] float32.
 // Heads are contiguous inside a row; rows may be strided. A position outside
-// [0, max_position) leaves its token untouched (the kernel cannot raise).
+// [0, max_position) leaves its token untouched and raises kErrPosition.
 void rotary_embedding(const int64_t* positions, void* query, void* key, const float* cos_sin_cache,
                       int64_t num_tokens, int num_heads, int num_kv_heads, int head_dim, int rot_dim,
                       int64_t max_position, int64_t query_row_stride, int64_t key_row_stride, DType dtype,
@@ -51,7 +71,8 @@ void silu_and_mul(void* out, const void* x, int64_t num_tokens, int64_t d, DType
 
 // ---- KV-cache write (cache.cu) ---------------------------------------------
 // key/value [T, num_kv_heads, head_dim] (row stride given) -> caches at slot_mapping[t].
-// Slots < 0 (padding) and slots >= num_blocks * block_size are skipped.
+// Slots < 0 (padding) are skipped; slots >= num_blocks * block_size are skipped and
+// raise kErrSlotMapping.
 void reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
                        const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_dim,
                        int block_size, int64_t num_blocks, int64_t key_row_stride, int64_t value_row_stride,
@@ -75,7 +96,10 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // impl: -1 automatic (the fastest kernel the GPU can run), 0 the CUDA-core kernel,
 // 1 the tensor-core kernel with cp.async loads, 2 the tensor-core kernel with TMA loads
 // (sm_90+); an explicit impl that cannot run throws. num_cache_blocks: dimension 0 of
-// the caches (the TMA kernel describes the whole cache to the copy engine).
+// the caches (the TMA kernel describes the whole cache to the copy engine). A block-table
+// entry that seq_lens covers and that is outside [0, num_cache_blocks) is never followed:
+// the kernel reads block 0 instead and raises kErrBlockTable. seq_lens beyond the table's
+// capacity are clamped to it.
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);
 // What the decode op would launch for these sizes on the current GPU (plan_decode in
@@ -101,15 +125,18 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
 // Prefill: queries of sequence s are rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 at
 // positions seq_lens[s]-q_len..seq_lens[s]-1, attending causally through the paged cache.
 // out [T, num_heads, head_dim] contiguous; query row-strided like decode. max_seqlen_q
-// must be >= every q_len (rows past it are not computed). bf16/fp16 use tensor cores
+// must be >= every q_len. num_tokens: the query's rows; num_cache_blocks: dimension 0 of the
+// caches. A query run outside the query, longer than max_seqlen_q or than its seq_len is
+// skipped and raises kErrQueryRuns; a block-table entry that seq_lens covers and that is
+// outside the cache reads block 0 and raises kErrBlockTable. bf16/fp16 use tensor cores
 // (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback. impl (bf16/fp16): -1
 // automatic, 1 = 16 query rows per warp (64-row blocks), 2 = 32 rows per warp (128-row
 // blocks); an explicit impl that cannot run throws (fp32: -1 only).
 void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,
                        const int32_t* block_tables, const int32_t* cu_seqlens_q, const int32_t* seq_lens,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                       int max_blocks_per_seq, int max_seqlen_q, int64_t query_row_stride, float scale,
-                       DType dtype, int impl, cudaStream_t stream);
+                       int max_blocks_per_seq, int max_seqlen_q, int64_t num_tokens, int64_t num_cache_blocks,
+                       int64_t query_row_stride, float scale, DType dtype, int impl, cudaStream_t stream);
 
 // ---- GEMM (gemm.cpp) -------------------------------------------------------
 // y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.

@@ -55,7 +55,8 @@ template <typename T, int VEC>
 __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T* __restrict__ query,
                                         T* __restrict__ key, const float* __restrict__ cos_sin_cache,
                                         int num_heads, int num_kv_heads, int head_dim, int rot_dim,
-                                        int64_t max_position, int64_t query_row_stride, int64_t key_row_stride) {
+                                        int64_t max_position, int64_t query_row_stride, int64_t key_row_stride,
+                                        int* errors) {
   const int64_t token = blockIdx.x;
   const int half = rot_dim / 2;
   const int groups_per_head = half / VEC;  // a thread's unit of work: VEC pairs of one head
@@ -72,7 +73,10 @@ __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T
     Vec<T, VEC> x1 = load_vec<VEC>(x + i);
     Vec<T, VEC> x2 = load_vec<VEC>(x + half + i);
     const int64_t pos = positions[token];
-    if (pos < 0 || pos >= max_position) return;  // out of the cache: leave the token alone
+    if (pos < 0 || pos >= max_position) {  // out of the cache: leave the token alone, tell the host
+      raise_kernel_error(errors, kErrPosition);
+      return;
+    }
     const float* cos_row = cos_sin_cache + pos * rot_dim;
     const float* sin_row = cos_row + half;
     float c[VEC], s[VEC];
@@ -97,7 +101,8 @@ void launch(const int64_t* positions, T* q, T* k, const float* cache, int64_t nu
   const int64_t work = static_cast<int64_t>(num_heads + num_kv_heads) * (rot_dim / 2 / VEC);
   const int threads = round_up_to_warp(work < 512 ? work : 512);
   rotary_embedding_kernel<T, VEC><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-      positions, q, k, cache, num_heads, num_kv_heads, head_dim, rot_dim, max_position, q_stride, k_stride);
+      positions, q, k, cache, num_heads, num_kv_heads, head_dim, rot_dim, max_position, q_stride, k_stride,
+      kernel_error_flags());
 }
 
 }  // namespace

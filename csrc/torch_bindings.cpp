@@ -434,8 +434,9 @@ void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Te
   prefill_attention(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                     block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
                     static_cast<int>(num_seqs), dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.block_size,
-                    dims.max_blocks_per_seq, static_cast<int>(max_seqlen_q), row_stride(query),
-                    static_cast<float>(scale), dtype_of(query, "query"), static_cast<int>(impl), current_stream());
+                    dims.max_blocks_per_seq, static_cast<int>(max_seqlen_q), query.size(0), key_cache.size(0),
+                    row_stride(query), static_cast<float>(scale), dtype_of(query, "query"), static_cast<int>(impl),
+                    current_stream());
 }
 
 // ==== end attention ====
@@ -466,6 +467,15 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// The flags kernels raise on an index they refused to follow (ops.h, errors.cu), as a
+// list of kNumKernelErrors ints; `clear` resets them. Reads host memory only: the caller
+// makes sure the kernels in question have finished (tinyvllm.ops.check_kernel_errors).
+std::vector<int64_t> kernel_errors_op(bool clear) {
+  int flags[kNumKernelErrors];
+  read_kernel_errors(flags, clear);
+  return std::vector<int64_t>(flags, flags + kNumKernelErrors);
+}
+
 }  // namespace
 }  // namespace tinyvllm
 
@@ -490,6 +500,8 @@ TORCH_LIBRARY(tinyvllm, m) {
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");
   // ==== end attention schemas ====
+  // No tensor arguments, so no dispatch key: one implementation for every backend.
+  m.def("kernel_errors(bool clear=True) -> int[]", &tinyvllm::kernel_errors_op);
 }
 
 namespace {

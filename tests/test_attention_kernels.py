@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from tinyvllm.ops import decode_plan, reference
+from tinyvllm.ops import KernelInputError, check_kernel_errors, decode_plan, reference
 from tinyvllm.ops._kernels import has_kernel
 
 HAS_GPU = torch.cuda.is_available()
@@ -642,3 +642,75 @@ def test_prefill_bad_inputs():
         op(out, query, kc, vc.half(), tables, cu, lens, 20, 0.125)
     with pytest.raises(RuntimeError, match="max_seqlen_q"):
         op(out, query, kc, vc, tables, cu, lens, -1, 0.125)
+
+
+# ------------------------------------------------------------------------------ bad indices in device data
+# A block table or cu_seqlens_q lives on the GPU: the op cannot check its values without
+# waiting for the GPU. The kernels check each index before they follow it, never follow a
+# bad one, and raise a flag that tinyvllm.ops.check_kernel_errors() turns into an error.
+# Under compute-sanitizer memcheck (-m sanitize) these also show that nothing outside the
+# cache or the query is touched.
+@pytest.mark.sanitize
+@pytest.mark.parametrize("impl", [pytest.param(0, id="cuda-cores")] + TENSOR_CORE_IMPLS)
+@pytest.mark.parametrize("bad", [-3, 1 << 30], ids=["negative", "past_the_cache"])
+def test_decode_block_table_entry_outside_the_cache_is_reported_not_followed(impl, bad):
+    _skip_unless_runs(impl)
+    check_kernel_errors()  # start from clear flags
+    kc, vc, tables, lens = make_paged_kv([40, 37], 2, 64, 16, torch.bfloat16, seed=3, table_width=6)
+    tables[0, 3:] = -1  # padding past sequence 0's 3 blocks: never followed, so never reported
+    q = torch.randn((2, 8, 64), device="cuda").to(torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    op = torch.ops.tinyvllm.paged_attention_decode
+    op(out, q, kc, vc, tables, lens, 0.125, impl)
+    check_kernel_errors()  # -1 padding alone: no error
+    ref = torch.empty((2, 8, 64), dtype=torch.float32, device="cuda")
+    reference.paged_attention_decode(ref[:1], q[:1].float(), kc.float(), vc.float(), tables[:1], lens[:1], 0.125)
+    _assert_close(out[:1], ref[:1], torch.bfloat16, "decode next to padding entries of -1")
+
+    tables[1, 1] = bad  # tokens 16-31 of sequence 1
+    op(out, q, kc, vc, tables, lens, 0.125, impl)
+    with pytest.raises(KernelInputError, match="block_tables"):
+        check_kernel_errors()
+    _assert_close(out[:1], ref[:1], torch.bfloat16, "decode next to a sequence with a bad entry")
+    check_kernel_errors()  # the flags were cleared
+    with pytest.raises(ValueError, match="block_tables"):  # the reference says the same at once
+        reference.paged_attention_decode(ref, q.float(), kc.float(), vc.float(), tables, lens, 0.125)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_prefill_bad_block_table_entries_and_query_runs_are_reported_not_followed(dtype):
+    check_kernel_errors()
+    kc, vc, tables, lens = make_paged_kv([30, 50, 20], 2, 64, 16, dtype, seed=4)
+    q = torch.randn((60, 8, 64), device="cuda").to(dtype)  # runs of 20, 30 and 10 rows
+    cu = torch.tensor([0, 20, 50, 60], dtype=torch.int32, device="cuda")
+    op = torch.ops.tinyvllm.prefill_attention
+    out = torch.full_like(q, float("nan"))
+    op(out, q, kc, vc, tables, cu, lens, 30, 0.125)
+    check_kernel_errors()
+    ref = torch.empty((60, 8, 64), dtype=torch.float32, device="cuda")
+    reference.prefill_attention(ref, q.float(), kc.float(), vc.float(), tables, cu, lens, 30, 0.125)
+    _assert_close(out, ref, dtype, "prefill before the bad inputs")
+
+    bad_tables = tables.clone()
+    bad_tables[1, 2] = 1 << 30  # tokens 32-47 of sequence 1
+    out2 = out.clone()
+    op(out2, q, kc, vc, bad_tables, cu, lens, 30, 0.125)
+    with pytest.raises(KernelInputError, match="block_tables"):
+        check_kernel_errors()
+    _assert_close(out2[:20], ref[:20], dtype, "prefill next to a sequence with a bad entry")
+    _assert_close(out2[50:], ref[50:], dtype, "prefill next to a sequence with a bad entry")
+
+    cases = {
+        "a run past the query": torch.tensor([0, 20, 50, 70], dtype=torch.int32, device="cuda"),
+        "a run that ends before it starts": torch.tensor([0, 20, 10, 60], dtype=torch.int32, device="cuda"),
+        "a run longer than max_seqlen_q": torch.tensor([0, 20, 55, 60], dtype=torch.int32, device="cuda"),
+        "a run longer than its sequence": torch.tensor([0, 20, 35, 60], dtype=torch.int32, device="cuda"),
+    }
+    for what, bad_cu in cases.items():
+        op(torch.full_like(q, float("nan")), q, kc, vc, tables, bad_cu, lens, 30, 0.125)
+        with pytest.raises(KernelInputError, match="cu_seqlens_q"):
+            check_kernel_errors()
+            pytest.fail(f"not reported: {what}")
+        with pytest.raises(ValueError, match="cu_seqlens_q"):
+            reference.prefill_attention(ref, q.float(), kc.float(), vc.float(), tables, bad_cu, lens, 30, 0.125)

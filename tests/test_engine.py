@@ -76,6 +76,27 @@ def test_engine_takes_the_decode_order_threshold_from_its_runner():
     assert decode_longest_first_min_seqs(8, 132) == 33 and decode_longest_first_min_seqs(2, 132) == 132
 
 
+def test_engine_step_raises_what_the_kernels_flagged(monkeypatch):
+    """After each step's token copy the engine reads the kernels' flags for indices they
+    refused to follow (block tables, slots, positions, query runs it built itself) and
+    raises them instead of returning outputs computed from a bad index."""
+    from tinyvllm import ops
+    from tinyvllm.engine import llm_engine
+
+    eng = make_fake_engine()
+    eng.add_request("a", [3] * 5, SamplingParams(max_tokens=4, **GREEDY))
+    calls = []
+
+    def flagged(synchronize: bool = True) -> None:
+        calls.append(synchronize)
+        raise ops.KernelInputError("block_tables: an entry that seq_lens covers is outside the cache")
+
+    monkeypatch.setattr(llm_engine.ops, "check_kernel_errors", flagged)
+    with pytest.raises(ops.KernelInputError, match="block_tables"):
+        eng.step()
+    assert calls == [False]  # no extra wait: the token copy already waited for the step
+
+
 def test_requests_join_while_others_decode_and_blocks_free_at_once():
     eng = make_fake_engine(num_blocks=16, block_size=4)
     eng.add_request("long", [3] * 8, SamplingParams(max_tokens=30, **GREEDY))

@@ -309,6 +309,29 @@ def test_rotary_embedding_prefill_equals_decode():
     assert torch.equal(q[-1:], q1) and torch.equal(k[-1:], k1)
 
 
+@gpu
+@pytest.mark.sanitize
+def test_rotary_embedding_position_outside_the_cache_is_reported_and_left_alone():
+    from tinyvllm.ops import KernelInputError, check_kernel_errors
+
+    check_kernel_errors()  # start from clear flags
+    cache = cos_sin_cache(64, False, max_position=100)
+    positions = torch.tensor([5, 100, -1, 7], device="cuda")
+    q, k = randn(4, 4, 64, dtype=torch.bfloat16), randn(4, 2, 64, dtype=torch.bfloat16)
+    q0, k0 = q.clone(), k.clone()
+    torch.ops.tinyvllm.rotary_embedding(positions, q, k, 64, cache)
+    with pytest.raises(KernelInputError, match="positions"):
+        check_kernel_errors()
+    assert torch.equal(q[1:3], q0[1:3]) and torch.equal(k[1:3], k0[1:3])  # left as they were
+    good = torch.tensor([0, 3], device="cuda")
+    q_ref, k_ref = q0[good].clone(), k0[good].clone()
+    reference.rotary_embedding(positions[good], q_ref, k_ref, 64, cache)
+    torch.testing.assert_close(q[good], q_ref, **tol(torch.bfloat16))
+    torch.testing.assert_close(k[good], k_ref, **tol(torch.bfloat16))
+    with pytest.raises(ValueError, match="positions"):  # the reference says the same at once
+        reference.rotary_embedding(positions, q0.clone(), k0.clone(), 64, cache)
+
+
 # =============================== silu_and_mul ===============================
 
 
@@ -348,6 +371,52 @@ def test_reshape_and_cache(num_tokens, head_dim, dtype, layout):
     torch.ops.tinyvllm.reshape_and_cache(k, v, kc, vc, slots)
     torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)  # a copy: bit exact
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@gpu
+@pytest.mark.sanitize
+def test_reshape_and_cache_slot_past_the_cache_is_reported_and_skipped():
+    from tinyvllm.ops import KernelInputError, check_kernel_errors
+
+    check_kernel_errors()
+    k, v = randn(3, 2, 64, dtype=torch.bfloat16), randn(3, 2, 64, dtype=torch.bfloat16)
+    kc = torch.full((4, 2, 16, 64), float("nan"), device="cuda", dtype=torch.bfloat16)  # 64 slots
+    vc = kc.clone()
+    torch.ops.tinyvllm.reshape_and_cache(k, v, kc, vc, torch.tensor([-1, 5, 6], device="cuda"))
+    check_kernel_errors()  # -1 is padding, not an error
+    slots = torch.tensor([3, -1, 64], device="cuda")  # slot 64: one past the cache
+    torch.ops.tinyvllm.reshape_and_cache(k, v, kc, vc, slots)
+    with pytest.raises(KernelInputError, match="slot_mapping"):
+        check_kernel_errors()
+    assert torch.equal(kc[0, :, 3], k[0]) and torch.equal(vc[0, :, 3], v[0])  # the good token was written
+    assert int(torch.isnan(kc).sum()) == kc.numel() - 3 * 2 * 64  # slots 3, 5, 6 and nothing else
+    with pytest.raises(ValueError, match="slot_mapping"):
+        reference.reshape_and_cache(k, v, kc.clone(), vc.clone(), slots)
+
+
+def test_references_name_the_indices_they_refuse_to_follow():
+    """The CPU references raise at once what the kernels report after the fact
+    (tinyvllm.ops.check_kernel_errors), with the same words."""
+    kc = torch.zeros(4, 2, 16, 64)
+    vc = torch.zeros(4, 2, 16, 64)
+    q = torch.randn(1, 4, 64)
+    out = torch.empty_like(q)
+    lens = torch.tensor([20], dtype=torch.int32)
+    for bad in (7, -1):  # block 1 holds tokens 16-19: it must name a block of the cache
+        with pytest.raises(ValueError, match="block_tables"):
+            reference.paged_attention_decode(out, q, kc, vc, torch.tensor([[0, bad]], dtype=torch.int32), lens, 0.1)
+    # a padding entry past the sequence's end is never read
+    reference.paged_attention_decode(out, q, kc, vc, torch.tensor([[0, 1, -1]], dtype=torch.int32), lens, 0.1)
+    q20 = torch.randn(20, 4, 64)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):  # a run past the query's 20 rows
+        reference.prefill_attention(torch.empty_like(q20), q20, kc, vc, torch.tensor([[0, 1]], dtype=torch.int32),
+                                    torch.tensor([0, 21], dtype=torch.int32), torch.tensor([21], dtype=torch.int32),
+                                    21, 0.1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        reference.reshape_and_cache(torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), kc, vc, torch.tensor([64]))
+    with pytest.raises(ValueError, match="positions"):
+        reference.rotary_embedding(torch.tensor([100]), torch.zeros(1, 4, 64), torch.zeros(1, 2, 64), 64,
+                                   torch.zeros(100, 64))
 
 
 # =============================== linear (cuBLAS) ===============================

@@ -113,6 +113,17 @@ __device__ __forceinline__ void wait_for_prerequisite_grids() {
 #endif
 }
 
+// A block-table entry is followed only if it names a block of the cache. Anything
+// else is a caller's bug that would send the kernel outside the cache: read block 0
+// instead (the result is then meaningless, but nothing outside the cache is touched)
+// and raise kErrBlockTable, which the host turns into an error (ops.h, errors.cu).
+// Only entries of tokens below seq_len come here: the padding after them is never read.
+__device__ __forceinline__ int checked_block(int entry, int num_blocks, int* errors) {
+  if (static_cast<unsigned>(entry) < static_cast<unsigned>(num_blocks)) return entry;  // (negative: huge)
+  raise_kernel_error(errors, kErrBlockTable);
+  return 0;
+}
+
 __device__ __forceinline__ uint4 ld_global_16(const void* p) {
   // Read-only path: the KV cache is not written while attention runs.
   return __ldg(reinterpret_cast<const uint4*>(p));

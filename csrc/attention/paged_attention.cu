@@ -147,6 +147,8 @@ struct DecodeParams {
   float* ws_acc;  // [num_seqs, num_heads, num_splits, head_dim]
   float* ws_m;    // [num_seqs, num_heads, num_splits]
   float* ws_l;    // [num_seqs, num_heads, num_splits]
+  int num_blocks;  // blocks in the cache (< 2^31, checked by the bindings): an entry outside [0, num_blocks) is never followed
+  int* errors;     // kernel_error_flags() (ops.h)
 };
 
 struct DecodePlan {
@@ -558,7 +560,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
       const int t = base + u * RPW + r;
       valid[u] = t < p1;
       if (valid[u]) {
-        const int64_t blk = btab[t >> p.block_size_log2];
+        const int64_t blk = attn::checked_block(btab[t >> p.block_size_log2], p.num_blocks, p.errors);
         const int64_t off = ((((blk * p.num_kv_heads + kvh) << p.block_size_log2) + (t & bs_mask)) * D) + c * VEC;
         kr[u] = ld_global_16(kc + off);
         vr[u] = ld_global_16(vc + off);  // issued now so its latency hides behind the q.k math
@@ -717,8 +719,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // boundary of shared memory, and cp.async then fetches each such sector twice. With the
 // swizzle a 32-byte sector stays one aligned 32-byte slot (chunks 2k and 2k+1 land next
 // to each other, as XOR with r % 8 keeps them a pair), and the traffic is 1.0x.
+//
+// Registers: at head_dim 64 the 4-warp kernel needs at most 96 per thread for 5 blocks to
+// fit on an SM (65,536 registers, allocated 8 per thread at a time); the plan counts on 5
+// (plan_blocks_per_sm, and its test). The compiler chose 96 on its own until two fields
+// were added to DecodeParams, then 98, and only 4 blocks fit. The second __launch_bounds__
+// argument (blocks per SM; 0: no demand) asks for 5, and ptxas meets it without spilling.
 template <typename T, int D, bool HI, bool TMA, int WARPS>  // HI: some block has more than 8 query heads (rows 8..15 in use)
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ? 5 : 0)
     paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                                       const __grid_constant__ CUtensorMap vmap) {
   constexpr int TILE = kTile * D;       // elements of one staged K (or V) tile: dense rows
@@ -793,6 +801,18 @@ __global__ void __launch_bounds__(WARPS * 32)
     ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
   };
   fetch_entries(0);
+  // An entry that names no block of the cache is a caller's bug that would send the copies
+  // outside it: it becomes block 0, and if its rows hold tokens (below p1; the padding
+  // after a sequence is never judged) the host is told (the rule of attn::checked_block).
+  // Checked once per 32 tiles, as the entries arrive, so the tile loop pays nothing.
+  auto check_entries = [&](int i0, int p1) {
+    const int tok0 = p0 + (warp + WARPS * (i0 + lane)) * kTile;
+    const bool bad_lo = static_cast<unsigned>(ent_lo) >= static_cast<unsigned>(p.num_blocks);
+    const bool bad_hi = static_cast<unsigned>(ent_hi) >= static_cast<unsigned>(p.num_blocks);
+    if ((bad_lo && tok0 < p1) || (bad_hi && tok0 + 8 < p1)) raise_kernel_error(p.errors, kErrBlockTable);
+    ent_lo = bad_lo ? 0 : ent_lo;
+    ent_hi = bad_hi ? 0 : ent_hi;
+  };
   if (TMA) {
     if (lane == 0) {
 #pragma unroll
@@ -808,6 +828,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   if (split > 0 && p0 >= seq_len) return;
   const int p1 = min(p0 + p.partition_size, seq_len);
   const bool single = seq_len <= p.partition_size;  // one partition: write the final output here
+  check_entries(0, p1);
 
   const int n_tiles = (max(p1 - p0, 0) + kTile - 1) / kTile;
   const int my_tiles = n_tiles > warp ? (n_tiles - warp + WARPS - 1) / WARPS : 0;
@@ -825,7 +846,10 @@ __global__ void __launch_bounds__(WARPS * 32)
   // system for the same bandwidth.
   auto issue = [&](int i) {
     if (i < my_tiles) {  // (warp-uniform)
-      if (i > 0 && (i & 31) == 0) fetch_entries(i);
+      if (i > 0 && (i & 31) == 0) {
+        fetch_entries(i);
+        check_entries(i, p1);
+      }
       const int e_lo = __shfl_sync(0xffffffffu, ent_lo, i & 31);
       const int e_hi = __shfl_sync(0xffffffffu, ent_hi, i & 31);
       const int tok0 = p0 + (warp + WARPS * i) * kTile;
@@ -1263,6 +1287,8 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
   prm.scale_log2 = scale * kLog2e;
   prm.partition_size = plan.partition_size;
   prm.num_splits = plan.num_splits;
+  prm.num_blocks = static_cast<int>(num_cache_blocks);
+  prm.errors = kernel_error_flags();
   if (plan.num_splits > 1) {
     if (workspace == nullptr) {
       throw std::runtime_error("paged_attention_decode: workspace is null but " + std::to_string(plan.num_splits) +

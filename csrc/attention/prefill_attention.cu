@@ -112,7 +112,23 @@ struct PrefillParams {
   int max_blocks_per_seq;
   int64_t q_row_stride;
   float scale_log2;
+  int64_t num_tokens;  // query rows: every query run must lie inside them
+  int max_seqlen_q;    // the grid's rows per sequence: a longer run would be cut short
+  int num_blocks;  // blocks in the cache (< 2^31, checked by the bindings): an entry outside [0, num_blocks) is never followed
+  int* errors;     // kernel_error_flags() (ops.h)
 };
+
+// The query run of a sequence (rows q_begin..q_begin+q_len-1 at positions seq_len-q_len..
+// seq_len-1) is followed only if it lies inside the query and is no longer than the grid's
+// rows (max_seqlen_q) or than the context; otherwise the sequence is skipped (its output
+// rows are not written) and kErrQueryRuns raised (ops.h). cu_seqlens_q and seq_lens are
+// device data: the bindings cannot check them without waiting for the GPU.
+__device__ __forceinline__ bool query_run_ok(const PrefillParams& p, int q_begin, int q_len, int seq_len) {
+  const bool ok = q_begin >= 0 && q_len >= 0 && int64_t(q_begin) + q_len <= p.num_tokens &&
+                  q_len <= p.max_seqlen_q && q_len <= seq_len;
+  if (!ok) raise_kernel_error(p.errors, kErrQueryRuns);
+  return ok;
+}
 
 // ============================ tensor-core kernel ===============================
 constexpr int kMmaWarps = 4;
@@ -179,10 +195,11 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTiling<D, MT>::kMinBlocks)
   const int seq = blockIdx.z;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
+  if (!query_run_ok(p, q_begin, q_len, seq_len)) return;
   const int m0 = m_tile * kBM;
   if (m0 >= q_len) return;  // this sequence has fewer query rows than max_seqlen_q
 
-  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
   const int ctx = seq_len - q_len;  // position of query row 0 (> 0 with a cached prefix)
   const int kvh = head / p.group;
   const int rows_here = min(kBM, q_len - m0);
@@ -220,7 +237,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTiling<D, MT>::kMinBlocks)
       const int ch = idx - row * CHUNKS;
       const int kp = n0 + row;
       if (kp < seq_len) {
-        const int64_t blk = btab[kp >> p.block_size_log2];
+        const int64_t blk = attn::checked_block(btab[kp >> p.block_size_log2], p.num_blocks, p.errors);
         const int64_t off = ((((blk * p.num_kv_heads + kvh) << p.block_size_log2) + (kp & bs_mask)) * D) + ch * 8;
         attn::cp_async_16(sK + row * LD + ch * 8, kc + off, 16);
         attn::cp_async_16(sV + row * LD + ch * 8, vc + off, 16);
@@ -440,9 +457,10 @@ __global__ void __launch_bounds__(kF32Rows * 32) prefill_attention_fp32_kernel(c
   const int seq = blockIdx.z;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
+  if (!query_run_ok(p, q_begin, q_len, seq_len)) return;
   const int m0 = blockIdx.y * kF32Rows;
   if (m0 >= q_len) return;
-  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
   const int ctx = seq_len - q_len;
   const int kvh = head / p.group;
   const int rows_here = min(kF32Rows, q_len - m0);
@@ -474,7 +492,7 @@ __global__ void __launch_bounds__(kF32Rows * 32) prefill_attention_fp32_kernel(c
       const int kp = n0 + r;
       float kv = 0.f, vv = 0.f;
       if (kp < seq_len) {
-        const int64_t blk = btab[kp >> p.block_size_log2];
+        const int64_t blk = attn::checked_block(btab[kp >> p.block_size_log2], p.num_blocks, p.errors);
         const int64_t off = ((((blk * p.num_kv_heads + kvh) << p.block_size_log2) + (kp & bs_mask)) * D) + d;
         kv = kc[off];
         vv = vc[off];
@@ -590,8 +608,8 @@ void dispatch_dtype(const PrefillParams& prm, DType dtype, int num_seqs, int max
 void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,
                        const int32_t* block_tables, const int32_t* cu_seqlens_q, const int32_t* seq_lens,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                       int max_blocks_per_seq, int max_seqlen_q, int64_t query_row_stride, float scale,
-                       DType dtype, int impl, cudaStream_t stream) {
+                       int max_blocks_per_seq, int max_seqlen_q, int64_t num_tokens, int64_t num_cache_blocks,
+                       int64_t query_row_stride, float scale, DType dtype, int impl, cudaStream_t stream) {
   if (num_seqs == 0 || max_seqlen_q <= 0) return;
   PrefillParams prm{};
   prm.out = out;
@@ -608,6 +626,10 @@ void prefill_attention(void* out, const void* query, const void* key_cache, cons
   prm.max_blocks_per_seq = max_blocks_per_seq;
   prm.q_row_stride = query_row_stride;
   prm.scale_log2 = scale * kLog2e;
+  prm.num_tokens = num_tokens;
+  prm.max_seqlen_q = max_seqlen_q;
+  prm.num_blocks = static_cast<int>(num_cache_blocks);
+  prm.errors = kernel_error_flags();
   switch (head_dim) {
     case 64: return dispatch_dtype<64>(prm, dtype, num_seqs, max_seqlen_q, impl, stream);
     case 128: return dispatch_dtype<128>(prm, dtype, num_seqs, max_seqlen_q, impl, stream);

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tinyvllm import ops
 from tinyvllm.engine.block_manager import BlockManager
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.engine.scheduler import Scheduler
@@ -275,6 +276,9 @@ class LLMEngine:
         seqs = sched.seqs
         logits = self.model_runner.execute(seqs)
         token_ids = self.sampler(logits, seqs).tolist()  # the step's single device->host transfer
+        # The kernels' flags for indices they refused to follow (a bug in the inputs the runner
+        # built): host memory, already final once the copy above has waited for the step.
+        ops.check_kernel_errors(synchronize=False)
         self.num_steps += 1
         for seq, token_id in zip(seqs, token_ids):
             seq.num_computed_tokens = seq.num_tokens

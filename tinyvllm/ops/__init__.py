@@ -52,6 +52,8 @@ __all__ = [
     "prefill_attention",
     "linear",
     "embedding",
+    "check_kernel_errors",
+    "KernelInputError",
     "reference",
 ]
 
@@ -77,7 +79,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int, cos_sin_cache: torch.Tensor
 ) -> None:
-    """Rotate query [T, H, D] and key [T, Hkv, D] in place by their positions."""
+    """Rotate query [T, H, D] and key [T, Hkv, D] in place by their positions.
+
+    A position outside the cache leaves its token as it was; see :func:`check_kernel_errors`."""
     if use_kernel("rotary_embedding", query):
         torch.ops.tinyvllm.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
     else:
@@ -101,7 +105,10 @@ def reshape_and_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write key/value [T, Hkv, D] into the paged caches at slot_mapping [T]."""
+    """Write key/value [T, Hkv, D] into the paged caches at slot_mapping [T].
+
+    A slot of -1 is padding (skipped); a slot past the cache is skipped and reported by
+    :func:`check_kernel_errors`."""
     if use_kernel("reshape_and_cache", key):
         torch.ops.tinyvllm.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
@@ -128,7 +135,9 @@ def paged_attention_decode(
     where there are blocks enough) from a skewed one (the longest more than 3x the mean: the
     long sequences are cut into pieces); see :func:`decode_plan`. The result never depends on
     it. For a large ragged batch (two blocks per SM and more), pass the sequences longest first,
-    as the engine's scheduler does: the kernel's blocks start in batch order."""
+    as the engine's scheduler does: the kernel's blocks start in batch order.
+    A block-table entry that ``seq_lens`` covers must name a block of the cache; the kernel
+    never follows one that does not (:func:`check_kernel_errors` reports it)."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
@@ -181,7 +190,10 @@ def prefill_attention(
     """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D].
 
     impl picks the bf16/fp16 kernel's tile: -1 automatic, 1 = 16 query rows per warp,
-    2 = 32 query rows per warp (fewer, bigger blocks; faster once they fill the GPU)."""
+    2 = 32 query rows per warp (fewer, bigger blocks; faster once they fill the GPU).
+    A query run outside the query, or longer than ``max_seqlen_q`` or than its ``seq_lens``
+    entry, is skipped, and a block-table entry outside the cache is never followed; both are
+    reported by :func:`check_kernel_errors`."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("prefill_attention", query, key_cache):
@@ -200,6 +212,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if use_kernel("linear", x):
         return torch.ops.tinyvllm.linear(x, weight)
     return reference.linear(x, weight)
+
+
+class KernelInputError(ValueError):
+    """Device data held an index a kernel refused to follow (see :func:`check_kernel_errors`)."""
+
+
+def check_kernel_errors(synchronize: bool = True) -> None:
+    """Raise :class:`KernelInputError` if a kernel met an index it must not follow.
+
+    Some bad inputs hide in GPU data that the ops cannot check without waiting for the GPU:
+    a block-table entry outside the cache, a slot or a position past the end, query runs
+    (``cu_seqlens_q``) outside the query. The kernels never follow such an index (each op's
+    docstring says what they do instead) and raise a flag in pinned host memory; this reads
+    the flags, clears them and raises, naming each problem. The engine calls it after every
+    step (``synchronize=False``: its copy of the sampled tokens has already waited for the
+    step). Call it after your own kernel calls; ``synchronize`` waits for the GPU first.
+    Without the extension (CPU) there is nothing to read: the reference ops raise at once.
+    """
+    if not has_kernel("kernel_errors") or not torch.cuda.is_initialized():
+        return  # no kernel can have run
+    if synchronize:
+        torch.cuda.synchronize()
+    flags = torch.ops.tinyvllm.kernel_errors(True)
+    problems = [msg for flag, msg in zip(flags, reference.KERNEL_ERROR_MESSAGES) if flag]
+    if problems:
+        raise KernelInputError("; ".join(problems))
 
 
 def embedding(token_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

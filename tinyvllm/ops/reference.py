@@ -23,6 +23,19 @@ from __future__ import annotations
 
 import torch
 
+# What each flag of the kernels' error word means (csrc/ops.h, KernelError, in that order).
+# The kernels never follow such an index and tell the host after the fact
+# (tinyvllm.ops.check_kernel_errors); the references below raise the same words at once.
+KERNEL_ERROR_MESSAGES = (
+    "block_tables: an entry that seq_lens covers is outside the cache [0, num_blocks) "
+    "(the attention kernels read block 0 there instead)",
+    "slot_mapping: a slot at or past the cache's num_blocks * block_size slots (reshape_and_cache skipped it; "
+    "-1 marks padding)",
+    "positions: a position outside [0, max_position) of cos_sin_cache (rotary_embedding left that token as it was)",
+    "cu_seqlens_q: a query run outside the query's rows, or longer than max_seqlen_q or than its seq_lens entry "
+    "(prefill_attention skipped that sequence)",
+)
+
 
 def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     """out = x / sqrt(mean(x^2) + eps) * weight, row by row.
@@ -66,7 +79,10 @@ def rotary_embedding(
     """
     rot = cos_sin_cache.shape[-1]
     half = rot // 2
-    cs = cos_sin_cache.index_select(0, positions.long()).float()
+    pos = positions.long()
+    if pos.numel() and not bool(((pos >= 0) & (pos < cos_sin_cache.shape[0])).all()):
+        raise ValueError(KERNEL_ERROR_MESSAGES[2])
+    cs = cos_sin_cache.index_select(0, pos).float()
     cos = cs[:, None, :half]
     sin = cs[:, None, half:]
     for t in (query, key):
@@ -94,10 +110,13 @@ def reshape_and_cache(
     """Write each new token's k and v into the paged cache at its slot.
 
     key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64.
-    Token t goes to block slot // block_size, row slot % block_size. Slots < 0 are skipped.
+    Token t goes to block slot // block_size, row slot % block_size. Slots < 0 are skipped;
+    a slot past the cache is an error (the kernel skips it and raises a flag).
     """
     block_size = key_cache.shape[2]
     slots = slot_mapping.long()
+    if bool((slots >= key_cache.shape[0] * block_size).any()):
+        raise ValueError(KERNEL_ERROR_MESSAGES[1])
     valid = slots >= 0
     if not bool(valid.all()):
         key, value, slots = key[valid], value[valid], slots[valid]
@@ -111,7 +130,10 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> 
     """The first seq_len tokens of one sequence, gathered from its blocks: [kv_heads, seq_len, head_dim]."""
     block_size = cache.shape[2]
     n_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:n_blocks].long())  # [n, kvh, bs, d]
+    ids = block_table[:n_blocks].long()
+    if not bool(((ids >= 0) & (ids < cache.shape[0])).all()):
+        raise ValueError(KERNEL_ERROR_MESSAGES[0])
+    blocks = cache.index_select(0, ids)  # [n, kvh, bs, d]
     kvh, d = cache.shape[1], cache.shape[3]
     return blocks.permute(1, 0, 2, 3).reshape(kvh, n_blocks * block_size, d)[:, :seq_len]
 
@@ -180,9 +202,11 @@ def prefill_attention(
     """
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
-    del max_seqlen_q  # a launch-size hint for the kernel
+    capacity = block_tables.shape[1] * key_cache.shape[2]
     for s, n in enumerate(lens):
         a, b = cu[s], cu[s + 1]
+        if not (0 <= a <= b <= query.shape[0] and b - a <= max_seqlen_q and b - a <= min(n, capacity)):
+            raise ValueError(KERNEL_ERROR_MESSAGES[3])
         if b == a:
             continue
         k = _gather_kv(key_cache, block_tables[s], n)
