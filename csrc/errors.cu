@@ -9,35 +9,39 @@
 // once the kernels are done; no copy, no extra synchronisation. The engine reads them
 // right after its per-step copy of the sampled tokens, which waits for the step anyway.
 #include <cstring>
-#include <mutex>
 
 #include "common.cuh"
 
 namespace tinyvllm {
 namespace {
-int* g_host_flags = nullptr;    // the host's view
-int* g_device_flags = nullptr;  // the GPU's view of the same memory
-std::mutex g_mu;
-}  // namespace
 
-int* kernel_error_flags() {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (g_device_flags == nullptr) {
+struct ErrorFlags {
+  int* host;    // the host's view
+  int* device;  // the GPU's view of the same memory
+};
+
+// Allocated on the first call (a function-local static: initialised once, thread-safe;
+// if the allocation throws, the next call tries again). Every launch asks for the
+// pointer, so after that it costs a load.
+const ErrorFlags& error_flags() {
+  static const ErrorFlags flags = [] {
     void* host = nullptr;
     // Portable: usable from every GPU of the process; mapped: the kernels can address it.
     CUDA_CHECK(cudaHostAlloc(&host, sizeof(int) * kNumKernelErrors, cudaHostAllocMapped | cudaHostAllocPortable));
     std::memset(host, 0, sizeof(int) * kNumKernelErrors);
     void* dev = nullptr;
     CUDA_CHECK(cudaHostGetDevicePointer(&dev, host, 0));
-    g_host_flags = static_cast<int*>(host);
-    g_device_flags = static_cast<int*>(dev);
-  }
-  return g_device_flags;
+    return ErrorFlags{static_cast<int*>(host), static_cast<int*>(dev)};
+  }();
+  return flags;
 }
 
+}  // namespace
+
+int* kernel_error_flags() { return error_flags().device; }
+
 void read_kernel_errors(int* out, bool clear) {
-  kernel_error_flags();
-  volatile int* flags = g_host_flags;  // written by the GPU: read memory, not a cached copy
+  volatile int* flags = error_flags().host;  // written by the GPU: read memory, not a cached copy
   for (int i = 0; i < kNumKernelErrors; ++i) {
     out[i] = flags[i];
     if (clear) flags[i] = 0;

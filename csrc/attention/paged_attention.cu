@@ -801,17 +801,14 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
     ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
   };
   fetch_entries(0);
-  // An entry that names no block of the cache is a caller's bug that would send the copies
-  // outside it: it becomes block 0, and if its rows hold tokens (below p1; the padding
-  // after a sequence is never judged) the host is told (the rule of attn::checked_block).
-  // Checked once per 32 tiles, as the entries arrive, so the tile loop pays nothing.
+  // The entries whose rows hold tokens (below p1) are the ones issue() follows: each must
+  // name a block of the cache (attn::checked_block). Entries of rows past the end are
+  // never followed, so the padding after a sequence is never judged. Checked once per
+  // 32 tiles, as the entries arrive, so the tile loop pays nothing.
   auto check_entries = [&](int i0, int p1) {
     const int tok0 = p0 + (warp + WARPS * (i0 + lane)) * kTile;
-    const bool bad_lo = static_cast<unsigned>(ent_lo) >= static_cast<unsigned>(p.num_blocks);
-    const bool bad_hi = static_cast<unsigned>(ent_hi) >= static_cast<unsigned>(p.num_blocks);
-    if ((bad_lo && tok0 < p1) || (bad_hi && tok0 + 8 < p1)) raise_kernel_error(p.errors, kErrBlockTable);
-    ent_lo = bad_lo ? 0 : ent_lo;
-    ent_hi = bad_hi ? 0 : ent_hi;
+    if (tok0 < p1) ent_lo = attn::checked_block(ent_lo, p.num_blocks, p.errors);
+    if (tok0 + 8 < p1) ent_hi = attn::checked_block(ent_hi, p.num_blocks, p.errors);
   };
   if (TMA) {
     if (lane == 0) {
