@@ -36,7 +36,8 @@ enum KernelError : int {
   kErrSlotMapping = 1,  // reshape_and_cache: a slot at or past num_blocks * block_size
   kErrPosition = 2,     // rotary_embedding: a position outside [0, max_position)
   kErrQueryRuns = 3,    // prefill_attention: a query run outside the query, longer than its seq_len or max_seqlen_q
-  kNumKernelErrors = 4
+  kErrSeqLens = 4,      // attention: a seq_lens entry below 0 or past the block table's capacity
+  kNumKernelErrors = 5
 };
 // Device-visible pointer to kNumKernelErrors ints (allocated on first use; never null).
 int* kernel_error_flags();
@@ -98,8 +99,9 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // (sm_90+); an explicit impl that cannot run throws. num_cache_blocks: dimension 0 of
 // the caches (the TMA kernel describes the whole cache to the copy engine). A block-table
 // entry that seq_lens covers and that is outside [0, num_cache_blocks) is never followed:
-// the kernel reads block 0 instead and raises kErrBlockTable. seq_lens beyond the table's
-// capacity are clamped to it.
+// the kernel reads block 0 instead and raises kErrBlockTable. A seq_lens entry below 0 or
+// beyond the table's capacity (max_blocks_per_seq * block_size) is clamped into that range
+// and raises kErrSeqLens.
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);
 // What the decode op would launch for these sizes on the current GPU (plan_decode in
@@ -128,7 +130,8 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
 // must be >= every q_len. num_tokens: the query's rows; num_cache_blocks: dimension 0 of the
 // caches. A query run outside the query, longer than max_seqlen_q or than its seq_len is
 // skipped and raises kErrQueryRuns; a block-table entry that seq_lens covers and that is
-// outside the cache reads block 0 and raises kErrBlockTable. bf16/fp16 use tensor cores
+// outside the cache reads block 0 and raises kErrBlockTable; a seq_lens entry below 0 or
+// past the table's capacity is clamped into that range and raises kErrSeqLens. bf16/fp16 use tensor cores
 // (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback. impl (bf16/fp16): -1
 // automatic, 1 = 16 query rows per warp (64-row blocks), 2 = 32 rows per warp (128-row
 // blocks); an explicit impl that cannot run throws (fp32: -1 only).

@@ -678,6 +678,56 @@ def test_decode_block_table_entry_outside_the_cache_is_reported_not_followed(imp
 
 
 @pytest.mark.sanitize
+@pytest.mark.parametrize("impl", [pytest.param(0, id="cuda-cores")] + TENSOR_CORE_IMPLS)
+def test_decode_seq_len_outside_the_block_table_is_clamped_and_reported(impl):
+    _skip_unless_runs(impl)
+    check_kernel_errors()
+    kc, vc, tables, lens = make_paged_kv([40, 96], 2, 64, 16, torch.bfloat16, seed=5, table_width=6)  # capacity 96
+    q = torch.randn((2, 8, 64), device="cuda").to(torch.bfloat16)
+    ref = torch.empty((2, 8, 64), dtype=torch.float32, device="cuda")
+    reference.paged_attention_decode(ref, q.float(), kc.float(), vc.float(), tables, lens, 0.125)
+    op = torch.ops.tinyvllm.paged_attention_decode
+    for bad, expect in ((97, ref[1]), (1 << 30, ref[1]), (-5, torch.zeros_like(ref[1]))):
+        bad_lens = lens.clone()
+        bad_lens[1] = bad
+        out = torch.full_like(q, float("nan"))
+        op(out, q, kc, vc, tables, bad_lens, 0.125, impl)
+        with pytest.raises(KernelInputError, match="seq_lens: an entry below 0"):
+            check_kernel_errors()
+            pytest.fail(f"not reported: seq_len {bad}")
+        _assert_close(out[:1], ref[:1], torch.bfloat16, f"decode next to a seq_len of {bad}")
+        _assert_close(out[1:], expect[None], torch.bfloat16, f"a seq_len of {bad}, clamped into [0, 96]")
+        with pytest.raises(ValueError, match="seq_lens: an entry below 0"):  # the reference says the same at once
+            reference.paged_attention_decode(ref.clone(), q.float(), kc.float(), vc.float(), tables, bad_lens, 0.125)
+    op(out, q, kc, vc, tables, lens, 0.125, impl)
+    check_kernel_errors()  # cleared, and the right lengths raise nothing
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_prefill_seq_len_outside_the_block_table_is_clamped_and_reported(dtype):
+    check_kernel_errors()
+    kc, vc, tables, lens = make_paged_kv([30, 50, 20], 2, 64, 16, dtype, seed=6)  # 4 blocks a row: capacity 64
+    q = torch.randn((60, 8, 64), device="cuda").to(dtype)
+    cu = torch.tensor([0, 20, 50, 60], dtype=torch.int32, device="cuda")
+    ref = torch.empty((60, 8, 64), dtype=torch.float32, device="cuda")
+    reference.prefill_attention(ref, q.float(), kc.float(), vc.float(), tables, cu, lens, 30, 0.125)
+    op = torch.ops.tinyvllm.prefill_attention
+    for bad in (65, -1):
+        bad_lens = lens.clone()
+        bad_lens[1] = bad
+        out = torch.full_like(q, float("nan"))
+        op(out, q, kc, vc, tables, cu, bad_lens, 30, 0.125)
+        with pytest.raises(KernelInputError, match="seq_lens: an entry below 0"):
+            check_kernel_errors()
+            pytest.fail(f"not reported: seq_len {bad}")
+        _assert_close(out[:20], ref[:20], dtype, f"prefill next to a seq_len of {bad}")
+        _assert_close(out[50:], ref[50:], dtype, f"prefill next to a seq_len of {bad}")
+        with pytest.raises(ValueError, match="seq_lens: an entry below 0"):
+            reference.prefill_attention(ref.clone(), q.float(), kc.float(), vc.float(), tables, cu, bad_lens, 30, 0.125)
+
+
+@pytest.mark.sanitize
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_prefill_bad_block_table_entries_and_query_runs_are_reported_not_followed(dtype):
     check_kernel_errors()

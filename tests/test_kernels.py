@@ -412,6 +412,14 @@ def test_references_name_the_indices_they_refuse_to_follow():
         reference.prefill_attention(torch.empty_like(q20), q20, kc, vc, torch.tensor([[0, 1]], dtype=torch.int32),
                                     torch.tensor([0, 21], dtype=torch.int32), torch.tensor([21], dtype=torch.int32),
                                     21, 0.1)
+    for bad_len in (33, -1):  # a two-entry row holds at most 32 tokens
+        with pytest.raises(ValueError, match="seq_lens: an entry below 0"):
+            reference.paged_attention_decode(out, q, kc, vc, torch.tensor([[0, 1]], dtype=torch.int32),
+                                             torch.tensor([bad_len], dtype=torch.int32), 0.1)
+        with pytest.raises(ValueError, match="seq_lens: an entry below 0"):
+            reference.prefill_attention(torch.empty_like(q), q, kc, vc, torch.tensor([[0, 1]], dtype=torch.int32),
+                                        torch.tensor([0, 1], dtype=torch.int32),
+                                        torch.tensor([bad_len], dtype=torch.int32), 1, 0.1)
     with pytest.raises(ValueError, match="slot_mapping"):
         reference.reshape_and_cache(torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), kc, vc, torch.tensor([64]))
     with pytest.raises(ValueError, match="positions"):

@@ -124,6 +124,14 @@ __device__ __forceinline__ int checked_block(int entry, int num_blocks, int* err
   return 0;
 }
 
+// A sequence's length must lie in [0, capacity], capacity = the tokens its block-table row
+// can name (max_blocks_per_seq * block_size). A length outside is a caller's bug: clamp it
+// into that range (so no row past the table is read) and raise kErrSeqLens.
+__device__ __forceinline__ int checked_seq_len(int raw, int capacity, int* errors) {
+  if (raw < 0 || raw > capacity) raise_kernel_error(errors, kErrSeqLens);
+  return max(0, min(raw, capacity));
+}
+
 __device__ __forceinline__ uint4 ld_global_16(const void* p) {
   // Read-only path: the KV cache is not written while attention runs.
   return __ldg(reinterpret_cast<const uint4*>(p));

@@ -440,15 +440,18 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
   return last_plan;
 }
 
-// Number of the sequence's partitions that hold tokens, after clamping its length
-// to what the grid covers (a length beyond max_seq_len would be a caller bug; we
-// never read past the block-table row or the workspace because of it).
+// The sequence's length, clamped to what the grid covers: the block table's capacity,
+// which the bindings pass as max_seq_len (a length outside [0, capacity] is a caller's
+// bug: we never read past the block-table row or the workspace because of it, and the
+// main kernels raise kErrSeqLens; the merge kernel only clamps, having been told once).
+__device__ __forceinline__ int seq_len_cap(const DecodeParams& p) {
+  return min(p.max_blocks_per_seq << p.block_size_log2, p.num_splits * p.partition_size);
+}
 __device__ __forceinline__ int clamp_seq_len(const DecodeParams& p, int raw) {
-  const int cap = min(p.max_blocks_per_seq << p.block_size_log2, p.num_splits * p.partition_size);
-  return max(0, min(raw, cap));
+  return attn::checked_seq_len(raw, seq_len_cap(p), p.errors);
 }
 __device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int seq) {
-  return clamp_seq_len(p, p.seq_lens[seq]);
+  return max(0, min(p.seq_lens[seq], seq_len_cap(p)));
 }
 
 // The end of both kernels: each of the block's warps left its own online-softmax state
@@ -506,7 +509,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   const int nh = min(GMAX, p.group - chunk * GMAX);  // query heads of this block (<= GMAX)
 
   attn::allow_dependent_launch();  // the merge kernel may start its launch now (it waits for our results)
-  const int seq_len = clamped_seq_len(p, seq);
+  const int seq_len = clamp_seq_len(p, p.seq_lens[seq]);
   const int p0 = split * p.partition_size;
   // A partition past the end of a shorter sequence has nothing to do. Split 0
   // always runs so that a zero-length sequence still gets its (zero) output.

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTiling<D, MT>::kMinBlocks)
   const int seq = blockIdx.z;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
-  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
+  const int seq_len = attn::checked_seq_len(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2, p.errors);
   if (!query_run_ok(p, q_begin, q_len, seq_len)) return;
   const int m0 = m_tile * kBM;
   if (m0 >= q_len) return;  // this sequence has fewer query rows than max_seqlen_q
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kF32Rows * 32) prefill_attention_fp32_kernel(c
   const int seq = blockIdx.z;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
-  const int seq_len = max(0, min(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2));
+  const int seq_len = attn::checked_seq_len(p.seq_lens[seq], p.max_blocks_per_seq << p.block_size_log2, p.errors);
   if (!query_run_ok(p, q_begin, q_len, seq_len)) return;
   const int m0 = blockIdx.y * kF32Rows;
   if (m0 >= q_len) return;

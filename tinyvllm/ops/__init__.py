@@ -137,7 +137,9 @@ def paged_attention_decode(
     it. For a large ragged batch (two blocks per SM and more), pass the sequences longest first,
     as the engine's scheduler does: the kernel's blocks start in batch order.
     A block-table entry that ``seq_lens`` covers must name a block of the cache; the kernel
-    never follows one that does not (:func:`check_kernel_errors` reports it)."""
+    never follows one that does not. A ``seq_lens`` entry must lie in [0, the table's capacity
+    ``block_tables.shape[1] * block_size``]; the kernel clamps one that does not. Both are
+    reported by :func:`check_kernel_errors`."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
@@ -192,7 +194,8 @@ def prefill_attention(
     impl picks the bf16/fp16 kernel's tile: -1 automatic, 1 = 16 query rows per warp,
     2 = 32 query rows per warp (fewer, bigger blocks; faster once they fill the GPU).
     A query run outside the query, or longer than ``max_seqlen_q`` or than its ``seq_lens``
-    entry, is skipped, and a block-table entry outside the cache is never followed; both are
+    entry, is skipped; a block-table entry outside the cache is never followed; a ``seq_lens``
+    entry below 0 or past the block table's capacity is clamped into that range. All three are
     reported by :func:`check_kernel_errors`."""
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -223,7 +226,7 @@ def check_kernel_errors(synchronize: bool = True) -> None:
 
     Some bad inputs hide in GPU data that the ops cannot check without waiting for the GPU:
     a block-table entry outside the cache, a slot or a position past the end, query runs
-    (``cu_seqlens_q``) outside the query. The kernels never follow such an index (each op's
+    (``cu_seqlens_q``) outside the query, a ``seq_lens`` entry past its block-table row. The kernels never follow such an index (each op's
     docstring says what they do instead) and raise a flag in pinned host memory; this reads
     the flags, clears them and raises, naming each problem. The engine calls it after every
     step (``synchronize=False``: its copy of the sampled tokens has already waited for the

@@ -34,7 +34,16 @@ KERNEL_ERROR_MESSAGES = (
     "positions: a position outside [0, max_position) of cos_sin_cache (rotary_embedding left that token as it was)",
     "cu_seqlens_q: a query run outside the query's rows, or longer than max_seqlen_q or than its seq_lens entry "
     "(prefill_attention skipped that sequence)",
+    "seq_lens: an entry below 0 or past the block table's capacity, max_blocks_per_seq * block_size "
+    "(the attention kernels clamped it into that range)",
 )
+
+
+def _check_seq_lens(lens: list[int], block_tables: torch.Tensor, block_size: int) -> None:
+    """Every length must fit its block-table row: 0 <= seq_len <= max_blocks_per_seq * block_size."""
+    capacity = block_tables.shape[1] * block_size
+    if any(n < 0 or n > capacity for n in lens):
+        raise ValueError(KERNEL_ERROR_MESSAGES[4])
 
 
 def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -175,6 +184,7 @@ def paged_attention_decode(
     (whose k/v reshape_and_cache has already written).
     """
     lens = seq_lens.tolist()
+    _check_seq_lens(lens, block_tables, key_cache.shape[2])
     for i, n in enumerate(lens):
         k = _gather_kv(key_cache, block_tables[i], n)
         v = _gather_kv(value_cache, block_tables[i], n)
@@ -202,10 +212,10 @@ def prefill_attention(
     """
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
-    capacity = block_tables.shape[1] * key_cache.shape[2]
+    _check_seq_lens(lens, block_tables, key_cache.shape[2])
     for s, n in enumerate(lens):
         a, b = cu[s], cu[s + 1]
-        if not (0 <= a <= b <= query.shape[0] and b - a <= max_seqlen_q and b - a <= min(n, capacity)):
+        if not (0 <= a <= b <= query.shape[0] and b - a <= max_seqlen_q and b - a <= n):
             raise ValueError(KERNEL_ERROR_MESSAGES[3])
         if b == a:
             continue
