@@ -131,8 +131,8 @@ void paged_attention_decode(void* out, const void* query, const void* key_cache,
 // caches. A query run outside the query, longer than max_seqlen_q or than its seq_len is
 // skipped and raises kErrQueryRuns; a block-table entry that seq_lens covers and that is
 // outside the cache reads block 0 and raises kErrBlockTable; a seq_lens entry below 0 or
-// past the table's capacity is clamped into that range and raises kErrSeqLens. bf16/fp16 use tensor cores
-// (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback. impl (bf16/fp16): -1
+// past the table's capacity is clamped into that range and raises kErrSeqLens. bf16/fp16
+// use tensor cores (mma.sync m16n8k16); fp32 uses a plain CUDA-core fallback. impl (bf16/fp16): -1
 // automatic, 1 = 16 query rows per warp (64-row blocks), 2 = 32 rows per warp (128-row
 // blocks); an explicit impl that cannot run throws (fp32: -1 only).
 void prefill_attention(void* out, const void* query, const void* key_cache, const void* value_cache,

@@ -226,11 +226,12 @@ def check_kernel_errors(synchronize: bool = True) -> None:
 
     Some bad inputs hide in GPU data that the ops cannot check without waiting for the GPU:
     a block-table entry outside the cache, a slot or a position past the end, query runs
-    (``cu_seqlens_q``) outside the query, a ``seq_lens`` entry past its block-table row. The kernels never follow such an index (each op's
-    docstring says what they do instead) and raise a flag in pinned host memory; this reads
-    the flags, clears them and raises, naming each problem. The engine calls it after every
-    step (``synchronize=False``: its copy of the sampled tokens has already waited for the
-    step). Call it after your own kernel calls; ``synchronize`` waits for the GPU first.
+    (``cu_seqlens_q``) outside the query, a ``seq_lens`` entry past its block-table row. The
+    kernels never follow such an index (each op's docstring says what they do instead) and
+    raise a flag in pinned host memory; this reads the flags, clears them and raises, naming
+    each problem. The engine calls it after every step (``synchronize=False``: its copy of the
+    sampled tokens has already waited for the step). Call it after your own kernel calls;
+    ``synchronize`` waits for the GPU first.
     Without the extension (CPU) there is nothing to read: the reference ops raise at once.
     """
     if not has_kernel("kernel_errors") or not torch.cuda.is_initialized():
