@@ -441,13 +441,14 @@ DecodePlan plan_decode(int num_seqs, int num_heads, int num_kv_heads, int head_d
 }
 
 // The sequence's length, clamped to what the grid covers: the block table's capacity,
-// which the bindings pass as max_seq_len (a length outside [0, capacity] is a caller's
-// bug: we never read past the block-table row or the workspace because of it, and the
-// main kernels raise kErrSeqLens; the merge kernel only clamps, having been told once).
+// which the bindings pass as max_seq_len. A length outside [0, capacity] is a caller's
+// bug; clamped, it never sends a read past the block-table row or the workspace.
+//   checked_seq_len  the main kernels: clamp, and raise kErrSeqLens if it was outside;
+//   clamped_seq_len  the merge kernel: clamp only (the main kernel has already told).
 __device__ __forceinline__ int seq_len_cap(const DecodeParams& p) {
   return min(p.max_blocks_per_seq << p.block_size_log2, p.num_splits * p.partition_size);
 }
-__device__ __forceinline__ int clamp_seq_len(const DecodeParams& p, int raw) {
+__device__ __forceinline__ int checked_seq_len(const DecodeParams& p, int raw) {
   return attn::checked_seq_len(raw, seq_len_cap(p), p.errors);
 }
 __device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int seq) {
@@ -509,7 +510,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   const int nh = min(GMAX, p.group - chunk * GMAX);  // query heads of this block (<= GMAX)
 
   attn::allow_dependent_launch();  // the merge kernel may start its launch now (it waits for our results)
-  const int seq_len = clamp_seq_len(p, p.seq_lens[seq]);
+  const int seq_len = checked_seq_len(p, p.seq_lens[seq]);
   const int p0 = split * p.partition_size;
   // A partition past the end of a shorter sequence has nothing to do. Split 0
   // always runs so that a zero-length sequence still gets its (zero) output.
@@ -822,7 +823,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
     __syncwarp();
   }
 
-  const int seq_len = clamp_seq_len(p, raw_seq_len);
+  const int seq_len = checked_seq_len(p, raw_seq_len);
   // A partition past the end of a shorter sequence has nothing to do. Split 0
   // always runs so that a zero-length sequence still gets its (zero) output.
   if (split > 0 && p0 >= seq_len) return;
