@@ -73,8 +73,55 @@ def sdpa_gqa(q, k, v, is_causal=False):
         )
 
 
+# The shapes of the read-only kernel (csrc/attention/read_floor.cu) tried for each floor:
+# (threads, 16-byte loads of k and of v in flight per thread, blocks per SM; 0 = as many as fit).
+# A floor is only as low as the best reader that found it, so the fastest one counts.
+READ_FLOOR_CONFIGS = [(t, u, r) for t in (128, 256) for u in (2, 4, 8) for r in (0, 4)]
+
+
+def read_floor(pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor, page_mult: int,
+               stream_stride: int, streams: int) -> tuple[float, str, dict, torch.Tensor]:
+    """The fastest time (us) in which a kernel that only reads can read these pages.
+
+    pool_k / pool_v [num_pages, ...]: the pages; stream s of table row r reads pages
+    table[r][j] * page_mult + s * stream_stride of both (csrc/attention/read_floor.cu).
+    Returns (best us, best config, {config: us}, the checksums [rows, streams])."""
+    op = torch.ops.tinyvllm.read_pages
+    checksum = torch.empty(table.shape[0], streams, dtype=torch.int32, device=table.device)
+    times = {}
+    for threads, unroll, per_sm in READ_FLOOR_CONFIGS:
+        fit = op(checksum, pool_k, pool_v, table, page_mult, stream_stride, threads, unroll, per_sm)
+        times[f"{threads} threads, {unroll} in flight, {fit} blocks/SM"] = time_us(
+            lambda: op(checksum, pool_k, pool_v, table, page_mult, stream_stride, threads, unroll, per_sm))
+    best = min(times, key=times.get)
+    return times[best], best, times, checksum
+
+
+def decode_read_floors(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                       tables: torch.Tensor) -> dict:
+    """The read floor of the paged cache (our kernel's layout, through its block tables) and
+    of the contiguous copy SDPA reads, cut into the same pages (one block of one kv head).
+
+    Both read the same k/v bytes, so their checksums must agree (a check on the floor kernel)."""
+    b, hk, length, d = k.shape
+    bs = kc.shape[2]
+    nb = length // bs
+    paged = read_floor(kc.view(kc.shape[0] * hk, -1), vc.view(vc.shape[0] * hk, -1), tables[:, :nb].contiguous(),
+                       hk, 1, hk)
+    rows = torch.arange(nb, device=k.device, dtype=torch.int32) + (hk * nb) * torch.arange(
+        b, device=k.device, dtype=torch.int32).unsqueeze(1)
+    contiguous = read_floor(k.reshape(b * hk * nb, -1), v.reshape(b * hk * nb, -1), rows, 1, nb, hk)
+    return {
+        "read_floor_paged_us": paged[0], "read_floor_paged_best": paged[1],
+        "read_floor_contiguous_us": contiguous[0], "read_floor_contiguous_best": contiguous[1],
+        "read_floor_paged_all": paged[2], "read_floor_contiguous_all": contiguous[2],
+        "read_floor_checksums_agree": bool(torch.equal(paged[3], contiguous[3])),
+    }
+
+
 def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffle: bool = True,
-                 block_size: int = BLOCK, impl: int = -1) -> Result:
+                 block_size: int = BLOCK, impl: int = -1, floors: bool = False) -> Result:
+    """One decode shape: our op against SDPA; floors: also the read floors (decode_read_floors)."""
     gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + ctx)
     q = torch.randn(batch, NUM_HEADS, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, NUM_KV_HEADS, ctx, d, device="cuda", dtype=dtype)
@@ -100,12 +147,15 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
     t_peer = time_us(peer)
     esize = q.element_size()
     nbytes = 2 * batch * ctx * NUM_KV_HEADS * d * esize + 2 * batch * NUM_HEADS * d * esize
+    extra = {"batch": batch, "context": ctx, "tokens": batch * ctx}
+    if floors and ctx % block_size == 0:
+        extra.update(decode_read_floors(k, v, kc, vc, tables))
+        correct = correct and extra["read_floor_checksums_agree"]
     del k, v, kc, vc
     tag = ("" if shuffle else " ordered") + ("" if block_size == BLOCK else f" bs{block_size}")
     tag += {-1: "", 0: " cuda-cores", 1: " tensor-cores cp.async", 2: " tensor-cores tma"}[impl]
     return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
-                  t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct,
-                  extra={"batch": batch, "context": ctx, "tokens": batch * ctx})
+                  t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct, extra=extra)
 
 
 RAGGED = {  # name -> lengths of a batch of b (random.Random(b)), Llama-1B heads
@@ -207,6 +257,21 @@ def bench_prefill(n: int, d: int, dtype=torch.bfloat16, impl: int = -1) -> Resul
                   "sdpa flash causal", flops=flops, correct=correct, extra={"tokens": n, "head_dim": d})
 
 
+def print_read_floors(rows: list[Result]) -> None:
+    """Each decode shape beside the floors under it: the fastest read of the same pages."""
+    if not rows:
+        return
+    print("\nread floors: a kernel that only reads the same k/v (us); x = time / floor, 1.00 = at the floor")
+    head = (f"{'shape':<30} {'ours':>8} {'paged floor':>12} {'ours x':>7} {'sdpa':>8} {'contig floor':>13} "
+            f"{'sdpa x':>7} {'sdpa / paged floor':>19}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        fp, fc = r.extra["read_floor_paged_us"], r.extra["read_floor_contiguous_us"]
+        print(f"{r.shape:<30} {r.ours_us:8.1f} {fp:12.1f} {r.ours_us / fp:7.3f} {r.torch_us:8.1f} {fc:13.1f} "
+              f"{r.torch_us / fc:7.3f} {r.torch_us / fp:19.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
@@ -223,6 +288,8 @@ def main() -> None:
     ap.add_argument("--ragged", action="store_true",
                     help="also time decode batches of unequal lengths (8 to 256 sequences; see RAGGED)")
     ap.add_argument("--ragged-only", action="store_true", help="only the ragged decode batches")
+    ap.add_argument("--no-read-floor", action="store_true",
+                    help="skip the read floors (a kernel that only reads the same pages: paged and contiguous)")
     ap.add_argument("--ordered-blocks", action="store_true",
                     help="also time decode with each sequence's blocks in order (what random placement costs)")
     args = ap.parse_args()
@@ -246,10 +313,10 @@ def main() -> None:
     results: list[Result] = []
     for b in batches:
         for L in contexts:
-            results.append(bench_decode(b, L, impl=args.impl))
+            results.append(bench_decode(b, L, impl=args.impl, floors=not args.no_read_floor))
             torch.cuda.empty_cache()
             if args.ordered_blocks and b * L >= 65536:
-                results.append(bench_decode(b, L, shuffle=False))
+                results.append(bench_decode(b, L, shuffle=False, floors=not args.no_read_floor))
                 torch.cuda.empty_cache()
             for bs in args.block_sizes:
                 if b * L >= 65536:
@@ -266,6 +333,7 @@ def main() -> None:
 
     print()
     print_table(results, ceilings)
+    print_read_floors([r for r in results if "read_floor_paged_us" in r.extra])
     # The summary and the chart use the standard sweep (shuffled blocks of 16 tokens) only.
     dec = [r for r in results if r.op == "paged_attention_decode" and "ordered" not in r.shape and " bs" not in r.shape
            and "ragged" not in r.extra]
@@ -278,6 +346,13 @@ def main() -> None:
         "prefill_min_ratio_vs_sdpa_flash": min((r.speedup for r in pre), default=None),
         "all_correct": all(r.correct for r in results),
     }
+    floored = [r for r in dec if "read_floor_paged_us" in r.extra and r.extra["batch"] >= 8]
+    if floored:
+        # Is SDPA faster than the fastest kernel we found that only READS the paged layout?
+        # Where it is, no kernel over these pages can beat SDPA by reading them better.
+        summary["decode_min_paged_floor_vs_sdpa_batch_ge_8"] = min(
+            r.torch_us / r.extra["read_floor_paged_us"] for r in floored)
+        summary["decode_max_ours_over_paged_floor"] = max(r.ours_us / r.extra["read_floor_paged_us"] for r in floored)
     if ragged:  # the engine's way (its order, with the sum) against the op's old way, same batch
         summary["ragged_speedup_vs_given_order_no_sum"] = {
             r.shape: round(r.extra["given_order_no_sum_us"] / r.ours_us, 3) for r in ragged}
@@ -290,7 +365,10 @@ def main() -> None:
 
     panels = [
         ("decode: % of copy bandwidth", [r.shape for r in dec],
-         {"ours": [pct(r.ours_us, r) for r in dec], "sdpa": [pct(r.torch_us, r) for r in dec]}, "% copy BW"),
+         {"ours": [pct(r.ours_us, r) for r in dec], "sdpa": [pct(r.torch_us, r) for r in dec],
+          **({"read floor, paged": [pct(r.extra["read_floor_paged_us"], r) for r in dec],
+              "read floor, contiguous": [pct(r.extra["read_floor_contiguous_us"], r) for r in dec]}
+             if all("read_floor_paged_us" in r.extra for r in dec) else {})}, "% copy BW"),
         ("prefill: TFLOP/s (causal)", [r.shape for r in pre],
          {"ours": [r.tflops() for r in pre], "sdpa flash": [r.flops / (r.torch_us * 1e-6) / 1e12 for r in pre]},
          "TFLOP/s"),

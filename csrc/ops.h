@@ -141,6 +141,21 @@ void prefill_attention(void* out, const void* query, const void* key_cache, cons
                        int max_blocks_per_seq, int max_seqlen_q, int64_t num_tokens, int64_t num_cache_blocks,
                        int64_t query_row_stride, float scale, DType dtype, int impl, cudaStream_t stream);
 
+// A kernel that only reads (attention/read_floor.cu), for the benchmarks: the floor under
+// any kernel that reads the same pages in the same layout. pool_a and pool_b hold
+// num_pages pages of page_bytes bytes (a power of two, >= 16; both 16-byte aligned);
+// table [num_rows, pages_per_row] int32. Stream s of row r reads pages
+// table[r][j] * page_mult + s * stream_stride of both pools, j = 0 .. pages_per_row-1,
+// and checksum[r * streams_per_row + s] = the XOR of every 32-bit word it read. A page
+// outside [0, num_pages) reads page 0 instead and raises kErrBlockTable. threads 128 or
+// 256; unroll (16-byte loads of each pool in flight per thread) 2, 4 or 8; blocks_per_sm
+// > 0 holds the blocks on an SM down to about that many (padding shared memory), 0 lets
+// as many run as fit. Returns how many blocks fit on an SM with that padding (0 if
+// there was nothing to launch).
+int read_pages(uint32_t* checksum, const void* pool_a, const void* pool_b, int64_t page_bytes, int64_t num_pages,
+               const int32_t* table, int num_rows, int pages_per_row, int streams_per_row, int64_t page_mult,
+               int64_t stream_stride, int threads, int unroll, int blocks_per_sm, cudaStream_t stream);
+
 // ---- GEMM (gemm.cpp) -------------------------------------------------------
 // y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.
 // `handle` is a cublasHandle_t passed as void* so this header needs no cuBLAS; the

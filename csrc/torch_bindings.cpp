@@ -467,6 +467,53 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// ---- attention/read_floor.cu: a kernel that only reads (the benchmarks' floor) ----
+// pool_a, pool_b: equal contiguous tensors whose dimension 0 counts pages (any dtype);
+// table [num_rows, pages_per_row] int32; checksum [num_rows, streams_per_row] int32.
+int64_t read_pages_op(at::Tensor& checksum, const at::Tensor& pool_a, const at::Tensor& pool_b,
+                      const at::Tensor& table, int64_t page_mult, int64_t stream_stride, int64_t threads,
+                      int64_t unroll, int64_t blocks_per_sm) {
+  check_cuda(pool_a, "pool_a");
+  check_same_device(pool_b, pool_a, "pool_b", "pool_a");
+  check_same_device(table, pool_a, "table", "pool_a");
+  check_same_device(checksum, pool_a, "checksum", "pool_a");
+  check_same_dtype(pool_b, pool_a, "pool_b", "pool_a");
+  check_dtype(table, at::kInt, "table");
+  check_dtype(checksum, at::kInt, "checksum");
+  TV_CHECK(pool_a.dim() >= 1 && pool_a.size(0) > 0, "pool_a must have at least one page (dimension 0), got shape ",
+           dims_str(pool_a.sizes()));
+  TV_CHECK(pool_b.sizes() == pool_a.sizes(), "pool_b must have the shape of pool_a ", dims_str(pool_a.sizes()),
+           ", got ", dims_str(pool_b.sizes()));
+  check_dim(table, 2, "table");
+  check_dim(checksum, 2, "checksum");
+  TV_CHECK(checksum.size(0) == table.size(0), "checksum must have shape [num_rows = ", table.size(0),
+           ", streams_per_row], got ", dims_str(checksum.sizes()));
+  check_contiguous(pool_a, "pool_a");
+  check_contiguous(pool_b, "pool_b");
+  check_contiguous(table, "table");
+  check_contiguous(checksum, "checksum");
+  const int64_t num_pages = pool_a.size(0);
+  const int64_t page_bytes = pool_a.numel() / num_pages * pool_a.element_size();
+  TV_CHECK(page_bytes >= 16 && page_bytes <= (int64_t(1) << 30) && (page_bytes & (page_bytes - 1)) == 0,
+           "a page (pool_a[0]) must be a power of two of at least 16 bytes, got ", page_bytes, " bytes");
+  TV_CHECK(aligned16(pool_a) && aligned16(pool_b), "pool_a and pool_b must start on a 16-byte boundary");
+  TV_CHECK(table.size(0) <= 65535 && table.size(1) <= INT_MAX && checksum.size(1) <= INT_MAX,
+           "table has too many rows (at most 65535) or pages per row, got ", dims_str(table.sizes()));
+  TV_CHECK(page_mult >= 0 && page_mult <= num_pages && stream_stride >= 0 && stream_stride <= num_pages,
+           "page_mult and stream_stride must lie in [0, num_pages = ", num_pages, "], got ", page_mult, " and ",
+           stream_stride);
+  TV_CHECK(threads == 128 || threads == 256, "threads must be 128 or 256, got ", threads);
+  TV_CHECK(unroll == 2 || unroll == 4 || unroll == 8, "unroll must be 2, 4 or 8, got ", unroll);
+  TV_CHECK(blocks_per_sm >= 0 && blocks_per_sm <= 32, "blocks_per_sm must lie in [0, 32] (0: as many as fit), got ",
+           blocks_per_sm);
+  const c10::cuda::CUDAGuard guard(pool_a.device());
+  return read_pages(reinterpret_cast<uint32_t*>(checksum.data_ptr<int32_t>()), pool_a.data_ptr(), pool_b.data_ptr(),
+                    page_bytes, num_pages, table.data_ptr<int32_t>(), static_cast<int>(table.size(0)),
+                    static_cast<int>(table.size(1)), static_cast<int>(checksum.size(1)), page_mult, stream_stride,
+                    static_cast<int>(threads), static_cast<int>(unroll), static_cast<int>(blocks_per_sm),
+                    current_stream());
+}
+
 // The flags kernels raise on an index they refused to follow (ops.h, errors.cu), as a
 // list of kNumKernelErrors ints; `clear` resets them. Reads host memory only: the caller
 // makes sure the kernels in question have finished (tinyvllm.ops.check_kernel_errors).
@@ -499,6 +546,9 @@ TORCH_LIBRARY(tinyvllm, m) {
   m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");
+  m.def(
+      "read_pages(Tensor! checksum, Tensor pool_a, Tensor pool_b, Tensor table, int page_mult, int stream_stride, "
+      "int threads=128, int unroll=4, int blocks_per_sm=0) -> int");
   // ==== end attention schemas ====
   // No tensor arguments, so no dispatch key: one implementation for every backend.
   m.def("kernel_errors(bool clear=True) -> int[]", &tinyvllm::kernel_errors_op);
@@ -517,6 +567,7 @@ void register_impls(torch::Library& m) {
   m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
   m.impl("paged_attention_decode_plan", &tinyvllm::paged_attention_decode_plan_op);
   m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
+  m.impl("read_pages", &tinyvllm::read_pages_op);
   // ==== end attention ====
 }
 }  // namespace

@@ -36,13 +36,13 @@ fi
 
 if has test; then
   python3 -m pytest -q -rs -p no:cacheprovider \
-    tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_model_vs_transformers.py tests/test_rope.py \
+    tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py tests/test_model_vs_transformers.py tests/test_rope.py \
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
 if has attn; then
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py tests/test_prefill_tiles.py 2>&1 | tail -30 | tee "$OUT/pytest_attn.log"
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py 2>&1 | tail -30 | tee "$OUT/pytest_attn.log"
   note "attention tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_attn.log" | tail -1)"
 fi
 
@@ -51,7 +51,7 @@ if has sanitize; then
     # racecheck is the slow one (about 8 minutes for the whole set on an H200): give it
     # a device call of its own (`bash scripts/gpu_check.sh build sanitize`).
     timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
-      tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py >"$OUT/sanitizer_$tool.log" 2>&1
+      tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py >"$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
   done
