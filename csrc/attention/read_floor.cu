@@ -36,7 +36,7 @@
 // flight: memory latency is about a microsecond, and only many outstanding loads fill
 // the bandwidth. The benchmark tries a few shapes (threads, kUnroll, blocks per SM) and
 // keeps the fastest, since a floor is only as low as the best reader that found it.
-// A page number outside the pools is never followed: block 0's page is read instead
+// A page number outside the pools is never followed: page 0 is read instead
 // and kErrBlockTable is raised (ops.h), as the attention kernels do.
 #include <algorithm>
 
