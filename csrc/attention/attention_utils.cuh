@@ -14,6 +14,7 @@
 //   * mma/ldmatrix/cp.async wrappers for the tensor-core kernels (prefill and decode).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -79,6 +80,17 @@ inline int prepare_kernel(const void* kernel, int threads, int smem) {
   n = n > 0 ? n : 1;
   blocks_per_sm[{kernel, dev, smem}] = n;
   return n;
+}
+
+// There is no launch option for "at most r blocks per SM"; shared memory is the lever. A
+// block that asks for 1/r of the SM's shared memory (less the runtime's per-block reserve
+// and the kernel's own static shared memory) leaves room for only r - 1 others. Returns the
+// dynamic shared memory to ask for, never less than `need`. Registers may still allow fewer
+// than r: ask the occupancy API (prepare_kernel) what you got.
+inline int smem_to_hold_blocks_per_sm(int r, int need, int static_smem = 0) {
+  const int per_sm = cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
+  const int reserved = cached_device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(1024);
+  return r > 0 ? std::max(need, per_sm / r - reserved - static_smem) : need;
 }
 
 inline int num_sms_of_current_device() { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(132); }

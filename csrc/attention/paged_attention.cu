@@ -274,19 +274,16 @@ int blocks_per_sm_for(int64_t blocks, int tokens, int fit, int num_sms) {
   return best;
 }
 
-// Hold the plan's blocks per SM down to blocks_per_sm_for's choice. There is no launch
-// option for "at most r blocks per SM"; shared memory is the lever: a block that asks
-// for 1/r of the SM's shared memory leaves room for r - 1 others. Kept only if the
-// runtime agrees that exactly r fit.
+// Hold the plan's blocks per SM down to blocks_per_sm_for's choice, by padding the
+// block's shared memory (attn::smem_to_hold_blocks_per_sm). Kept only if the runtime
+// agrees that exactly r fit.
 // `fit`: how many blocks of the plan's kernel fit on an SM unpadded.
 void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, DType dtype, int head_dim,
                         int group) {
   const int r = blocks_per_sm_for(blocks, plan.partition_size, fit, num_sms);
   if (r >= fit) return;
-  const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
-  const int reserved = attn::cached_device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(1024);
   DecodePlan held = plan;
-  held.smem_bytes = std::max(plan.smem_bytes, per_sm / r - reserved);
+  held.smem_bytes = attn::smem_to_hold_blocks_per_sm(r, plan.smem_bytes);
   if (held.smem_bytes <= attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024) &&
       resident_blocks_per_sm(held, dtype, head_dim, group) == r)
     plan = held;

@@ -112,15 +112,10 @@ int launch(uint32_t* checksum, const void* pool_a, const void* pool_b, const int
             int pages_per_row, int streams_per_row, int log2_page_vecs, int64_t num_pages, int64_t page_mult,
             int64_t stream_stride, int blocks_per_sm, cudaStream_t stream) {
   const auto kernel = read_pages_kernel<kThreads, kUnroll>;
-  int smem = static_cast<int>(std::max<int64_t>(int64_t(pages_per_row) * 8, 16));
-  if (blocks_per_sm > 0) {
-    // No launch option says "at most r blocks per SM"; shared memory is the lever (as in
-    // the decode plan): a block that asks for 1/r of the SM's shared memory leaves room
-    // for r - 1 others.
-    const int per_sm = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
-    const int reserved = attn::cached_device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(1024);
-    smem = std::max(smem, per_sm / blocks_per_sm - reserved - static_cast<int>(sizeof(uint32_t)) * kThreads / 32);
-  }
+  // The page numbers, padded (blocks_per_sm > 0) to hold the blocks per SM down; the
+  // kernel's static shared memory is its warp_words.
+  const int need = static_cast<int>(std::max<int64_t>(int64_t(pages_per_row) * 8, 16));
+  const int smem = attn::smem_to_hold_blocks_per_sm(blocks_per_sm, need, int(sizeof(uint32_t)) * kThreads / 32);
   const int optin = attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
   if (smem > optin)
     throw std::invalid_argument("read_pages: " + std::to_string(pages_per_row) + " pages per row need " +
