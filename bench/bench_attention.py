@@ -44,7 +44,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Result, copy_bandwidth, device_info, matmul_tflops, print_table, time_us, try_plot, write_json  # noqa: E402
+from common import (Result, copy_bandwidth, device_info, fixed_and_rate, matmul_tflops, print_table,  # noqa: E402
+                    time_us, try_plot, write_json)
 
 NUM_HEADS, NUM_KV_HEADS, BLOCK = 32, 8, 16
 
@@ -281,6 +282,45 @@ def print_read_floors(rows: list[Result]) -> None:
               f"{r.torch_us / fc:7.3f} {r.torch_us / fp:19.3f}")
 
 
+RATE_TOKENS = 512  # the fit's unit of work: 512 tokens of every sequence
+
+
+def decode_fixed_and_rate(rows: list[Result]) -> dict:
+    """Per batch: each kernel's decode time fitted to fixed + rate x (context / 512), over the
+    contexts of at least 64k tokens in all (where the read floors are timed, and the data streams).
+
+    {batch: {"ours" | "sdpa" | "paged floor" | "contiguous floor": (fixed us, us per 512 tokens)}},
+    only for batches with two or more such contexts."""
+    columns = {"ours": lambda r: r.ours_us, "sdpa": lambda r: r.torch_us,
+               "paged floor": lambda r: r.extra.get("read_floor_paged_us"),
+               "contiguous floor": lambda r: r.extra.get("read_floor_contiguous_us")}
+    out = {}
+    for b in sorted({r.extra["batch"] for r in rows}):
+        mine = [r for r in rows if r.extra["batch"] == b]
+        if len({r.extra["context"] for r in mine}) < 2:
+            continue
+        fits = {}
+        for name, get in columns.items():
+            pts = [(r.extra["context"] / RATE_TOKENS, get(r)) for r in mine if get(r) is not None]
+            if len({x for x, _ in pts}) >= 2:
+                fits[name] = fixed_and_rate(pts)
+        out[b] = fits
+    return out
+
+
+def print_fixed_and_rate(fits: dict) -> None:
+    if not fits:
+        return
+    print(f"\nfixed cost + rate: time = fixed + rate x (context / {RATE_TOKENS}), fitted per batch over contexts "
+          "of >= 64k tokens in all (us; course, chapter 15)")
+    names = ["ours", "sdpa", "paged floor", "contiguous floor"]
+    head = f"{'batch':>6} " + " ".join(f"{n:>20}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for b, f in fits.items():
+        print(f"{b:>6} " + " ".join(f"{f[n][0]:9.1f} + {f[n][1]:8.2f}" if n in f else f"{'-':>20}" for n in names))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
@@ -365,6 +405,11 @@ def main() -> None:
             r.torch_us / r.extra["read_floor_paged_us"] for r in floored)
         summary["decode_max_ours_over_paged_read_floor_at_64k_tokens"] = max(
             r.ours_us / r.extra["read_floor_paged_us"] for r in floored)
+    fits = decode_fixed_and_rate(big)
+    print_fixed_and_rate(fits)
+    if fits:
+        summary["decode_fixed_us_and_us_per_512_tokens"] = {
+            str(b): {n: [round(v, 2) for v in fr] for n, fr in f.items()} for b, f in fits.items()}
     if ragged:  # the engine's way (its order, with the sum) against the op's old way, same batch
         summary["ragged_speedup_vs_given_order_no_sum"] = {
             r.shape: round(r.extra["given_order_no_sum_us"] / r.ours_us, 3) for r in ragged}

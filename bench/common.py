@@ -120,6 +120,22 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, reps: int 
     return 2 * n**3 / (t * 1e-6) / 1e12
 
 
+def fixed_and_rate(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares fit of time = fixed + rate * x to (x, time) points; returns (fixed, rate).
+
+    A kernel's time over one dimension of its work (say, the context length at one batch) splits
+    into what it pays once (the launch, every block's start and end, the last partial wave) and
+    what it pays per unit once its data streams. Two kernels can tie at one length and differ in
+    both parts; the split tells which part a change should go after (course, chapter 15)."""
+    if len({x for x, _ in points}) < 2:
+        raise ValueError(f"fixed_and_rate needs points at two or more different x, got {points}")
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    rate = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - rate * mx, rate
+
+
 @dataclass
 class Result:
     """One row of a benchmark: our op against a torch peer on the same inputs."""
