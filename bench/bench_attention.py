@@ -309,6 +309,7 @@ def decode_fixed_and_rate(rows: list[Result]) -> dict:
 
 
 def print_fixed_and_rate(fits: dict) -> None:
+    """The table of decode_fixed_and_rate: one row per batch, "fixed + rate" per kernel."""
     if not fits:
         return
     print(f"\nfixed cost + rate: time = fixed + rate x (context / {RATE_TOKENS}), fitted per batch over contexts "
