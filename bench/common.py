@@ -129,11 +129,8 @@ def fixed_and_rate(points: list[tuple[float, float]]) -> tuple[float, float]:
     both parts; the split tells which part a change should go after (course, chapter 15)."""
     if len({x for x, _ in points}) < 2:
         raise ValueError(f"fixed_and_rate needs points at two or more different x, got {points}")
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    rate = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return my - rate * mx, rate
+    rate, fixed = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    return fixed, rate
 
 
 @dataclass
