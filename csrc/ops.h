@@ -114,6 +114,7 @@ struct DecodePlanInfo {
   int warps;           // warps per block
   int blocks_per_sm;   // blocks that share an SM, after the plan's choice
   int smem_bytes;      // dynamic shared memory per block (mma kernel; padded where blocks_per_sm is held down)
+  bool head_per_warp;  // mma kernel: one kv head per warp, 4 kv heads of a sequence per block
 };
 DecodePlanInfo paged_attention_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                            int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);

@@ -359,8 +359,9 @@ void check_sum_seq_lens(int64_t sum_seq_lens, int64_t num_seqs, int64_t max_seq_
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale, int64_t impl, int64_t sum_seq_lens) {
-  TV_CHECK(impl >= -1 && impl <= 2,
-           "impl must be -1 (automatic), 0 (CUDA cores), 1 (tensor cores, cp.async) or 2 (tensor cores, TMA), got ",
+  TV_CHECK(impl >= -1 && impl <= 3,
+           "impl must be -1 (automatic), 0 (CUDA cores), 1 (tensor cores, cp.async), 2 (tensor cores, TMA) or 3 "
+           "(tensor cores, one kv head per warp), got ",
            impl);
   AttentionDims dims{};
   check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
@@ -390,10 +391,10 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
 // The decode op's plan for a batch shaped like `query` [num_seqs, num_heads, head_dim]
 // (its dtype and GPU) with num_kv_heads kv heads and contexts of up to max_seq_len
 // tokens: [tensor_cores, tma, num_splits, partition_size, warps, blocks_per_sm,
-// smem_bytes] (tinyvllm.ops.decode_plan names them).
+// smem_bytes, head_per_warp] (tinyvllm.ops.decode_plan names them).
 std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int64_t num_kv_heads,
                                                     int64_t max_seq_len, int64_t impl, int64_t sum_seq_lens) {
-  TV_CHECK(impl >= -1 && impl <= 2, "impl must be -1, 0, 1 or 2, got ", impl);
+  TV_CHECK(impl >= -1 && impl <= 3, "impl must be -1, 0, 1, 2 or 3, got ", impl);
   check_cuda(query, "query");
   TV_CHECK(query.dim() == 3, "query must be [num_seqs, num_heads, head_dim], got ", dims_str(query.sizes()));
   const int64_t num_heads = query.size(1), head_dim = query.size(2);
@@ -407,7 +408,8 @@ std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int
       static_cast<int>(query.size(0)), static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
       static_cast<int>(head_dim), static_cast<int>(max_seq_len), sum_seq_lens, dtype_of(query, "query"),
       static_cast<int>(impl));
-  return {p.tensor_cores, p.tma, p.num_splits, p.partition_size, p.warps, p.blocks_per_sm, p.smem_bytes};
+  return {p.tensor_cores, p.tma,           p.num_splits, p.partition_size,
+          p.warps,        p.blocks_per_sm, p.smem_bytes, p.head_per_warp};
 }
 
 void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,

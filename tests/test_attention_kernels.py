@@ -168,14 +168,14 @@ def test_decode_impl_choice_errors_name_the_problem():
     a = _decode_args()
     with pytest.raises(RuntimeError, match="impl must be -1"):
         torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
-                                                  a["block_tables"], a["seq_lens"], a["scale"], 3)
+                                                  a["block_tables"], a["seq_lens"], a["scale"], 4)
     capacity = a["block_tables"].shape[1] * a["key_cache"].shape[2]  # tokens the table can hold per sequence
     with pytest.raises(RuntimeError, match=rf"sum_seq_lens must be .* 2 x {capacity} = {2 * capacity} .* got"):
         torch.ops.tinyvllm.paged_attention_decode(a["out"], a["query"], a["key_cache"], a["value_cache"],
                                                   a["block_tables"], a["seq_lens"], a["scale"], -1, 2 * capacity + 1)
     f = _decode_args()
     f32 = {k: f[k].float() for k in ("out", "query", "key_cache", "value_cache")}
-    for impl in (1, 2):
+    for impl in (1, 2, 3):
         with pytest.raises(RuntimeError, match=rf"impl={impl} \(tensor cores\) needs a bfloat16 or float16 cache"):
             torch.ops.tinyvllm.paged_attention_decode(f32["out"], f32["query"], f32["key_cache"],
                                                       f32["value_cache"], f["block_tables"], f["seq_lens"],
@@ -188,10 +188,12 @@ def test_decode_impl_choice_errors_name_the_problem():
 
 # The tensor-core kernel's two ways of loading tiles: 1 = cp.async (16-byte copies by
 # every lane, padded rows), 2 = TMA (the copy engine, one box per cache block, swizzled
-# rows, mbarriers; sm_90+). The NaN-poisoned cache tail checks that rows past a
+# rows, mbarriers; sm_90+); and 3, cp.async with one kv head per warp (a block = 4 kv
+# heads of a sequence; with 2 kv heads, as most tests below have, 2 of its warps have no
+# head and leave at once). The NaN-poisoned cache tail checks that rows past a
 # sequence's end never reach the output (the TMA kernel fetches whole rows of a block
 # and must zero the V rows past the end).
-TENSOR_CORE_IMPLS = [pytest.param(1, id="cp.async"), pytest.param(2, id="tma")]
+TENSOR_CORE_IMPLS = [pytest.param(1, id="cp.async"), pytest.param(2, id="tma"), pytest.param(3, id="head_per_warp")]
 
 
 def _skip_unless_runs(impl):
@@ -214,6 +216,11 @@ def test_decode_tensor_core_loaders_block_sizes_and_lengths(impl, dtype, head_di
 @pytest.mark.parametrize("group", [1, 12, 32])
 def test_decode_tensor_core_loaders_groups(impl, group):
     _skip_unless_runs(impl)
+    if impl == 3 and group > 16:  # a warp holds at most 16 query heads (one mma row block)
+        with pytest.raises(RuntimeError, match=r"impl=3 \(one kv head per warp\) needs at most 16 query heads "
+                                               r"per kv head, got 32"):
+            run_decode([1, 33], group * 2, 2, 128, 16, torch.bfloat16, impl=impl)
+        return
     out, ref = run_decode([1, 33, 700, 2100], group * 2, 2, 128, 16, torch.bfloat16, seed=group, impl=impl)
     _assert_close(out, ref, torch.bfloat16, f"decode impl={impl} group={group}")
 
@@ -345,6 +352,65 @@ def test_decode_with_blocks_per_sm_held_down_matches_reference():
     _assert_close(out, ref, torch.bfloat16, f"decode batch={batch} with fewer blocks per SM")
 
 
+def _head_per_warp_pays(batch: int, sms: int, fit: int, kv_heads: int = 8) -> bool:
+    # The plan's rule (paged_attention.cu, "One kv head per warp"): n blocks of 4 kv heads in
+    # one wave of at least 2.75 per SM, the SMs that get the most blocks at least 3/4 of all.
+    n = batch * -(-kv_heads // 4)
+    most = -(-n // sms)
+    return 4 * n >= 11 * sms and most <= fit and 4 * (n - (most - 1) * sms) >= 3 * sms
+
+
+def test_decode_plan_gives_each_warp_a_kv_head_at_one_full_wave_of_equal_lengths():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q = torch.empty(4 * sms, 32, 64, device="cuda", dtype=torch.bfloat16)
+    fit = decode_plan(q, 8, 1024, impl=3)["blocks_per_sm"]
+    chosen = []
+    for batch in range(sms, fit * sms // 2 + 3):  # 8 kv heads: 2 blocks per sequence
+        for tokens in (128, 4096):
+            plan = _llama_plan(batch, tokens, sum_seq_lens=batch * tokens)
+            assert plan["head_per_warp"] == _head_per_warp_pays(batch, sms, fit), (batch, tokens, plan)
+        if plan["head_per_warp"]:
+            chosen.append(batch)
+            assert plan["num_splits"] == 1 and plan["warps"] == 4 and plan["partition_size"] >= 4096, plan
+    assert chosen, "no batch of Llama heads gives each warp a kv head on this GPU"
+    for batch in chosen[:: max(1, len(chosen) // 4)]:
+        # Only with the word that the lengths are about equal, only automatically, only at
+        # head_dim 64 (where it was measured).
+        assert not _llama_plan(batch, 1024)["head_per_warp"]
+        assert not _llama_plan(batch, 1024, sum_seq_lens=batch * 1024 * 3 // 4)["head_per_warp"]
+        assert not _llama_plan(batch, 1024, head_dim=128, sum_seq_lens=batch * 1024)["head_per_warp"]
+        q1 = torch.empty(batch, 32, 64, device="cuda", dtype=torch.bfloat16)
+        assert not decode_plan(q1, 8, 1024, impl=1, sum_seq_lens=batch * 1024)["head_per_warp"]
+    # impl 3 forces it anywhere, and splits only where fewer than 2 blocks per SM would be left.
+    few = decode_plan(torch.empty(8, 32, 64, device="cuda", dtype=torch.bfloat16), 8, 4096, impl=3)
+    assert few["head_per_warp"] and few["num_splits"] > 1, few
+    many = decode_plan(torch.empty(sms, 32, 64, device="cuda", dtype=torch.bfloat16), 8, 4096, impl=3)
+    assert many["head_per_warp"] and many["num_splits"] == 1, many
+    if sms == 132:  # H100 / H200 SXM: the measured shapes
+        assert fit == 5
+        assert chosen == [*range(182, 199), *range(248, 265), *range(314, 331)]
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("num_kv_heads", [8, 6])
+def test_decode_one_kv_head_per_warp_matches_reference(num_kv_heads):
+    # The automatic plan at the first batch it picks, lengths about equal (the sum
+    # passed, as the engine does). 6 kv heads: each sequence's second block has 2 idle warps.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q = torch.empty(4 * sms, num_kv_heads * 4, 64, device="cuda", dtype=torch.bfloat16)
+    fit = decode_plan(q, num_kv_heads, 160, impl=3)["blocks_per_sm"]
+    batch = next(b for b in range(sms, 4 * sms) if _head_per_warp_pays(b, sms, fit, num_kv_heads))
+    g = torch.Generator().manual_seed(num_kv_heads)
+    seq_lens = torch.randint(130, 161, (batch,), generator=g).tolist()
+    seq_lens[0] = 160
+    width = 160 // 16
+    qb = torch.empty(batch, num_kv_heads * 4, 64, device="cuda", dtype=torch.bfloat16)
+    assert decode_plan(qb, num_kv_heads, width * 16, sum_seq_lens=sum(seq_lens))["head_per_warp"]
+    out, ref = run_decode(seq_lens, num_kv_heads * 4, num_kv_heads, 64, 16, torch.bfloat16, seed=batch,
+                          table_width=width, sum_seq_lens=sum(seq_lens))
+    _assert_close(out, ref, torch.bfloat16, f"decode one kv head per warp, batch={batch}")
+
+
 def test_decode_plan_checks_its_arguments():
     q = torch.empty(4, 32, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
@@ -352,7 +418,7 @@ def test_decode_plan_checks_its_arguments():
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
         decode_plan(torch.empty(4, 32, 80, device="cuda", dtype=torch.bfloat16), 8, 1024)
     with pytest.raises(RuntimeError, match="impl must be"):
-        decode_plan(q, 8, 1024, impl=3)
+        decode_plan(q, 8, 1024, impl=4)
     for impossible in (-2, 4 * 1024 + 1):  # 4 sequences of at most 1024 tokens
         with pytest.raises(RuntimeError, match="sum_seq_lens must be -1 .* between 0 and num_seqs x max_seq_len"):
             decode_plan(q, 8, 1024, sum_seq_lens=impossible)

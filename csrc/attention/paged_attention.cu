@@ -159,6 +159,8 @@ struct DecodePlan {
   int num_splits;
   int partition_size;
   int warps;          // mma kernel: warps per block (4, 8 or 16; the CUDA-core kernel always has 4)
+  bool head_per_warp; // mma kernel: each warp takes one kv head whole (a block: 4 kv heads of one
+                      // sequence; no merge of warps); see "One kv head per warp" below
   int smem_bytes;     // mma kernel: dynamic shared memory per block, padded where the plan holds
                       // down the blocks per SM (plan_blocks_per_sm)
 };
@@ -199,10 +201,13 @@ std::string shared_memory_error(int impl, int head_dim) {
          std::to_string(attn::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0));
 }
 
-// Which kernel (sets plan.tensor_cores and plan.tma):
+// Which kernel (sets plan.tensor_cores, plan.tma and plan.head_per_warp):
 //   impl -1 automatic: tensor cores with cp.async where they fit, else CUDA cores
-//           (fp32: always CUDA cores)
-//   impl  0 CUDA cores;  1 tensor cores, cp.async loads;  2 tensor cores, TMA loads
+//           (fp32: always CUDA cores); the plan may give each warp a kv head of its own
+//   impl  0 CUDA cores;  1 tensor cores, cp.async loads, the warps of a block share one
+//           kv head;  2 the same with TMA loads;  3 tensor cores, cp.async loads, one kv
+//           head per warp (any shape; the automatic plan picks it only where it measured
+//           faster, see make_decode_plan)
 // An explicit impl that cannot run here is an error, never a silent substitute.
 // Why not TMA automatically on sm_90+? Measured on an H200 (Llama-1B shapes), it is
 // no faster anywhere: 1-6% slower at batch 8 to 256 in the same run; cp.async also
@@ -210,6 +215,7 @@ std::string shared_memory_error(int impl, int head_dim) {
 void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
   plan.tensor_cores = false;
   plan.tma = false;
+  plan.head_per_warp = impl == 3;
   if (impl == 0) return;
   if (dtype == DType::kFloat32) {
     if (impl > 0)
@@ -222,7 +228,7 @@ void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
                              "driver that provides cuTensorMapEncodeTiled");
   if (impl > 0 && !mma_fits(head_dim)) throw std::runtime_error(shared_memory_error(impl, head_dim));
   plan.tma = impl == 2;
-  plan.tensor_cores = plan.tma || impl == 1 || mma_fits(head_dim);
+  plan.tensor_cores = plan.tma || impl == 1 || impl == 3 || mma_fits(head_dim);
 }
 
 // ---- Blocks per SM for a grid of more than one wave ----
@@ -289,6 +295,56 @@ void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, 
     plan = held;
 }
 
+// ---- One kv head per warp ----
+// The usual block is one (sequence, kv head): its 4 warps take every 4th tile of that
+// head's context, and at the end merge their 4 online-softmax states in shared memory.
+// The other shape: a block holds 4 kv heads of one sequence, one per warp, and each warp
+// streams ALL the tiles of its own head. Its state is then the head's whole answer, so
+// the warp normalises and stores it itself: no merge, no barrier, and 4x fewer blocks.
+// Where does that pay? Where the usual grid needs several waves and the new one fits in
+// one: Llama 3.2 1B at batch 256 is 2048 usual blocks (3.1 waves of 5 per SM on 132 SMs)
+// or 512 (3.9 per SM, one wave). Every block start after the first wave (a table and a
+// tile round trip, 2.8-4.4 us under load) and every merge is gone.
+// But one wave has no later blocks to even out the SMs: with n blocks on S SMs, some SMs
+// get c = ceil(n / S) blocks and the rest c - 1, and those with c set the end. Measured on
+// an H100 (Llama-1B heads, equal lengths, same buffers, 128-2048 tokens;
+// bench/results/h100-2026-11-27-head-per-warp/), by the share of SMs that get c blocks:
+//   0.76-1.00 (batch 184-192, 248-264, 314-330): 0.3-4.3% faster at 128-1024 tokens (256 x 512:
+//             96.0 -> 94.0 us, SDPA 94.5), -0.7 to +3.7% at 2048-4096;
+//   0.61-0.64 (240, 304): 0.2-0.6% faster at 1024 tokens;
+//   0.03-0.42 (136-160, 200-224, 288): from 512 tokens 2.5% slower to 0.8% faster,
+//             slower in 17 of 21 measurements (faster at 128 tokens).
+// It also lost past one wave (batch 512: 2.3-3.5%) and wherever it needed a split to fill
+// the GPU (batch 32-128: the merge kernel, up to 8% slower). And it needs lengths about
+// equal, or a long sequence's warp streams alone at the end. So the automatic plan takes
+// it only for equal lengths (sum_seq_lens known), groups of at most 8 (one mma row block
+// holds a warp's heads in rows 0-7) and head_dim 64 (where it was measured), at one wave
+// of at least 2.75 blocks per SM whose last level is at least 3/4 full. impl 3 forces it
+// anywhere (the tests do), splitting only where fewer than 2 blocks per SM would be left.
+constexpr int kHeadPerWarpMinBlocksX4 = 11;  // 2.75 blocks per SM, times 4
+
+// The automatic rule above: n blocks of 4 kv heads on num_sms SMs, `fit` per SM at most.
+bool head_per_warp_pays(int64_t n, int fit, int num_sms) {
+  const int64_t c = (n + num_sms - 1) / num_sms;  // the most blocks any SM gets
+  const int64_t full = n - (c - 1) * num_sms;     // SMs that get c of them
+  return 4 * n >= kHeadPerWarpMinBlocksX4 * int64_t(num_sms) && c <= fit && 4 * full >= 3 * int64_t(num_sms);
+}
+
+DecodePlan plan_head_per_warp(DecodePlan plan, int64_t blocks, int max_seq_len, int fit, int num_sms) {
+  plan.head_per_warp = true;
+  plan.warps = kDecodeWarps;
+  plan.head_chunks = 1;
+  const int64_t target = int64_t(fit) * num_sms * 9 / 10;
+  int64_t splits = blocks >= target || blocks >= 2 * int64_t(num_sms) ? 1 : (target + blocks - 1) / blocks;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, (max_seq_len + kMinPartition - 1) / kMinPartition,
+                                                   kMaxSplits}));
+  int part = static_cast<int>((max_seq_len + splits - 1) / splits);
+  part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
+  plan.partition_size = part;
+  plan.num_splits = (max_seq_len + part - 1) / part;
+  return plan;
+}
+
 // Choose how many blocks work on each (sequence, kv head): enough to fill every SM
 // once (one "wave" of resident blocks), but never partitions shorter than a minimum,
 // below which the merge costs more than the extra parallelism gains.
@@ -309,6 +365,9 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
     plan.gmax = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
   }
   plan.head_chunks = (group + plan.gmax - 1) / plan.gmax;
+  if (plan.head_per_warp && group > kMmaRows)
+    throw std::runtime_error("paged_attention_decode: impl=3 (one kv head per warp) needs at most " +
+                             std::to_string(kMmaRows) + " query heads per kv head, got " + std::to_string(group));
   max_seq_len = std::max(max_seq_len, 1);
   const int64_t base = std::max<int64_t>(1, int64_t(num_seqs) * num_kv_heads * plan.head_chunks);
   // Aim for as many blocks as fit on the SMs at once (asked of the runtime), but at most
@@ -317,6 +376,14 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // add their start-up and the merge (measured on an H200 with 5 blocks per SM: batch 64
   // x 1024 in 512 blocks 37.4 us, split into 1024 blocks and merged 41 us).
   const int fit = resident_blocks_per_sm(plan, dtype, head_dim, group);
+  const int64_t hpw_blocks = int64_t(num_seqs) * ((num_kv_heads + kDecodeWarps - 1) / kDecodeWarps);
+  if (plan.head_per_warp) return plan_head_per_warp(plan, hpw_blocks, max_seq_len, fit, num_sms);  // impl 3
+  if (impl == -1 && plan.tensor_cores && !plan.tma && equal_lengths && group <= kMmaRows / 2 && head_dim == 64) {
+    DecodePlan hpw = plan;
+    hpw.head_per_warp = true;
+    const int hfit = resident_blocks_per_sm(hpw, dtype, head_dim, group);
+    if (head_per_warp_pays(hpw_blocks, hfit, num_sms)) return plan_head_per_warp(hpw, hpw_blocks, max_seq_len, hfit, num_sms);
+  }
   const int per_sm = std::min(fit, kBlocksPerSmWanted);
   int64_t target = int64_t(per_sm) * num_sms;
   // Tensor cores: a wave that is 90% full is full enough; splitting it would double the
@@ -689,7 +756,8 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // where Q K^T left S: c0,c1 of the first n-tile are a0, those of the second are a2.
 //
 // Loading: each warp streams ITS OWN tiles (tiles w, w+W, w+2W, ... of the partition,
-// W = WARPS: 4, or 8 or 16 in the wide blocks that replace a few splits; see plan_decode)
+// W = WARPS: 4, or 8 or 16 in the wide blocks that replace a few splits; see plan_decode;
+// with one kv head per warp, HPW, every tile of the warp's own kv head)
 // through a private ring of kStages shared-memory stages with cp.async, which copies
 // global -> shared without passing through registers and without blocking the thread.
 // While the warp multiplies tile i, tile i+1 is on its way. The warps never
@@ -726,7 +794,9 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 // (plan_blocks_per_sm, and its test). The compiler chose 96 on its own until two fields
 // were added to DecodeParams, then 98, and only 4 blocks fit. The second __launch_bounds__
 // argument (blocks per SM; 0: no demand) asks for 5, and ptxas meets it without spilling.
-template <typename T, int D, bool HI, bool TMA, int WARPS>  // HI: some block has more than 8 query heads (rows 8..15 in use)
+// HI: some block has more than 8 query heads (rows 8..15 in use). HPW: one kv head per
+// warp (see "One kv head per warp" above; cp.async, 4 warps).
+template <typename T, int D, bool HI, bool TMA, int WARPS, bool HPW = false>
 __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ? 5 : 0)
     paged_attention_decode_mma_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                                       const __grid_constant__ CUtensorMap vmap) {
@@ -738,6 +808,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   constexpr int RSTEP = 32 / CHUNKS;    // rows one warp-wide pass of 16-byte copies covers
   constexpr int PASSES = kTile / RSTEP; // passes per tile (the first half: rows 0-7)
   static_assert(KSTEPS % 2 == 0 && NT_O % 2 == 0 && PASSES % 2 == 0, "head_dim must be 64 or 128");
+  static_assert(!HPW || (!TMA && WARPS == kDecodeWarps), "one kv head per warp: the 4-warp cp.async kernel");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5;
@@ -759,11 +830,18 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
 
   const int seq = blockIdx.y;
   const int split = blockIdx.z;
-  const int kvh = blockIdx.x / p.head_chunks;
-  const int chunk = blockIdx.x - kvh * p.head_chunks;
+  // The usual block: kv head blockIdx.x / head_chunks (and, past 16 query heads, a chunk of
+  // its group), its warps sharing the tiles. HPW: kv head 4 * blockIdx.x + warp, a warp's own.
+  const int kvh = HPW ? blockIdx.x * WARPS + warp : blockIdx.x / p.head_chunks;
+  const int chunk = HPW ? 0 : blockIdx.x - kvh * p.head_chunks;
   const int head0 = kvh * p.group + chunk * kMmaRows;
   const int nh = min(kMmaRows, p.group - chunk * kMmaRows);
   attn::allow_dependent_launch();  // the merge kernel may start its launch now (it waits for our results)
+  // HPW: a warp past the last kv head has nothing to do (the HPW path has no block-wide barrier).
+  if (HPW && kvh >= p.num_kv_heads) return;
+  // This warp's tiles of the partition: tw, tw + TS, tw + 2 TS, ... (HPW: all of them).
+  const int tw = HPW ? 0 : warp;
+  constexpr int TS = HPW ? 1 : WARPS;
 
   // ---- prologue: three independent reads, issued together ----
   // The sequence's length, the query and the block-table entries do not depend on
@@ -797,7 +875,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   const int pcap = min(p0 + p.partition_size, p.max_blocks_per_seq << l2);
   int ent_lo, ent_hi;
   auto fetch_entries = [&](int i0) {
-    const int tok0 = p0 + (warp + WARPS * (i0 + lane)) * kTile;
+    const int tok0 = p0 + (tw + TS * (i0 + lane)) * kTile;
     ent_lo = tok0 < pcap ? __ldg(btab + (tok0 >> l2)) : 0;
     ent_hi = tok0 + 8 < pcap ? __ldg(btab + ((tok0 + 8) >> l2)) : 0;
   };
@@ -807,7 +885,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   // never followed, so the padding after a sequence is never judged. Checked once per
   // 32 tiles, as the entries arrive, so the tile loop pays nothing.
   auto check_entries = [&](int i0, int p1) {
-    const int tok0 = p0 + (warp + WARPS * (i0 + lane)) * kTile;
+    const int tok0 = p0 + (tw + TS * (i0 + lane)) * kTile;
     if (tok0 < p1) ent_lo = attn::checked_block(ent_lo, p.num_blocks, p.errors);
     if (tok0 + 8 < p1) ent_hi = attn::checked_block(ent_hi, p.num_blocks, p.errors);
   };
@@ -829,7 +907,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   check_entries(0, p1);
 
   const int n_tiles = (max(p1 - p0, 0) + kTile - 1) / kTile;
-  const int my_tiles = n_tiles > warp ? (n_tiles - warp + WARPS - 1) / WARPS : 0;
+  const int my_tiles = n_tiles > tw ? (n_tiles - tw + TS - 1) / TS : 0;
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
   const int c = lane % CHUNKS;  // the 16-byte chunk of a row this lane copies
@@ -850,7 +928,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
       }
       const int e_lo = __shfl_sync(0xffffffffu, ent_lo, i & 31);
       const int e_hi = __shfl_sync(0xffffffffu, ent_hi, i & 31);
-      const int tok0 = p0 + (warp + WARPS * i) * kTile;
+      const int tok0 = p0 + (tw + TS * i) * kTile;
       T* sk = ring + (i % kStages) * 2 * TILE;
       T* sv = sk + TILE;
       if constexpr (TMA) {
@@ -908,7 +986,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   for (int i = 0; i < my_tiles; ++i) {
     __syncwarp();  // every lane is done reading the stage that the next copy overwrites
     issue(i + kStages - 1);
-    const int tok0 = p0 + (warp + WARPS * i) * kTile;
+    const int tok0 = p0 + (tw + TS * i) * kTile;
     const T* sk = ring + (i % kStages) * 2 * TILE;
     T* const sv = ring + (i % kStages) * 2 * TILE + TILE;
     if (TMA) {
@@ -1008,6 +1086,36 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   if (HI) {
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  }
+  if constexpr (HPW) {
+    // The warp holds its kv head's whole state for this partition: store it directly.
+    // Thread (g, t) holds rows g and g + 8, columns 8j + 2t and 8j + 2t + 1.
+#pragma unroll
+    for (int half = 0; half < (HI ? 2 : 1); ++half) {
+      const int row = g + 8 * half;
+      if (row >= nh) continue;
+      const int h = head0 + row;
+      const float m_row = half ? m_hi : m_lo;
+      const float l_row = half ? l_hi : l_lo;
+      if (single) {
+        const float inv = l_row > 0.f ? 1.f / l_row : 0.f;  // l == 0: a zero-length sequence, output 0
+        T* out = static_cast<T*>(p.out) + (int64_t(seq) * p.num_heads + h) * D;
+#pragma unroll
+        for (int j = 0; j < NT_O; ++j)
+          *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * t) =
+              attn::pack2<T>(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
+      } else {
+        const int64_t wi = (int64_t(seq) * p.num_heads + h) * p.num_splits + split;
+#pragma unroll
+        for (int j = 0; j < NT_O; ++j)
+          *reinterpret_cast<float2*>(p.ws_acc + wi * D + j * 8 + 2 * t) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
+        if (t == 0) {
+          p.ws_m[wi] = m_row;
+          p.ws_l[wi] = l_row;
+        }
+      }
+    }
+    return;
   }
   __syncthreads();  // every warp is done with its stages: the shared memory is reused below
   static_assert(WARPS * kMmaRows * (D + 2) * 4 <= decode_mma_smem_bytes(D, WARPS), "the merge must fit the stages");
@@ -1113,12 +1221,13 @@ struct CacheMaps {
   CUtensorMap k{}, v{};
 };
 
-template <typename T, int D, bool HI, bool TMA, int WARPS = kDecodeWarps>
+template <typename T, int D, bool HI, bool TMA, int WARPS = kDecodeWarps, bool HPW = false>
 void launch_decode_mma(const DecodeParams& prm, int smem, const CacheMaps& maps, int num_seqs, cudaStream_t stream) {
-  attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS>),
+  attn::prepare_kernel(reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS, HPW>),
                        WARPS * 32, smem);
-  const dim3 grid(prm.num_kv_heads * prm.head_chunks, num_seqs, prm.num_splits);
-  paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS><<<grid, WARPS * 32, smem, stream>>>(prm, maps.k, maps.v);
+  const int blocks_x = HPW ? (prm.num_kv_heads + WARPS - 1) / WARPS : prm.num_kv_heads * prm.head_chunks;
+  const dim3 grid(blocks_x, num_seqs, prm.num_splits);
+  paged_attention_decode_mma_kernel<T, D, HI, TMA, WARPS, HPW><<<grid, WARPS * 32, smem, stream>>>(prm, maps.k, maps.v);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1126,6 +1235,7 @@ void launch_decode_mma(const DecodeParams& prm, int smem, const CacheMaps& maps,
 template <typename T, int D, bool HI>
 void launch_decode_mma_cp_async(const DecodeParams& prm, const DecodePlan& plan, const CacheMaps& maps,
                                 int num_seqs, cudaStream_t stream) {
+  if (plan.head_per_warp) return launch_decode_mma<T, D, HI, false, 4, true>(prm, plan.smem_bytes, maps, num_seqs, stream);
   if constexpr (D == 64) {
     if (plan.warps == 16) return launch_decode_mma<T, D, HI, false, 16>(prm, plan.smem_bytes, maps, num_seqs, stream);
   }
@@ -1195,9 +1305,11 @@ void dispatch_dtype(const DecodeParams& prm, const DecodePlan& plan, const Cache
   }
 }
 
-// The cp.async tensor-core kernel with `warps` warps per block (16 exists at head_dim 64 only).
+// The cp.async tensor-core kernel with `warps` warps per block (16 exists at head_dim 64 only),
+// or with one kv head per warp.
 template <typename T, int D, bool HI>
-const void* cp_async_kernel(int warps) {
+const void* cp_async_kernel(int warps, bool head_per_warp) {
+  if (head_per_warp) return reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, false, 4, true>);
   if constexpr (D == 64) {
     if (warps == 16) return reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, HI, false, 16>);
   }
@@ -1214,7 +1326,8 @@ const void* planned_kernel(const DecodePlan& plan, int group) {
       if (plan.tma)
         return hi ? reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, true, true, kDecodeWarps>)
                   : reinterpret_cast<const void*>(paged_attention_decode_mma_kernel<T, D, false, true, kDecodeWarps>);
-      return hi ? cp_async_kernel<T, D, true>(plan.warps) : cp_async_kernel<T, D, false>(plan.warps);
+      return hi ? cp_async_kernel<T, D, true>(plan.warps, plan.head_per_warp)
+                : cp_async_kernel<T, D, false>(plan.warps, plan.head_per_warp);
     }
   }
   switch (plan.gmax) {
@@ -1248,7 +1361,8 @@ DecodePlanInfo paged_attention_decode_plan(int num_seqs, int num_heads, int num_
                                       attn::num_sms_of_current_device(), dtype, impl);
   const int group = std::max(1, num_heads / std::max(1, num_kv_heads));
   return DecodePlanInfo{plan.tensor_cores, plan.tma, plan.num_splits, plan.partition_size, plan.warps,
-                        resident_blocks_per_sm(plan, dtype, head_dim, group), plan.tensor_cores ? plan.smem_bytes : 0};
+                        resident_blocks_per_sm(plan, dtype, head_dim, group), plan.tensor_cores ? plan.smem_bytes : 0,
+                        plan.head_per_warp};
 }
 
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,

@@ -129,7 +129,9 @@ def paged_attention_decode(
     """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D].
 
     impl picks the GPU kernel: -1 automatic (the fastest the GPU runs), 0 CUDA cores,
-    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+).
+    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+), 3 tensor
+    cores with one kv head per warp (which the automatic plan picks for large batches of
+    about equal lengths, see :func:`decode_plan`).
     sum_seq_lens: the sum of ``seq_lens``, if the caller knows it on the host (the engine
     does). A hint for the GPU plan only: it tells a batch of about equal lengths (not split
     where there are blocks enough) from a skewed one (the longest more than 3x the mean: the
@@ -150,7 +152,8 @@ def paged_attention_decode(
     return out
 
 
-DECODE_PLAN_FIELDS = ("tensor_cores", "tma", "num_splits", "partition_size", "warps", "blocks_per_sm", "smem_bytes")
+DECODE_PLAN_FIELDS = ("tensor_cores", "tma", "num_splits", "partition_size", "warps", "blocks_per_sm", "smem_bytes",
+                      "head_per_warp")
 
 
 def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: int = -1,
@@ -165,7 +168,7 @@ def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: 
     fit on an SM), e.g. on an H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
 
         {'tensor_cores': 1, 'tma': 0, 'num_splits': 1, 'partition_size': 1024, 'warps': 4,
-         'blocks_per_sm': 3, 'smem_bytes': 76800}
+         'blocks_per_sm': 3, 'smem_bytes': 76800, 'head_per_warp': 0}
 
     (csrc/attention/paged_attention.cu, ``plan_decode``, explains each choice).
     """
