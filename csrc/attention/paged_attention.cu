@@ -308,20 +308,27 @@ void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, 
 // But one wave has no later blocks to even out the SMs: with n blocks on S SMs, some SMs
 // get c = ceil(n / S) blocks and the rest c - 1, and those with c set the end. Measured on
 // an H100 (Llama-1B heads, equal lengths, same buffers, 128-2048 tokens;
-// bench/results/h100-2026-11-27-head-per-warp/), by the share of SMs that get c blocks:
+// bench/results/h100-h200-2026-11-27-head-per-warp/), by the share of SMs that get c blocks:
 //   0.76-1.00 (batch 184-192, 248-264, 314-330): 0.3-4.3% faster at 128-1024 tokens (256 x 512:
 //             96.0 -> 94.0 us, SDPA 94.5), -0.7 to +3.7% at 2048-4096;
 //   0.61-0.64 (240, 304): 0.2-0.6% faster at 1024 tokens;
 //   0.03-0.42 (136-160, 200-224, 288): from 512 tokens 2.5% slower to 0.8% faster,
 //             slower in 17 of 21 measurements (faster at 128 tokens).
+// On an H200 the same picks gained more at 512-1024 tokens (0.4-7.6%; 256 x 128: 10%).
+// Past 2048 tokens it gains nothing: what it saves is a fixed cost (batch 256 on an
+// H100: 8.9 -> 6.1-6.4 us), and its streaming rate is 0.4% slower (one wave, no later
+// blocks to even out the SMs), which by 4096 tokens eats the saving (256 x 4096: -0.3 to
+// 0% on the H100, -0.6% on the H200).
 // It also lost past one wave (batch 512: 2.3-3.5%) and wherever it needed a split to fill
 // the GPU (batch 32-128: the merge kernel, up to 8% slower). And it needs lengths about
 // equal, or a long sequence's warp streams alone at the end. So the automatic plan takes
-// it only for equal lengths (sum_seq_lens known), groups of at most 8 (one mma row block
-// holds a warp's heads in rows 0-7) and head_dim 64 (where it was measured), at one wave
-// of at least 2.75 blocks per SM whose last level is at least 3/4 full. impl 3 forces it
-// anywhere (the tests do), splitting only where fewer than 2 blocks per SM would be left.
+// it only for equal lengths (sum_seq_lens known), contexts of at most 2048 tokens, groups
+// of at most 8 (one mma row block holds a warp's heads in rows 0-7) and head_dim 64
+// (where it was measured), at one wave of at least 2.75 blocks per SM whose last level is
+// at least 3/4 full. impl 3 forces it anywhere (the tests do), splitting only where fewer
+// than 2 blocks per SM would be left.
 constexpr int kHeadPerWarpMinBlocksX4 = 11;  // 2.75 blocks per SM, times 4
+constexpr int kHeadPerWarpMaxTokens = 2048;  // the longest context it is picked for
 
 // The automatic rule above: n blocks of 4 kv heads on num_sms SMs, `fit` per SM at most.
 bool head_per_warp_pays(int64_t n, int fit, int num_sms) {
@@ -378,7 +385,8 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   const int fit = resident_blocks_per_sm(plan, dtype, head_dim, group);
   const int64_t hpw_blocks = int64_t(num_seqs) * ((num_kv_heads + kDecodeWarps - 1) / kDecodeWarps);
   if (plan.head_per_warp) return plan_head_per_warp(plan, hpw_blocks, max_seq_len, fit, num_sms);  // impl 3
-  if (impl == -1 && plan.tensor_cores && !plan.tma && equal_lengths && group <= kMmaRows / 2 && head_dim == 64) {
+  if (impl == -1 && plan.tensor_cores && !plan.tma && equal_lengths && max_seq_len <= kHeadPerWarpMaxTokens &&
+      group <= kMmaRows / 2 && head_dim == 64) {
     DecodePlan hpw = plan;
     hpw.head_per_warp = true;
     const int hfit = resident_blocks_per_sm(hpw, dtype, head_dim, group);
