@@ -295,6 +295,18 @@ void plan_blocks_per_sm(DecodePlan& plan, int64_t blocks, int fit, int num_sms, 
     plan = held;
 }
 
+// Cut contexts of up to max_seq_len tokens into about `splits` partitions of at least
+// min_part tokens (at most kMaxSplits), each a multiple of kPartitionAlign tokens. Rounding
+// the size up may drop a split, so num_splits is recounted from it.
+void set_partitions(DecodePlan& plan, int64_t splits, int max_seq_len, int min_part) {
+  const int64_t by_len = (max_seq_len + min_part - 1) / min_part;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, by_len, kMaxSplits}));
+  int part = static_cast<int>((max_seq_len + splits - 1) / splits);
+  part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
+  plan.partition_size = part;
+  plan.num_splits = (max_seq_len + part - 1) / part;
+}
+
 // ---- One kv head per warp ----
 // The usual block is one (sequence, kv head): its 4 warps take every 4th tile of that
 // head's context, and at the end merge their 4 online-softmax states in shared memory.
@@ -342,13 +354,8 @@ DecodePlan plan_head_per_warp(DecodePlan plan, int64_t blocks, int max_seq_len, 
   plan.warps = kDecodeWarps;
   plan.head_chunks = 1;
   const int64_t target = int64_t(fit) * num_sms * 9 / 10;
-  int64_t splits = blocks >= target || blocks >= 2 * int64_t(num_sms) ? 1 : (target + blocks - 1) / blocks;
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, (max_seq_len + kMinPartition - 1) / kMinPartition,
-                                                   kMaxSplits}));
-  int part = static_cast<int>((max_seq_len + splits - 1) / splits);
-  part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
-  plan.partition_size = part;
-  plan.num_splits = (max_seq_len + part - 1) / part;
+  const int64_t splits = blocks >= target || blocks >= 2 * int64_t(num_sms) ? 1 : (target + blocks - 1) / blocks;
+  set_partitions(plan, splits, max_seq_len, kMinPartition);
   return plan;
 }
 
@@ -439,13 +446,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
       skewed_split = true;
     }
   }
-  const int min_part = plan.tensor_cores ? kMinPartition : kPartitionAlign;
-  const int64_t by_len = (max_seq_len + min_part - 1) / min_part;
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, by_len, kMaxSplits}));
-  int part = static_cast<int>((max_seq_len + splits - 1) / splits);
-  part = (part + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
-  plan.partition_size = part;
-  plan.num_splits = (max_seq_len + part - 1) / part;  // rounding up the size may drop a split
+  set_partitions(plan, splits, max_seq_len, plan.tensor_cores ? kMinPartition : kPartitionAlign);
   // A few splits (2 to 4) become one wider block instead: 8 or 16 warps take the whole
   // context, and the block merges its warps' states in shared memory, as every block
   // does. The merge kernel (a second launch that waits for the whole first grid, then
@@ -467,8 +468,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
       DecodePlan wide = plan;
       wide.warps = warps;
       wide.smem_bytes = decode_mma_smem_bytes(head_dim, warps);
-      wide.num_splits = 1;
-      wide.partition_size = (max_seq_len + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign;
+      set_partitions(wide, 1, max_seq_len, kPartitionAlign);
       if (base <= int64_t(resident_blocks_per_sm(wide, dtype, head_dim, group)) * num_sms) {
         plan = wide;
         break;
@@ -742,7 +742,9 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 
 // ============================ tensor-core kernel ===============================
 // Same grid, same partitions, same online softmax and the same end as the kernel
-// above; only the inner loop changes. For one block's query heads (at most 16: the M
+// above; only the inner loop changes. (One exception, HPW, "one kv head per warp":
+// grid.x is ceil(num_kv_heads / 4), each warp takes a kv head whole and stores its own
+// result, and there is no merge of warps at the end.) For one block's query heads (at most 16: the M
 // of the mma) and one tile of 16 tokens:
 //
 //     S = Q K^T      [16 heads x 16 tokens]   head_dim/16 k-steps x 2 n-tiles of mma
