@@ -50,30 +50,27 @@ def make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed, ext
     g = _gen(seed)
     need = [max(1, math.ceil(n / block_size)) if n > 0 else 0 for n in seq_lens]
     width = max([1] + need) if table_width is None else table_width
-    num_blocks = sum(need) + extra_blocks + 1
+    used = sum(need)
+    num_blocks = used + extra_blocks + 1
     shape = (num_blocks, num_kv_heads, block_size, head_dim)
     key_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
     value_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
-    perm = torch.randperm(num_blocks - 1, generator=g, device="cuda").tolist()  # block num_blocks-1: the NaN block
-    poison_block = num_blocks - 1
-    tables = torch.full((len(seq_lens), width), poison_block, dtype=torch.int32)
-    nxt = 0
-    for s, n in enumerate(seq_lens):
-        for b in range(need[s]):
-            blk = perm[nxt]
-            nxt += 1
-            tables[s, b] = blk
-            rows = min(block_size, n - b * block_size)
-            for cache in (key_cache, value_cache):
-                cache[blk, :, :rows] = torch.randn(
-                    (num_kv_heads, rows, head_dim), generator=g, device="cuda", dtype=torch.float32
-                ).to(dtype)
-    return (
-        key_cache,
-        value_cache,
-        tables.to("cuda"),
-        torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
-    )
+    poison_block = num_blocks - 1  # never handed out: stays NaN
+    blocks = torch.randperm(num_blocks - 1, generator=g, device="cuda")[:used]  # in table order
+    # Built in a few launches, not one per block (the sanitizers instrument every launch).
+    counts = torch.tensor(need, device="cuda")
+    seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device="cuda"), counts)
+    first = counts.cumsum(0) - counts  # each row's first block among the used ones
+    col = torch.arange(used, device="cuda") - first[seq_of]  # each block's index in its table row
+    tables = torch.full((len(seq_lens), width), poison_block, dtype=torch.int32, device="cuda")
+    tables[seq_of, col] = blocks.to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    token = col.unsqueeze(1) * block_size + torch.arange(block_size, device="cuda")  # [used, block_size]
+    past_end = (token >= lens[seq_of].unsqueeze(1)).view(used, 1, block_size, 1)  # rows of no token: NaN
+    for cache in (key_cache, value_cache):
+        data = torch.randn((used, num_kv_heads, block_size, head_dim), generator=g, device="cuda").to(dtype)
+        cache[blocks] = data.masked_fill(past_end, float("nan"))
+    return key_cache, value_cache, tables, lens
 
 
 def _assert_close(out, ref, dtype, what):
