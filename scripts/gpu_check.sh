@@ -47,14 +47,14 @@ if has attn; then
 fi
 
 if has sanitize; then
-  # racecheck is the slow one (about 8 minutes for the whole set on an H200): give it
-  # device calls of its own, e.g. SANITIZE_TOOLS=racecheck SANITIZE_K="decode" and then
-  # SANITIZE_K="not decode" (pytest's -k) with `bash scripts/gpu_check.sh build sanitize`.
+  # racecheck is the slow one (6 minutes for the whole set on an H200): give it a device
+  # call of its own, `SANITIZE_TOOLS=racecheck bash scripts/gpu_check.sh build sanitize`.
+  # SANITIZE_K (pytest's -k, e.g. "decode", then "not decode") splits the set further.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
       -k "${SANITIZE_K:-}" tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py >"$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
-    note "compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
+    note "compute-sanitizer $tool: rc=$rc, $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
   done
 fi
 
