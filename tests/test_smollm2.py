@@ -51,7 +51,9 @@ def hf_model(config, weights):
 
 def test_logits_match_transformers_prefill_and_decode():
     from tinyvllm import SamplingParams
+    from tinyvllm.engine.engine_config import EngineConfig
     from tinyvllm.engine.model_runner import ModelRunner
+    from tinyvllm.engine.scheduler import SchedulerOutput
     from tinyvllm.engine.sequence import Sequence
     from tinyvllm.loader import load_checkpoint, resolve_model
     from tinyvllm.tokenizer import Tokenizer
@@ -61,14 +63,16 @@ def test_logits_match_transformers_prefill_and_decode():
     ref = hf_model(config, weights)
     # the rotary inv_freq must be float32 (see docs: a dtype cast of the built model can round it)
     tok = Tokenizer.from_pretrained(path)
-    runner = ModelRunner(config, weights, dtype=torch.float32, device="cpu", block_size=16, num_blocks=8)
+    engine_config = EngineConfig(dtype=torch.float32, device="cpu", block_size=16, num_kv_blocks=8)
+    engine_config.fit_model(config)
+    runner = ModelRunner(engine_config, config, weights)
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
     for s in seqs:
         s.block_table = [2 * int(s.request_id) + j for j in range(2)]  # 32 slots each
     worst = 0.0
     for step in range(5):  # prefill, then 4 decode steps (RoPE position bugs show only in decode)
-        ours = runner.execute(seqs)
+        ours = runner.compute_logits(SchedulerOutput(seqs, [s.num_uncomputed_tokens for s in seqs]))
         for i, s in enumerate(seqs):
             with torch.no_grad():
                 theirs = ref(torch.tensor([s.token_ids]), logits_to_keep=1).logits[0, -1].float()
