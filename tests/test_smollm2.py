@@ -1,6 +1,8 @@
 """Real weights: SmolLM2-135M-Instruct (the default model, a Q4_1 GGUF) end to end.
 
-Run only these with `pytest -m smollm2`; they are part of the default run too."""
+Every test that loads this model (here, in test_gguf.py and test_tokenizer.py) is marked
+smollm2: `pytest -m smollm2` runs only those, `pytest -m "not smollm2"` everything else;
+they are part of the default run too."""
 
 import pytest
 import torch
@@ -9,10 +11,10 @@ pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(smollm2_path):
     from tinyvllm import LLM
 
-    return LLM()  # the default model, on CPU in CI
+    return LLM()  # the default model (smollm2_path: already in the cache, or skip if offline), on CPU in CI
 
 
 def test_capital_of_france(llm):
@@ -49,20 +51,17 @@ def hf_model(config, weights):
     return model
 
 
-def test_logits_match_transformers_prefill_and_decode():
+def test_logits_match_transformers_prefill_and_decode(smollm2_checkpoint, smollm2_tokenizer):
     from tinyvllm import SamplingParams
     from tinyvllm.engine.engine_config import EngineConfig
     from tinyvllm.engine.model_runner import ModelRunner
     from tinyvllm.engine.scheduler import SchedulerOutput
     from tinyvllm.engine.sequence import Sequence
-    from tinyvllm.loader import load_checkpoint, resolve_model
-    from tinyvllm.tokenizer import Tokenizer
 
-    path = resolve_model(None)
-    config, weights = load_checkpoint(path, torch.float32)
+    config, weights = smollm2_checkpoint
     ref = hf_model(config, weights)
     # the rotary inv_freq must be float32 (see docs: a dtype cast of the built model can round it)
-    tok = Tokenizer.from_pretrained(path)
+    tok = smollm2_tokenizer
     engine_config = EngineConfig(dtype=torch.float32, device="cpu", block_size=16, num_kv_blocks=8)
     engine_config.fit_model(config)
     runner = ModelRunner(engine_config, config, weights)
