@@ -6,12 +6,13 @@
         for out in engine.step():      # every request that advanced this step
             print(out.request_id, out.outputs[0].text, out.finished)
 
-One ``step()`` is four calls (nano-vllm's shape):
+One ``step()`` is nano-vllm's shape:
 
     out = scheduler.schedule()                   # which sequences, how many tokens each
     token_ids = model_runner.execute(out)        # forward pass + sampling: one id per sequence
     scheduler.postprocess(out, token_ids)        # progress, token stop checks, free finished blocks
-    outputs = [self._output(seq) ...]            # text: incremental detokenization, stop strings
+    for seq in out.seqs:                         # text: incremental detokenization, stop strings,
+        self._update_text(seq)                   # then one RequestOutput per sequence
 
 The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
 Scheduler owns the sequences' progress and the KV blocks; the ModelRunner owns the device.

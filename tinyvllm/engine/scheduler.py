@@ -163,11 +163,11 @@ class Scheduler:
                 self.block_manager.append_slot(seq)
                 scheduled.append(seq)
             i += 1
-        # Longest first (for batches at least config.decode_longest_first_min_seqs long, which
-        # the ModelRunner sets from its GPU's SM count; None on CPU): the decode
-        # attention kernel's blocks reach the SMs in batch order, so the longest sequences
-        # start first and the short ones fill in behind them, instead of a long one starting
-        # last and streaming alone at the end ("longest processing time first"). Measured on
+        # Longest first (for batches of at least config.decode_longest_first_min_seqs, which the
+        # ModelRunner sets from its GPU's SM count; None on CPU): the decode attention kernel's
+        # blocks reach the SMs in batch order, so the longest sequences start first and the
+        # short ones fill in behind them, instead of a long one starting last and streaming
+        # alone at the end ("longest processing time first"). Measured on
         # an H200, Llama-1B heads, ragged batches of 128-256: the kernel 4-13% faster at 8 of
         # 10, within 1% at the other two (bench/results/h200-2026-11-27-decode-gap/, section
         # 7). The sort is stable, and postprocess pairs each sampled token with its sequence.
