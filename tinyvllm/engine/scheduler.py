@@ -125,12 +125,13 @@ class Scheduler:
 
     def _schedule_prefill(self) -> SchedulerOutput:
         out = SchedulerOutput(is_prefill=True)
+        num_tokens = 0
         while self.waiting:
             if len(self.running) >= self.config.max_num_seqs:  # (scheduled ones are already in running)
                 break
             seq = self.waiting[0]
             n = seq.num_uncomputed_tokens
-            if out.num_batched_tokens + n > self.config.max_num_batched_tokens:
+            if num_tokens + n > self.config.max_num_batched_tokens:
                 break
             if not self.block_manager.can_allocate(seq):
                 break
@@ -139,6 +140,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.add(seq, n)
+            num_tokens += n
         return out
 
     def _schedule_decode(self) -> SchedulerOutput:
