@@ -30,11 +30,13 @@ NUM_BLOCKS = 64
 
 
 def tiny_runner(device: str, dtype: torch.dtype) -> ModelRunner:
-    """head_dim 64 (a size the CUDA kernels support), GQA 2:1, random weights."""
+    """head_dim 64 (a size the CUDA kernels support), GQA 2:1, random weights scaled as a trained
+    model's are (matrices std 0.05, norms near 1), so that logits are O(1) and bf16 noise small."""
     config = ModelConfig.from_dict(tiny_config_dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2))
+    weights = {k: 0.05 * w if w.dim() == 2 else 1 + 0.1 * w for k, w in random_weights(config, seed=3).items()}
     engine_config = EngineConfig(dtype=dtype, device=device, block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS)
     engine_config.fit_model(config)
-    return ModelRunner(engine_config, config, random_weights(config, seed=3))
+    return ModelRunner(engine_config, config, weights)
 
 
 def decode_batch(seed: int = 0) -> list[Sequence]:
@@ -85,9 +87,18 @@ def test_compute_logits_takes_the_decode_path_when_every_sequence_brings_one_tok
     prompts), anything else a prefill of exactly the scheduled tokens."""
     runner = tiny_runner("cpu", torch.float32)
     calls = []
-    for name in ("prepare_decode", "prepare_prefill"):
+
+    def recorded(name):
         real = getattr(runner, name)
-        monkeypatch.setattr(runner, name, lambda *a, _real=real, _name=name: calls.append((_name, *a[1:])) or _real(*a))
+
+        def prepare(seqs, *counts):
+            calls.append((name, *counts))
+            return real(seqs, *counts)
+
+        return prepare
+
+    for name in ("prepare_decode", "prepare_prefill"):
+        monkeypatch.setattr(runner, name, recorded(name))
     seqs = decode_batch()
     for s in seqs:
         s.num_computed_tokens = 0
