@@ -14,27 +14,35 @@ from pathlib import Path
 
 import torch
 
+from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.model_runner import ModelRunner
+from tinyvllm.engine.sampler import Sampler
 
-class FakeRunner:
-    def __init__(self, vocab_size: int = 64, *, block_size: int, num_blocks: int, peaked: float = 3.0):
+
+class FakeRunner(ModelRunner):
+    """A ModelRunner whose model is the toy above: ``compute_logits`` is replaced, and
+    ``execute`` (sampling, the one device->host copy, the kernels' error check) is the real one."""
+
+    def __init__(self, config: EngineConfig, vocab_size: int = 64, *, peaked: float = 3.0):
+        self.config = config
         self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.cache = [-1] * (num_blocks * block_size)  # one token id per slot
+        self.block_size = config.block_size
+        self.cache = [-1] * config.cache_capacity  # one token id per slot
         self.peaked = peaked
+        self.sampler = Sampler(config.eos_token_ids, seed=config.seed, device=config.device)
         self.batches: list[list[tuple[str, int]]] = []  # per step: (request_id, new tokens)
 
-    def execute(self, seqs) -> torch.Tensor:
+    def compute_logits(self, out) -> torch.Tensor:
         bs = self.block_size
         rows = []
-        self.batches.append([(s.request_id, s.num_tokens - s.num_computed_tokens) for s in seqs])
-        for s in seqs:
-            assert s.num_tokens > s.num_computed_tokens, "nothing to compute"
+        self.batches.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_scheduled_tokens)])
+        for s, n in zip(out.seqs, out.num_scheduled_tokens):
+            assert n >= 1 and s.num_computed_tokens + n == s.num_tokens, "the whole uncomputed span is scheduled"
             assert len(s.block_table) * bs >= s.num_tokens, "block table does not cover the sequence"
             assert len(set(s.block_table)) == len(s.block_table)
             for pos in range(s.num_computed_tokens, s.num_tokens):
                 self.cache[s.block_table[pos // bs] * bs + pos % bs] = s.token_ids[pos]
-        for s in seqs:
+        for s in out.seqs:
             history = [self.cache[s.block_table[p // bs] * bs + p % bs] for p in range(s.num_tokens)]
             digest = hashlib.sha256(repr(history).encode()).digest()
             g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -67,16 +75,23 @@ class FakeDetokenizer:
         return self.tokenizer.tok2str(token_id)
 
 
-def make_fake_engine(*, num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=8,
-                     max_num_batched_tokens=None, vocab_size=64, seed=0, eos=(1,)):
+def fake_config(*, num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=None,
+                seed=0, eos=(1,), longest_first=None) -> EngineConfig:
+    """A complete EngineConfig for the toy runner (CPU; no model to fit)."""
+    return EngineConfig(
+        block_size=block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, seed=seed, device="cpu", eos_token_ids=tuple(eos),
+        decode_longest_first_min_seqs=longest_first,
+    )
+
+
+def make_fake_engine(*, vocab_size=64, **config_kw):
+    """An LLMEngine over FakeRunner, FakeTokenizer and FakeDetokenizer; keywords: see fake_config."""
     from tinyvllm.engine.llm_engine import LLMEngine
 
-    runner = FakeRunner(vocab_size, block_size=block_size, num_blocks=num_blocks)
-    return LLMEngine(
-        runner, FakeTokenizer(), block_size=block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=list(eos),
-        vocab_size=vocab_size, seed=seed, detokenizer_cls=FakeDetokenizer,
-    )
+    config = fake_config(**config_kw)
+    runner = FakeRunner(config, vocab_size)
+    return LLMEngine(config, runner, FakeTokenizer(), vocab_size=vocab_size, detokenizer_cls=FakeDetokenizer)
 
 
 def run_to_completion(engine, arrivals: dict[int, list[tuple]] | None = None, max_steps: int = 10_000):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tinyvllm.config import ModelConfig
-from tinyvllm.loader import expected_tensor_shapes
+from tinyvllm.checkpoint import expected_tensor_shapes
 
 LLAMA_MODELS_REQUIREMENT = "llama-models==0.3.0"
 LLAMA3_TOKENIZER_MEMBER = "llama_models/llama3/tokenizer.model"

@@ -35,13 +35,12 @@ def mixed_workload(n=10, seed=0, vocab=60):
 @pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("num_blocks, max_num_seqs, budget", [(64, 8, None), (12, 8, 64), (64, 3, 48)])
 def test_continuous_batching_matches_alone_fake(num_blocks, max_num_seqs, budget, longest_first):
-    make = lambda: make_fake_engine(
-        num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=48
+    make = lambda **kw: make_fake_engine(
+        num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=48, **kw
     )
     arrivals, reqs = mixed_workload()
-    eng = make()
-    if longest_first:  # every decode batch of 2 or more longest first: outputs still go to their own requests
-        eng.scheduler.longest_first_min_seqs = 2
+    # longest_first: every decode batch of 2 or more longest first; outputs still go to their own requests
+    eng = make(longest_first=2 if longest_first else None)
     final = run_to_completion(eng, arrivals)
     assert set(final) == {r[0] for r in reqs}
     for rid, prompt, params in reqs:
@@ -61,27 +60,23 @@ def test_continuous_batching_matches_alone_fake(num_blocks, max_num_seqs, budget
             assert sum(n for _, n in batch) <= budget
 
 
-def test_engine_takes_the_decode_order_threshold_from_its_runner():
-    from engine_helpers import FakeRunner
-    from tinyvllm.engine.llm_engine import LLMEngine
-
-    assert make_fake_engine().scheduler.longest_first_min_seqs is None  # a runner that does not say: arrival order
-    runner = FakeRunner(64, block_size=4, num_blocks=16)
-    runner.decode_longest_first_min_seqs = 3
-    eng = LLMEngine(runner, FakeTokenizer(), block_size=4, num_kv_blocks=16, max_model_len=32, vocab_size=64)
-    assert eng.scheduler.longest_first_min_seqs == 3
-    # The real runner's threshold: two attention blocks per SM (H100/H200: 132 SMs; Llama 3.2 1B: 8 kv heads).
+def test_decode_order_threshold_is_configuration():
+    """The scheduler reads decode_longest_first_min_seqs from the EngineConfig; the real runner
+    sets it from its GPU (two attention blocks per SM), and leaves it None on CPU."""
+    assert make_fake_engine().scheduler.config.decode_longest_first_min_seqs is None  # arrival order
+    eng = make_fake_engine(longest_first=3)
+    assert eng.scheduler.config is eng.config and eng.config.decode_longest_first_min_seqs == 3
+    # The real runner's threshold (H100/H200: 132 SMs; Llama 3.2 1B: 8 kv heads).
     from tinyvllm.engine.model_runner import decode_longest_first_min_seqs
 
     assert decode_longest_first_min_seqs(8, 132) == 33 and decode_longest_first_min_seqs(2, 132) == 132
 
 
-def test_engine_step_raises_what_the_kernels_flagged(monkeypatch):
-    """After each step's token copy the engine reads the kernels' flags for indices they
+def test_runner_step_raises_what_the_kernels_flagged(monkeypatch):
+    """After each step's token copy the model runner reads the kernels' flags for indices they
     refused to follow (block tables, slots, positions, query runs it built itself) and
-    raises them instead of returning outputs computed from a bad index."""
+    raises them instead of returning tokens computed from a bad index."""
     from tinyvllm import ops
-    from tinyvllm.engine import llm_engine
 
     eng = make_fake_engine()
     eng.add_request("a", [3] * 5, SamplingParams(max_tokens=4, **GREEDY))
@@ -91,10 +86,17 @@ def test_engine_step_raises_what_the_kernels_flagged(monkeypatch):
         calls.append(synchronize)
         raise ops.KernelInputError("block_tables: an entry that seq_lens covers is outside the cache")
 
-    monkeypatch.setattr(llm_engine.ops, "check_kernel_errors", flagged)
+    monkeypatch.setattr(ops, "check_kernel_errors", flagged)
     with pytest.raises(ops.KernelInputError, match="block_tables"):
         eng.step()
     assert calls == [False]  # no extra wait: the token copy already waited for the step
+
+
+def test_engine_does_not_import_ops():
+    """The engine's seams: kernels (and their error flags) are the model runner's business."""
+    import tinyvllm.engine.llm_engine as llm_engine
+
+    assert "ops" not in vars(llm_engine)
 
 
 def test_requests_join_while_others_decode_and_blocks_free_at_once():
@@ -140,7 +142,7 @@ def greedy_tokens(n=30, prompt=(5, 6, 7)):
 def run_one(params, prompt=(5, 6, 7), **kw):
     eng = make_fake_engine(**kw)
     out = run_to_completion(eng, {0: [("q", list(prompt), params)]})["q"]
-    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    assert eng.block_manager.num_free_blocks == eng.config.num_kv_blocks
     return out
 
 
@@ -249,7 +251,7 @@ def test_continuous_batching_matches_alone_real_model(tiny_llm_factory, num_kv_b
     llm = tiny_llm_factory(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, block_size=4, max_model_len=48)
     eng = llm.llm_engine
     # The runner's own threshold (2 blocks per SM of kv heads) is far above this batch; force the order.
-    eng.scheduler.longest_first_min_seqs = 2 if longest_first else None
+    eng.config.decode_longest_first_min_seqs = 2 if longest_first else None
     rng = random.Random(1)
     vocab = eng.vocab_size
     reqs = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import default_model_or_skip, random_weights, tiny_config_dict, write_gguf
+from fixtures import random_weights, tiny_config_dict, write_gguf
 from tinyvllm.config import ModelConfig
 from tinyvllm.gguf_loader import llama3_rope_freqs
 from tinyvllm.loader import CheckpointError, load_checkpoint
@@ -92,10 +92,9 @@ def test_misshaped_gguf_tensor_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = default_model_or_skip()
-    config, weights = load_checkpoint(path, torch.float32)
-    return path, config, weights
+def smollm2(smollm2_path, smollm2_checkpoint):
+    """The real GGUF (conftest.py: read once per session)."""
+    return smollm2_path, *smollm2_checkpoint
 
 
 def test_smollm2_config(smollm2):
@@ -109,7 +108,7 @@ def test_smollm2_config(smollm2):
     assert len(weights) == 2 + 9 * 30
 
 
-def test_smollm2_speaks_sense(smollm2):
+def test_smollm2_speaks_sense(smollm2, smollm2_tokenizer):
     """End-to-end check of the un-permute: transformers' Llama with our weights predicts English well.
 
     With q/k left in llama.cpp's layout the loss on this text is ~4.7 nats/token instead of ~2.9:
@@ -118,9 +117,8 @@ def test_smollm2_speaks_sense(smollm2):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyvllm.tokenizer import Tokenizer
-
     path, c, weights = smollm2
+    tok = smollm2_tokenizer
     hf_config = LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -130,7 +128,6 @@ def test_smollm2_speaks_sense(smollm2):
     model = LlamaForCausalLM(hf_config)
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
-    tok = Tokenizer.from_pretrained(path)
     text = (
         "The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city of France. "
         "With an estimated population of two million residents, it is the centre of the Ile-de-France region. "

@@ -130,9 +130,25 @@ def test_chat_single_and_batch_no_double_bos(llm):
 
 def test_dtype_and_bad_arguments(tiny_llama_dir):
     l = LLM(model=str(tiny_llama_dir), dtype=torch.float32, max_model_len=32, num_kv_blocks=8)
-    assert l.llm_engine.dtype == torch.float32
-    assert l.llm_engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert l.llm_engine.config.dtype == torch.float32
+    assert l.llm_engine.config.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="dtype"):
         LLM(model=str(tiny_llama_dir), dtype="int8")
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(model=str(tiny_llama_dir), max_model_len=100_000)
+
+
+def test_engine_from_model_takes_the_config_fields_as_keywords(tiny_llama_dir):
+    """LLMEngine.from_model(model, **EngineConfig fields) = from_config(EngineConfig(...)); the
+    config is completed from the model (eos ids) and the cache (max_seq_len)."""
+    from tinyvllm.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine.from_model(str(tiny_llama_dir), max_model_len=48, num_kv_blocks=4, block_size=8, device="cpu")
+    c = eng.config
+    assert (c.max_model_len, c.cache_capacity, c.max_seq_len) == (48, 32, 32)
+    assert c.eos_token_ids == (eng.tokenizer.eos_token_ids[0],) and eng.scheduler.config is c
+    eng.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+    assert outs[0].outputs[0].finish_reason == "length" and len(outs[0].outputs[0].token_ids) == 32 - 3
+    assert eng.block_manager.num_free_blocks == 4

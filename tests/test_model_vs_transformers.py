@@ -53,7 +53,9 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from tinyvllm import loader
 from tinyvllm.config import ModelConfig
+from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.model_runner import ModelRunner, _slots, determine_num_blocks, kv_cache_bytes_per_block
+from tinyvllm.engine.scheduler import SchedulerOutput
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [pytest.param("cpu", torch.float32, id="cpu-fp32")]
@@ -210,20 +212,31 @@ class BlockPool:
             seq.block_table.append(self.free.pop())
 
 
+def scheduled(seqs: list[Seq]) -> SchedulerOutput:
+    """Every sequence's whole uncomputed span, as the scheduler schedules it."""
+    return SchedulerOutput(list(seqs), [s.num_tokens - s.num_computed_tokens for s in seqs])
+
+
 def step(runner: ModelRunner, pool: BlockPool, seqs: list[Seq]) -> torch.Tensor:
-    """Cover, execute, mark computed: what the scheduler does around ModelRunner.execute."""
+    """Cover, compute, mark computed: what the scheduler does around the ModelRunner."""
     for s in seqs:
         pool.cover(s)
-    logits = runner.execute(seqs)
+    logits = runner.compute_logits(scheduled(seqs))
     for s in seqs:
         s.num_computed_tokens = s.num_tokens
     return logits
 
 
+def new_runner(config: ModelConfig, state, *, dtype, device, block_size, num_blocks) -> ModelRunner:
+    """A ModelRunner whose EngineConfig is fitted to ``config`` (max_model_len: the model's)."""
+    engine_config = EngineConfig(dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_blocks)
+    engine_config.fit_model(config)
+    return ModelRunner(engine_config, config, state)
+
+
 def make_runner(s: Shape, state, device, dtype, *, rope_form=None, block_size=BLOCK_SIZE, num_blocks=96):
     d = to_rope_form(hf_config(s).to_dict(), rope_form or s.rope_form)
-    config = config_from_dict(d)
-    runner = ModelRunner(config, state, dtype=dtype, device=device, block_size=block_size, num_blocks=num_blocks)
+    runner = new_runner(config_from_dict(d), state, dtype=dtype, device=device, block_size=block_size, num_blocks=num_blocks)
     return runner, BlockPool(num_blocks, block_size, seed=zlib.crc32(s.name.encode()))
 
 
@@ -408,7 +421,7 @@ def test_prepare_inputs_layout():
     runner, _ = make_runner(shape, state, "cpu", torch.float32, block_size=4, num_blocks=16)
     a = Seq(list(range(6)), num_computed_tokens=5, block_table=[7, 3])  # decode at position 5 -> block 3, row 1
     b = Seq(list(range(9)), num_computed_tokens=8, block_table=[2, 9, 4])  # position 8 -> block 4, row 0
-    ids, pos, attn = runner.prepare_inputs([a, b])
+    ids, pos, attn = runner.prepare_decode([a, b])
     assert not attn.is_prefill and attn.cu_seqlens_q is None and attn.logits_indices is None
     assert ids.tolist() == [5, 8] and pos.tolist() == [5, 8]
     assert attn.slot_mapping.tolist() == [3 * 4 + 1, 4 * 4 + 0] and attn.slot_mapping.dtype == torch.int64
@@ -417,17 +430,19 @@ def test_prepare_inputs_layout():
     assert attn.max_seqlen_q == 1 and attn.sum_seq_lens == 15  # host ints: no device read
 
     c = Seq(list(range(7)), num_computed_tokens=2, block_table=[5, 1])  # prefill positions 2..6
-    ids, pos, attn = runner.prepare_inputs([a, c])
+    ids, pos, attn = runner.prepare_prefill([a, c], [1, 5])
     assert attn.is_prefill and attn.max_seqlen_q == 5 and attn.sum_seq_lens == 13
     assert pos.tolist() == [5, 2, 3, 4, 5, 6]
     assert attn.slot_mapping.tolist() == [13, 22, 23, 4, 5, 6]
     assert attn.cu_seqlens_q.tolist() == [0, 1, 6] and attn.cu_seqlens_q.dtype == torch.int32
     assert attn.logits_indices.tolist() == [0, 5]
     assert _slots([9, 0, 5], 3, 12, 4) == [39, 0, 1, 2, 3, 20, 21, 22, 23]
-    with pytest.raises(ValueError):
-        runner.prepare_inputs([Seq([1, 2, 3], num_computed_tokens=3, block_table=[0])])  # nothing new
-    with pytest.raises(ValueError):
-        runner.prepare_inputs([Seq(list(range(9)), block_table=[0, 1])])  # blocks cover 8 < 9 tokens
+    with pytest.raises(ValueError, match="no new token"):
+        runner.prepare_decode([Seq([1, 2, 3], num_computed_tokens=3, block_table=[0])])
+    with pytest.raises(ValueError, match="3 tokens scheduled from position 1, it has 3"):
+        runner.prepare_prefill([Seq([1, 2, 3], num_computed_tokens=1, block_table=[0])], [3])
+    with pytest.raises(ValueError, match="block table covers 8 tokens, needs 9"):
+        runner.prepare_prefill([Seq(list(range(9)), block_table=[0, 1])], [9])
 
 
 def test_num_blocks_sizing():
@@ -435,12 +450,15 @@ def test_num_blocks_sizing():
     config = config_from_dict(hf_config(shape).to_dict())
     per_block = kv_cache_bytes_per_block(config, 16, torch.float32)
     assert per_block == 2 * shape.layers * shape.kv_heads * 16 * shape.head_dim * 4
-    assert determine_num_blocks(config, block_size=16, dtype=torch.float32, device="cpu", max_model_len=256) == 4 * 16
-    with pytest.raises(ValueError):
-        determine_num_blocks(config, block_size=16, dtype=torch.float32, device="cpu", max_model_len=10**9)
+    cpu = dict(block_size=16, dtype=torch.float32, device="cpu")
+    assert determine_num_blocks(config, EngineConfig(max_model_len=256, **cpu)) == 4 * 16
+    with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=1000000000 needs"):
+        determine_num_blocks(config, EngineConfig(max_model_len=10**9, **cpu))
     state = random_state_dict(hf_config(shape), 0)
-    runner = ModelRunner(config, state, dtype=torch.float32, device="cpu", block_size=16, max_model_len=128)
-    assert runner.num_blocks == 4 * 8 and runner.kv_caches[0][0].shape == (32, shape.kv_heads, 16, shape.head_dim)
+    engine_config = EngineConfig(max_model_len=128, **cpu)
+    runner = ModelRunner(engine_config, config, state)  # num_kv_blocks=None: the runner sizes the cache
+    assert engine_config.num_kv_blocks == 4 * 8 and engine_config.max_seq_len == 128
+    assert runner.kv_caches[0][0].shape == (32, shape.kv_heads, 16, shape.head_dim)
 
 
 def test_checkpoint_through_loader(tmp_path, tiny_states):
@@ -457,7 +475,7 @@ def test_checkpoint_through_loader(tmp_path, tiny_states):
         cfg_file.write_text(json.dumps(to_rope_form(json.loads(cfg_file.read_text()), form)))
         config, weights = loader.load_checkpoint(str(path), torch.float32)
         assert "lm_head.weight" not in weights or not config.tie_word_embeddings
-        runner = ModelRunner(config, weights, dtype=torch.float32, device="cpu", block_size=4, num_blocks=16)
+        runner = new_runner(config, weights, dtype=torch.float32, device="cpu", block_size=4, num_blocks=16)
         ours = step(runner, BlockPool(16, 4), [Seq(list(prompt))])
         assert_logits_close(ours, truth, truth, torch.float32, f"loader, rope form {form}")
 
@@ -546,7 +564,7 @@ def test_llama_1b_shaped_matches_transformers():
     feed = tokens[prompt_len:-1]
     ours = {}
     for dtype in (torch.bfloat16, torch.float32):
-        runner = ModelRunner(ours_cfg, state, dtype=dtype, device=device, block_size=16, num_blocks=64)
+        runner = new_runner(ours_cfg, state, dtype=dtype, device=device, block_size=16, num_blocks=64)
         ours[dtype] = _teacher_forced(runner, BlockPool(64, 16), prompt, feed)
         del runner
         torch.cuda.empty_cache()

@@ -1,6 +1,8 @@
 """Real weights: SmolLM2-135M-Instruct (the default model, a Q4_1 GGUF) end to end.
 
-Run only these with `pytest -m smollm2`; they are part of the default run too."""
+Every test that loads this model (here, in test_gguf.py and test_tokenizer.py) is marked
+smollm2: `pytest -m smollm2` runs only those, `pytest -m "not smollm2"` everything else;
+they are part of the default run too."""
 
 import pytest
 import torch
@@ -9,10 +11,10 @@ pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(smollm2_path):
     from tinyvllm import LLM
 
-    return LLM()  # the default model, on CPU in CI
+    return LLM()  # the default model (smollm2_path: already in the cache, or skip if offline), on CPU in CI
 
 
 def test_capital_of_france(llm):
@@ -49,34 +51,41 @@ def hf_model(config, weights):
     return model
 
 
-def test_logits_match_transformers_prefill_and_decode():
+def test_logits_match_transformers_prefill_and_decode(smollm2_checkpoint, smollm2_tokenizer):
     from tinyvllm import SamplingParams
+    from tinyvllm.engine.engine_config import EngineConfig
     from tinyvllm.engine.model_runner import ModelRunner
+    from tinyvllm.engine.scheduler import SchedulerOutput
     from tinyvllm.engine.sequence import Sequence
-    from tinyvllm.loader import load_checkpoint, resolve_model
-    from tinyvllm.tokenizer import Tokenizer
 
-    path = resolve_model(None)
-    config, weights = load_checkpoint(path, torch.float32)
+    config, weights = smollm2_checkpoint
     ref = hf_model(config, weights)
     # the rotary inv_freq must be float32 (see docs: a dtype cast of the built model can round it)
-    tok = Tokenizer.from_pretrained(path)
-    runner = ModelRunner(config, weights, dtype=torch.float32, device="cpu", block_size=16, num_blocks=8)
+    tok = smollm2_tokenizer
+    engine_config = EngineConfig(dtype=torch.float32, device="cpu", block_size=16, num_kv_blocks=8)
+    engine_config.fit_model(config)
+    runner = ModelRunner(engine_config, config, weights)
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
     for s in seqs:
         s.block_table = [2 * int(s.request_id) + j for j in range(2)]  # 32 slots each
-    worst = 0.0
+    rows = []
     for step in range(5):  # prefill, then 4 decode steps (RoPE position bugs show only in decode)
-        ours = runner.execute(seqs)
-        for i, s in enumerate(seqs):
-            with torch.no_grad():
-                theirs = ref(torch.tensor([s.token_ids]), logits_to_keep=1).logits[0, -1].float()
-            diff = (ours[i] - theirs).abs().max().item()
-            worst = max(worst, diff)
-            assert diff < 2e-3 * max(1.0, theirs.abs().max().item()), (step, i, diff)
-            assert ours[i].argmax() == theirs.argmax()
+        ours = runner.compute_logits(SchedulerOutput(seqs, [s.num_uncomputed_tokens for s in seqs]))
+        rows.append(ours)
         for i, s in enumerate(seqs):
             s.num_computed_tokens = s.num_tokens
             s.append_token(int(ours[i].argmax()))
+    # One transformers forward per sequence gives every step's reference: a causal model's logits at
+    # position t depend only on tokens <= t (the last appended token has no step to check).
+    worst = 0.0
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            theirs_all = ref(torch.tensor([s.token_ids[:-1]])).logits[0, s.num_prompt_tokens - 1 :].float()
+        assert len(theirs_all) == len(rows)
+        for step, theirs in enumerate(theirs_all):
+            diff = (rows[step][i] - theirs).abs().max().item()
+            worst = max(worst, diff)
+            assert diff < 2e-3 * max(1.0, theirs.abs().max().item()), (step, i, diff)
+            assert rows[step][i].argmax() == theirs.argmax()
     print(f"max |logits diff| vs transformers: {worst:.2e}")

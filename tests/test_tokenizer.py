@@ -9,7 +9,6 @@ from fixtures import (
     LLAMA3_TOKENIZER_MEMBER,
     LLAMA_MODELS_REQUIREMENT,
     build_llama3_tokenizer_dir,
-    default_model_or_skip,
     fetch_from_pypi_or_skip,
 )
 from tinyvllm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -34,12 +33,11 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_path, smollm2_tokenizer):
+    """Ours and transformers' tokenizer of the real GGUF (conftest.py marks its users smollm2)."""
     from transformers import AutoTokenizer
 
-    path = default_model_or_skip()
-    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return Tokenizer.from_pretrained(path), ref
+    return smollm2_tokenizer, AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +115,7 @@ def test_llama3_chat_template_matches_transformers(llama3):
         tok.apply_chat_template(two_calls)
 
 
-@pytest.mark.parametrize("which", ["smollm2", "llama3"])
+@pytest.mark.parametrize("which", [pytest.param("smollm2", marks=pytest.mark.smollm2), "llama3"])
 def test_incremental_detokenizer(which, request):
     tok, _ = request.getfixturevalue(which)
     prompt = tok.encode("Say something:")

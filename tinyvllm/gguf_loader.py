@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tinyvllm.checkpoint import CheckpointError, validate_weights
 from tinyvllm.config import ModelConfig
-from tinyvllm.loader import CheckpointError, validate_weights
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",

@@ -8,8 +8,9 @@ Two on-disk formats end up in the same place:
   `model.safetensors.index.json`), read with the safetensors library;
 - a `.gguf` file (llama.cpp's format), read in `tinyvllm.gguf_loader`.
 
-Every expected tensor is checked by name and shape against the config before the model sees it, so
-a wrong or damaged checkpoint fails here, naming the file and the tensor, not deep inside a GEMM.
+Every expected tensor is checked by name and shape against the config before the model sees it
+(`tinyvllm.checkpoint`, shared with the GGUF reader), so a wrong or damaged checkpoint fails here,
+naming the file and the tensor (`CheckpointError`), not deep inside a GEMM.
 """
 
 from __future__ import annotations
@@ -21,78 +22,21 @@ from pathlib import Path
 
 import torch
 
+from tinyvllm.checkpoint import CheckpointError, validate_weights
 from tinyvllm.config import ModelConfig, load_config
+from tinyvllm.gguf_loader import load_gguf
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Files a Hugging Face repo needs for tinyvllm (weights, configs, tokenizer, chat template).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-# Buffers some old checkpoints saved next to the weights; they are recomputed, never loaded.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing, unexpected, mis-shaped or unreadable tensors."""
-
-
-def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama checkpoint of this config must hold, by its Hugging Face name."""
-    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        proj = {
-            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-        }  # fmt: skip
-        for name, shape in proj.items():
-            shapes[f"{p}{name}.weight"] = shape
-            is_attn = name.startswith("self_attn")
-            if (config.attention_bias and is_attn) or (config.mlp_bias and not is_attn):
-                shapes[f"{p}{name}.bias"] = shape[:1]
-        shapes[f"{p}input_layernorm.weight"] = (h,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
-    return shapes
-
-
-def validate_weights(
-    config: ModelConfig, weights: dict[str, torch.Tensor], sources: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """Check names and shapes against the config; return the weights without ignorable extras.
-
-    `sources` maps each tensor name to the file it came from, for the error message. A tied model's
-    checkpoint may still carry `lm_head.weight` (a copy of the embedding); it is dropped.
-    """
-    expected = expected_tensor_shapes(config)
-    weights = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        where = ", ".join(sorted(set(sources.values()))) or "the checkpoint"
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}")
-    for name, tensor in weights.items():
-        if name not in expected:
-            raise CheckpointError(f"{sources.get(name, '?')}: unexpected tensor {name!r} for {config.architecture}")
-        if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(
-                f"{sources.get(name, '?')}: tensor {name!r} has shape {list(tensor.shape)}, "
-                f"expected {list(expected[name])} from the config"
-            )
-    return weights
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint directory or a .gguf file into (config, {HF name: CPU tensor in `dtype`})."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from tinyvllm.gguf_loader import load_gguf
-
         return load_gguf(path, dtype)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")

@@ -1,17 +1,23 @@
 """LLMEngine: requests in, one model step at a time, RequestOutputs out.
 
+    engine = LLMEngine.from_config(EngineConfig(max_model_len=2048))   # or LLMEngine.from_model(None, ...)
     engine.add_request("req-0", "Hello", SamplingParams(max_tokens=8))
     while engine.has_unfinished_requests():
         for out in engine.step():      # every request that advanced this step
             print(out.request_id, out.outputs[0].text, out.finished)
 
-One ``step()`` is: the scheduler picks a batch (a prefill of new sequences or a
-decode of every running one), the ModelRunner computes one row of logits per
-sequence, the Sampler picks one token per row, and the engine appends the tokens,
-detokenizes them incrementally, checks the stop conditions, and frees the blocks
-of the sequences that finished, so that the next step can admit new requests.
-Requests may be added or aborted between any two steps; request ids are the
-handle, which is what an async loop or an OpenAI-compatible server needs.
+One ``step()`` is nano-vllm's shape:
+
+    out = scheduler.schedule()                   # which sequences, how many tokens each
+    token_ids = model_runner.execute(out)        # forward pass + sampling: one id per sequence
+    scheduler.postprocess(out, token_ids)        # progress, token stop checks, free finished blocks
+    for seq in out.seqs:                         # text: incremental detokenization, stop strings,
+        self._update_text(seq)                   # then one RequestOutput per sequence
+
+The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
+Scheduler owns the sequences' progress and the KV blocks; the ModelRunner owns the device.
+Requests may be added or aborted between any two steps; request ids are the handle, which
+is what an async loop or an OpenAI-compatible server needs.
 
 Host syncs: the only device->host transfer in a step is the list of sampled ids.
 
@@ -29,9 +35,7 @@ from typing import Any
 
 import torch
 
-from tinyvllm import ops
-from tinyvllm.engine.block_manager import BlockManager
-from tinyvllm.engine.sampler import Sampler
+from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence, SequenceStatus
 from tinyvllm.outputs import CompletionOutput, RequestOutput
@@ -61,125 +65,61 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
 class LLMEngine:
     def __init__(
         self,
+        config: EngineConfig,
         model_runner: Any,
         tokenizer: Any,
         *,
-        block_size: int,
-        num_kv_blocks: int,
-        max_model_len: int,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        eos_token_ids: list[int] | None = None,
         vocab_size: int | None = None,
-        seed: int | None = 0,
-        device: str | torch.device = "cpu",
         detokenizer_cls: Any = None,
     ) -> None:
+        """``config`` must be complete (max_model_len and num_kv_blocks known): :meth:`from_config`
+        builds one; tests pass a config and a toy runner. ``vocab_size``: prompts with ids outside
+        ``[0, vocab_size)`` fail (None: not checked)."""
+        self.config = config
         self.model_runner = model_runner
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks
-        self.max_model_len = max_model_len
-        # One sequence must always fit in the cache on its own (that is what makes
-        # preemption deadlock-free), so a sequence's length is capped by the capacity too.
-        self.max_seq_len = min(max_model_len, num_kv_blocks * block_size)
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(8192, self.max_seq_len)
-        if max_num_batched_tokens < self.max_seq_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than the longest sequence "
-                f"({self.max_seq_len} tokens): without chunked prefill a prompt must fit one step. "
-                "Raise max_num_batched_tokens or lower max_model_len."
-            )
-        self.max_num_batched_tokens = max_num_batched_tokens
         self.vocab_size = vocab_size
         if detokenizer_cls is None and tokenizer is not None:
             from tinyvllm.tokenizer import IncrementalDetokenizer as detokenizer_cls
         self.detokenizer_cls = detokenizer_cls
-        if eos_token_ids is None:
-            eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or []) if tokenizer is not None else []
-        self.eos_token_ids = list(eos_token_ids)
-        self._eos_set = frozenset(self.eos_token_ids)
-
-        self.block_manager = BlockManager(num_kv_blocks, block_size)
-        self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            # the runner knows its attention kernel, and so when the order of a decode batch matters
-            longest_first_min_seqs=getattr(model_runner, "decode_longest_first_min_seqs", None),
-        )
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(0 if seed is None else seed)
-        self.sampler = Sampler(self.eos_token_ids, self.generator)
+        self.scheduler = Scheduler(config)
+        self.block_manager = self.scheduler.block_manager  # (the scheduler's; here for a reader's convenience)
 
         self.requests: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
         self._arrival = itertools.count()
         self.num_steps = 0
 
-    # ---- construction from a model name -------------------------------------------------
+    # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_model(
-        cls,
-        model: str | None = None,
-        *,
-        dtype: str | torch.dtype = "auto",
-        device: str | torch.device | None = None,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        block_size: int = 16,
-        seed: int | None = 0,
-        gpu_memory_utilization: float = 0.9,
-        max_num_batched_tokens: int | None = None,
-        num_kv_blocks: int | None = None,
-    ) -> "LLMEngine":
+    def from_model(cls, model: str | None = None, **kwargs: Any) -> "LLMEngine":
+        """``LLMEngine.from_model(model, max_model_len=..., ...)``: EngineConfig's fields as keywords."""
+        return cls.from_config(EngineConfig(model, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Read the checkpoint and the tokenizer, complete ``config``, build the runner and the engine."""
         from tinyvllm.engine.model_runner import ModelRunner
         from tinyvllm.loader import load_checkpoint, resolve_model
         from tinyvllm.tokenizer import Tokenizer
 
-        device = torch.device(device) if device is not None else default_device()
-        torch_dtype = resolve_dtype(dtype, device)
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
-        path = resolve_model(model)
-        config, weights = load_checkpoint(path, torch_dtype)
+        path = resolve_model(config.model)
+        model_config, weights = load_checkpoint(path, config.dtype)
         tokenizer = Tokenizer.from_pretrained(path)
-
-        if max_model_len is None:
-            max_model_len = config.max_position_embeddings
-            if device.type == "cpu":
-                max_model_len = min(max_model_len, CPU_DEFAULT_MAX_MODEL_LEN)
-        elif max_model_len > config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({max_model_len}) is larger than the model's max_position_embeddings "
-                f"({config.max_position_embeddings})."
-            )
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(8192, max_model_len)
-        # num_kv_blocks=None: the runner sizes the cache after the weights are on the device
+        config.fit_model(model_config, tokenizer.eos_token_ids)
+        # With num_kv_blocks=None the runner sizes the cache after the weights are on the device
         # (GPU: free memory x gpu_memory_utilization minus an activation reserve; CPU: a few
         # full-length sequences, capped at 1 GiB). It refuses a cache smaller than max_model_len.
-        runner = ModelRunner(
-            config, weights, dtype=torch_dtype, device=device, block_size=block_size, num_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-        )
-        num_kv_blocks = runner.num_blocks
-        capacity = num_kv_blocks * block_size
-        if capacity < max_model_len:
+        runner = ModelRunner(config, model_config, weights)
+        del weights
+        if config.cache_capacity < config.max_model_len:
             logger.warning(
                 "tinyvllm: the KV cache holds %d tokens (%d blocks of %d), less than max_model_len=%d; "
-                "sequences will be capped at %d tokens.", capacity, num_kv_blocks, block_size, max_model_len, capacity,
+                "sequences will be capped at %d tokens.", config.cache_capacity, config.num_kv_blocks,
+                config.block_size, config.max_model_len, config.max_seq_len,
             )
-        del weights
-        eos = list(dict.fromkeys(list(getattr(tokenizer, "eos_token_ids", None) or []) + list(config.eos_token_ids or [])))
-        engine = cls(
-            runner, tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=eos,
-            vocab_size=config.vocab_size, seed=seed, device=device,
-        )
-        engine.model_config = config
-        engine.dtype = torch_dtype
+        engine = cls(config, runner, tokenizer, vocab_size=model_config.vocab_size)
+        engine.model_config = model_config
         return engine
 
     # ---- requests ---------------------------------------------------------------------------
@@ -217,7 +157,7 @@ class LLMEngine:
             self._pending.append(self._make_output(seq))
             return
         if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device)
+            seq.generator = torch.Generator(device=self.config.device)
             seq.generator.manual_seed(params.seed)
         if self.detokenizer_cls is not None:
             seq.detokenizer = self.detokenizer_cls(self.tokenizer, seq.prompt_token_ids)
@@ -225,18 +165,19 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _validate(self, seq: Sequence) -> str | None:
+        c = self.config
         n = seq.num_prompt_tokens
         if n == 0:
             return "The prompt is empty."
-        if n + 1 > self.max_model_len:
+        if n + 1 > c.max_model_len:
             return (
-                f"The prompt (length {n}) is longer than the maximum model length of {self.max_model_len} "
+                f"The prompt (length {n}) is longer than the maximum model length of {c.max_model_len} "
                 "(it needs room for at least one generated token). Shorten the prompt or raise max_model_len."
             )
-        if n + 1 > self.max_seq_len:
+        if n + 1 > c.max_seq_len:
             return (
-                f"The prompt (length {n}) does not fit in the KV cache, which holds {self.max_seq_len} tokens "
-                f"({self.num_kv_blocks} blocks of {self.block_size}). Raise num_kv_blocks / gpu_memory_utilization."
+                f"The prompt (length {n}) does not fit in the KV cache, which holds {c.max_seq_len} tokens "
+                f"({c.num_kv_blocks} blocks of {c.block_size}). Raise num_kv_blocks / gpu_memory_utilization."
             )
         if self.vocab_size is not None:
             bad = [t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size]
@@ -264,52 +205,38 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one model step; return an output for every request that advanced (and for those
+        that failed or were aborted since the last step)."""
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
             return outputs
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            raise RuntimeError(  # cannot happen while one sequence always fits; guard against a hang
-                f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
-                f"{len(self.scheduler.running)} running, {self.block_manager.num_free_blocks} free blocks"
-            )
-        seqs = sched.seqs
-        logits = self.model_runner.execute(seqs)
-        token_ids = self.sampler(logits, seqs).tolist()  # the step's single device->host transfer
-        # The kernels' flags for indices they refused to follow (a bug in the inputs the runner
-        # built): host memory, already final once the copy above has waited for the step.
-        ops.check_kernel_errors(synchronize=False)
+        out = self.scheduler.schedule()
+        token_ids = self.model_runner.execute(out)
+        self.scheduler.postprocess(out, token_ids)
         self.num_steps += 1
-        for seq, token_id in zip(seqs, token_ids):
-            seq.num_computed_tokens = seq.num_tokens
-            seq.append_token(token_id)
-            self._postprocess(seq, token_id)
+        for seq in out.seqs:
+            self._update_text(seq)
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
                 del self.requests[seq.request_id]
             outputs.append(self._make_output(seq))
         return outputs
 
-    def _postprocess(self, seq: Sequence, token_id: int) -> None:
-        """Stop checks in vLLM's order, then incremental detokenization and stop strings."""
+    def _update_text(self, seq: Sequence) -> None:
+        """Detokenize the token the scheduler just appended, then check the stop strings.
+
+        The scheduler has already run the token stop checks; a token stop (EOS or a stop token
+        id: ``finish_reason == "stop"`` at this point) is not part of the text (vLLM). A stop
+        string may still end a sequence the scheduler let run, or one it ended on length.
+        """
         p = seq.sampling_params
-        n_out = seq.num_output_tokens
-        stop_token = False
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token_id in self._eos_set:
-                seq.finish_reason, seq.stop_reason, stop_token = "stop", None, True
-            elif token_id in p.stop_token_set:
-                seq.finish_reason, seq.stop_reason, stop_token = "stop", token_id, True
-        if seq.finish_reason is None:
-            if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_seq_len:
-                seq.finish_reason = "length"
-        if seq.detokenizer is None or (stop_token and not p.include_stop_str_in_output):
-            return  # the stop token itself is not part of the text (vLLM)
-        new_text = seq.detokenizer.step(token_id)
+        token_stop = seq.finish_reason == "stop"
+        if seq.detokenizer is None or (token_stop and not p.include_stop_str_in_output):
+            return
+        new_text = seq.detokenizer.step(seq.token_ids[-1])
         if not new_text:
             return
         seq.output_text += new_text
-        if p.stop and n_out > p.min_tokens and not stop_token:
+        if p.stop and seq.num_output_tokens > p.min_tokens and not token_stop:
             text = seq.output_text
             for stop in p.stop:
                 start = max(0, len(text) - len(new_text) - len(stop) + 1)
@@ -318,6 +245,8 @@ class LLMEngine:
                     cut = idx + len(stop) if p.include_stop_str_in_output else idx
                     seq.output_text = text[:cut]
                     seq.finish_reason, seq.stop_reason = "stop", stop
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq)
                     break
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
@@ -337,33 +266,3 @@ class LLMEngine:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
             outputs=[completion], finished=seq.finish_reason is not None, error=seq.error,
         )
-
-
-# ---- device, dtype and KV-cache sizing ---------------------------------------------------------
-# The reference ops are slow on CPU and the runner's default CPU cache holds a few sequences of
-# this length (tinyvllm.engine.model_runner.DEFAULT_CPU_MAX_MODEL_LEN).
-CPU_DEFAULT_MAX_MODEL_LEN = 4096
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" -> bfloat16 on a GPU, float32 on CPU; else a name or a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}.")
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16', 'float32' or a torch dtype, got {dtype!r}.")

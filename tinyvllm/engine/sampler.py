@@ -4,7 +4,7 @@ Everything runs on the logits' device, vectorised over the batch: each row has
 its own temperature / top-k / top-p / min-p, held in small per-row tensors, so a
 batch mixing greedy and random requests is one set of kernels, not a Python
 loop over requests. The only device->host transfer of a step is the final
-``.tolist()`` of the chosen ids, which the engine does.
+``.tolist()`` of the chosen ids, which the ModelRunner does.
 
 The pipeline, per row (the order vLLM's v1 sampler uses):
 
@@ -21,10 +21,12 @@ The pipeline, per row (the order vLLM's v1 sampler uses):
    ``Categorical(p)``, and needs no cumulative sum or host sync.
    A request with ``seed`` draws its ``E`` from its own ``torch.Generator``, so its
    tokens do not depend on which other requests share the batch; the others share
-   the engine's generator (seeded by ``LLM(seed=...)``).
+   the Sampler's own generator (seeded by ``LLM(seed=...)``).
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 
@@ -126,11 +128,17 @@ def sample(
 
 
 class Sampler:
-    """Per-step glue: reads each sequence's SamplingParams and calls :func:`sample`."""
+    """Per-step glue: reads each sequence's SamplingParams and calls :func:`sample`.
 
-    def __init__(self, eos_token_ids: list[int] | tuple[int, ...] = (), generator: torch.Generator | None = None):
+    ``eos_token_ids`` are banned (with each request's stop token ids) while a request has fewer
+    than ``min_tokens`` outputs. Unseeded requests draw from this sampler's generator, seeded
+    with ``seed`` (``LLM(seed=...)``; None: 0) on ``device``.
+    """
+
+    def __init__(self, eos_token_ids: Iterable[int] = (), seed: int | None = 0, device: str | torch.device = "cpu"):
         self.eos_token_ids = list(eos_token_ids)
-        self.generator = generator
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(0 if seed is None else seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]

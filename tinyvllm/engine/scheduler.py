@@ -1,4 +1,4 @@
-"""Scheduler: decides which sequences run in the next model step.
+"""Scheduler: decides which sequences run in the next model step, and records what it did.
 
 Continuous batching means the batch is rebuilt every step: requests join as soon
 as there is room and leave (freeing their KV blocks) the moment they finish,
@@ -24,10 +24,17 @@ without chunked prefill):
   by a later prefill (recomputation, vLLM's default; no swapping to CPU). If the
   sequence needing the block is itself the newest, it is the one preempted.
   That way the oldest requests always make progress and nothing deadlocks, as
-  long as one sequence alone fits in the cache, which the engine guarantees by
-  capping a sequence's length at the cache capacity. A large decode batch is
-  handed to the model longest sequence first (see ``_schedule_decode``: it makes
-  the attention kernel's last blocks short ones).
+  long as one sequence alone fits in the cache, which EngineConfig guarantees by
+  capping a sequence's length at the cache capacity (``max_seq_len``). A large
+  decode batch is handed to the model longest sequence first (see
+  ``_schedule_decode``: it makes the attention kernel's last blocks short ones).
+
+``schedule()`` returns a SchedulerOutput: the sequences and how many tokens of each
+the model computes this step. After the step, ``postprocess(out, token_ids)`` owns the
+sequences' progress: it advances ``num_computed_tokens``, appends each sampled token,
+runs the token stop checks (EOS, stop token ids, max_tokens, max_seq_len) and frees the
+blocks of the sequences that finished. Text (detokenization, stop strings) is the
+engine's: the scheduler never sees a string.
 """
 
 from __future__ import annotations
@@ -36,37 +43,44 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tinyvllm.engine.block_manager import BlockManager
+from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerOutput:
+    """One step's batch: ``seqs[i]`` computes its next ``num_scheduled_tokens[i]`` tokens,
+    ``token_ids[num_computed_tokens : num_computed_tokens + num_scheduled_tokens[i]]``
+    (its whole uncomputed span today; a chunk of it once prefill is chunked)."""
+
     seqs: list[Sequence] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
     is_prefill: bool = False
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_uncomputed_tokens for s in self.seqs)
+        return sum(self.num_scheduled_tokens)
 
     @property
     def is_empty(self) -> bool:
         return not self.seqs
 
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_scheduled_tokens.append(num_tokens)
+
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 longest_first_min_seqs: int | None = None) -> None:
-        """longest_first_min_seqs: decode batches of at least this many sequences are handed to
-        the model longest first (None: always in arrival order); see ``_schedule_decode``."""
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}.")
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}.")
-        self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.longest_first_min_seqs = longest_first_min_seqs
+    def __init__(self, config: EngineConfig) -> None:
+        """Reads max_num_seqs, max_num_batched_tokens, max_seq_len, eos_token_ids and
+        decode_longest_first_min_seqs from ``config``, and owns the BlockManager of its
+        ``num_kv_blocks`` blocks of ``block_size`` tokens."""
+        if config.max_seq_len is None:
+            raise ValueError("the Scheduler needs a complete EngineConfig (max_model_len and num_kv_blocks known)")
+        self.config = config
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self._eos = frozenset(config.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -100,19 +114,24 @@ class Scheduler:
     # ---- the policy ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = self._schedule_prefill()
-        if out.seqs:
-            return out
-        return self._schedule_decode()
+        if out.is_empty:
+            out = self._schedule_decode()
+        if out.is_empty:
+            raise RuntimeError(  # cannot happen while one sequence always fits; guard against a hang
+                f"scheduler made no progress: {len(self.waiting)} waiting, {len(self.running)} running, "
+                f"{self.block_manager.num_free_blocks} free blocks"
+            )
+        return out
 
     def _schedule_prefill(self) -> SchedulerOutput:
         out = SchedulerOutput(is_prefill=True)
         num_tokens = 0
         while self.waiting:
-            if len(self.running) >= self.max_num_seqs:  # (scheduled ones are already in running)
+            if len(self.running) >= self.config.max_num_seqs:  # (scheduled ones are already in running)
                 break
             seq = self.waiting[0]
             n = seq.num_uncomputed_tokens
-            if num_tokens + n > self.max_num_batched_tokens:
+            if num_tokens + n > self.config.max_num_batched_tokens:
                 break
             if not self.block_manager.can_allocate(seq):
                 break
@@ -120,7 +139,7 @@ class Scheduler:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.seqs.append(seq)
+            out.add(seq, n)
             num_tokens += n
         return out
 
@@ -146,15 +165,51 @@ class Scheduler:
                 self.block_manager.append_slot(seq)
                 scheduled.append(seq)
             i += 1
-        # Longest first (for batches the model runner says are large enough): the decode
-        # attention kernel's blocks reach the SMs in batch order, so the longest sequences
-        # start first and the short ones fill in behind them, instead of a long one starting
-        # last and streaming alone at the end ("longest processing time first"). Measured on
+        # Longest first (for batches of at least config.decode_longest_first_min_seqs, which the
+        # ModelRunner sets from its GPU's SM count; None on CPU): the decode attention kernel's
+        # blocks reach the SMs in batch order, so the longest sequences start first and the
+        # short ones fill in behind them, instead of a long one starting last and streaming
+        # alone at the end ("longest processing time first"). Measured on
         # an H200, Llama-1B heads, ragged batches of 128-256: the kernel 4-13% faster at 8 of
         # 10, within 1% at the other two (bench/results/h200-2026-11-27-decode-gap/, section
-        # 7). The sort is stable, and the engine pairs each output with its sequence.
-        n = self.longest_first_min_seqs
+        # 7). The sort is stable, and postprocess pairs each sampled token with its sequence.
+        n = self.config.decode_longest_first_min_seqs
         if n and len(scheduled) >= n:
             scheduled.sort(key=lambda s: s.num_tokens, reverse=True)
-        out.seqs = scheduled
+        for seq in scheduled:
+            out.add(seq, 1)
         return out
+
+    # ---- after the step ----------------------------------------------------------------------
+    def postprocess(self, out: SchedulerOutput, token_ids: list[int]) -> None:
+        """Record a step: ``token_ids[i]`` was sampled for ``out.seqs[i]``.
+
+        Each sequence's scheduled tokens are now in the KV cache; its new token is appended and
+        checked against the token stop conditions; a finished sequence leaves the running queue
+        and its blocks are freed at once, so that the next step can admit waiting requests.
+        (Every scheduled span ends at the sequence's last token today, so every sequence gets a
+        token; with chunked prefill a partial chunk's sampled token would be dropped here.)
+        """
+        if len(token_ids) != len(out.seqs):
+            raise ValueError(f"postprocess: {len(token_ids)} token ids for {len(out.seqs)} scheduled sequences")
+        for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, token_ids):
+            seq.num_computed_tokens += num_tokens
+            seq.append_token(token_id)
+            self._check_stop(seq, token_id)
+            if seq.finish_reason is not None:
+                self.finish(seq)
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        """The token stop conditions, in vLLM's order: EOS (unless ignore_eos) or a stop token id,
+        once min_tokens are out; then max_tokens, or the longest sequence the engine allows."""
+        p = seq.sampling_params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token_id in self._eos:
+                seq.finish_reason, seq.stop_reason = "stop", None
+                return
+            if token_id in p.stop_token_set:
+                seq.finish_reason, seq.stop_reason = "stop", token_id
+                return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.config.max_seq_len:
+            seq.finish_reason = "length"

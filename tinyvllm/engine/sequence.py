@@ -37,8 +37,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt: str | None = None
-    # Engine-side state (not needed by the ModelRunner):
-    generator: Any = field(default=None, repr=False)  # torch.Generator for a seeded request, else None (engine's generator)
+    generator: Any = field(default=None, repr=False)  # torch.Generator for a seeded request, else None (the Sampler's)
+    # The engine's (text), never read by the Scheduler or the ModelRunner:
     detokenizer: Any = field(default=None, repr=False)  # IncrementalDetokenizer, fed one token at a time
     output_text: str = ""  # detokenized text of the generated tokens (stop string already cut)
     error: str | None = None  # why the request failed (finish_reason == "error")

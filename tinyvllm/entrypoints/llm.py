@@ -26,6 +26,7 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import SamplingParams
@@ -49,11 +50,14 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         num_kv_blocks: int | None = None,
     ) -> None:
-        self.llm_engine = LLMEngine.from_model(
-            model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            block_size=block_size, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+        """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
+        validates them and documents each."""
+        config = EngineConfig(
+            model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            block_size=block_size, seed=seed, device=device, gpu_memory_utilization=gpu_memory_utilization,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
         )
+        self.llm_engine = LLMEngine.from_config(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

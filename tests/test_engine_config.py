@@ -1,0 +1,98 @@
+"""EngineConfig: LLM(...)'s arguments validated in one place, completed in three steps,
+with the derived values (the token budget, max_seq_len) computed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from fixtures import tiny_config_dict
+from tinyvllm.config import ModelConfig
+from tinyvllm.engine.engine_config import CPU_DEFAULT_MAX_MODEL_LEN, EngineConfig
+
+CPU = dict(device="cpu")
+
+
+def model(max_position_embeddings: int = 256, eos=2) -> ModelConfig:
+    return ModelConfig.from_dict(tiny_config_dict(max_position_embeddings=max_position_embeddings, eos_token_id=eos))
+
+
+def test_llm_arguments_are_the_config_fields():
+    """LLM(...)'s public signature (vLLM's names and tinyvllm's defaults) is EngineConfig's first fields."""
+    from tinyvllm import LLM
+
+    params = list(inspect.signature(LLM.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(EngineConfig)[: len(params)]
+    assert [(p.name, p.default) for p in params] == [(f.name, f.default) for f in fields]
+    assert [p.name for p in params] == [
+        "model", "dtype", "max_model_len", "max_num_seqs", "block_size", "seed", "device",
+        "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_model_len", 0), ("max_model_len", 1.5), ("max_num_seqs", 0), ("max_num_seqs", None),
+        ("block_size", 0), ("block_size", True), ("max_num_batched_tokens", -1), ("num_kv_blocks", 0),
+        ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("seed", "1"),
+        ("dtype", "int8"), ("dtype", torch.int32), ("device", "tpu"), ("device", "not a device"), ("model", 3),
+    ],
+)  # fmt: skip
+def test_each_field_is_validated_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        EngineConfig(**{**CPU, field: value})
+
+
+def test_llm_validates_before_loading_anything():
+    """A bad argument is a ValueError naming it, before the (missing) model is looked for."""
+    from tinyvllm import LLM
+
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(model="/no/such/model", max_num_seqs=0, device="cpu")
+
+
+def test_device_and_dtype_are_resolved():
+    c = EngineConfig(**CPU)
+    assert c.device == torch.device("cpu") and c.dtype == torch.float32  # "auto" on CPU
+    assert EngineConfig(dtype="bf16", **CPU).dtype == torch.bfloat16
+    assert EngineConfig(dtype=torch.float16, **CPU).dtype == torch.float16
+    assert EngineConfig().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_fit_model_defaults_or_checks_max_model_len_and_merges_eos():
+    c = EngineConfig(**CPU)
+    assert c.max_model_len is None and c.max_num_batched_tokens is None and c.max_seq_len is None
+    c.fit_model(model(max_position_embeddings=100_000, eos=2), eos_token_ids=[7, 2])
+    assert c.max_model_len == CPU_DEFAULT_MAX_MODEL_LEN  # capped on CPU
+    assert c.max_num_batched_tokens == 8192  # the default budget: max(8192, max_model_len)
+    assert c.eos_token_ids == (7, 2)  # the tokenizer's first, no repeats
+    c = EngineConfig(max_model_len=64, **CPU)
+    c.fit_model(model(256))
+    assert c.max_model_len == 64 and c.eos_token_ids == (2,)
+    with pytest.raises(ValueError, match=r"max_model_len \(300\) is larger than the model's max_position_embeddings \(256\)"):
+        EngineConfig(max_model_len=300, **CPU).fit_model(model(256))
+    c = EngineConfig(max_model_len=20_000, **CPU)
+    assert c.max_num_batched_tokens == 20_000  # a prompt must fit one step
+
+
+def test_max_seq_len_is_capped_by_the_cache():
+    c = EngineConfig(max_model_len=256, **CPU)
+    c.fit_cache(10)  # 10 blocks of 16 = 160 tokens
+    assert (c.num_kv_blocks, c.cache_capacity, c.max_seq_len) == (10, 160, 160)
+    c = EngineConfig(max_model_len=64, num_kv_blocks=10, **CPU)  # both known: derived at once
+    assert c.max_seq_len == 64 and c.max_num_batched_tokens == 8192
+
+
+def test_token_budget_must_hold_the_longest_sequence():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(100\) is smaller than the longest sequence \(160 tokens\)"):
+        EngineConfig(max_model_len=256, num_kv_blocks=10, max_num_batched_tokens=100, **CPU)
+    # Capped by a small cache, the same budget is enough.
+    c = EngineConfig(max_model_len=256, num_kv_blocks=6, max_num_batched_tokens=100, **CPU)
+    assert c.max_seq_len == 96
+    c = EngineConfig(max_model_len=256, max_num_batched_tokens=100, **CPU)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        c.fit_cache(10)  # the runner's cache makes the longest sequence 160 tokens
