@@ -1,9 +1,13 @@
-"""End-to-end benchmark: tinyvllm vs Hugging Face transformers on a Llama-3.2-1B-shaped model.
+"""End-to-end benchmark: tinyvllm vs its peers on a Llama-3.2-1B-shaped model.
 
 No weights can be downloaded on the GPU machine, so the model has the exact shape of
 Llama 3.2 1B Instruct with random bf16 weights: speed does not depend on the values.
 
-Workloads (names from ../shared/docs/perf.md):
+Peers, timed in the same run on the same weights: Hugging Face transformers, and a
+gpt-fast-style static-cache Llama under torch.compile(mode="reduce-overhead")
+(bench/static_llama.py; latency only).
+
+Workloads (defined in docs/course/15-measuring-speed.md):
   latency   batch 1, 32-token prompt, 128 greedy tokens: mean time per decode step
             (prefill excluded) and its fraction of the floor = weight bytes / copy bandwidth;
             TTFT for a 1024-token prompt.
@@ -11,7 +15,7 @@ Workloads (names from ../shared/docs/perf.md):
             lengths randint(100, 1024)); ignore_eos, temperature 0.6; output tok/s.
             --nano-requests shrinks it for a quicker run.
 
-    python bench/bench_e2e.py --out bench/results/e2e.json [--skip-hf] [--nano-requests 256]
+    python bench/bench_e2e.py --out bench/results/e2e.json [--skip-hf] [--skip-compile] [--nano-requests 256]
 """
 
 from __future__ import annotations
@@ -159,10 +163,24 @@ def bench_transformers(path: str) -> dict:
     return {"decode_step_ms": (t129 - t1) / 128 * 1e3, "ttft_32_ms": t1 * 1e3, "ttft_1024_ms": ttft * 1e3}
 
 
+def bench_static_llama(path: str) -> dict:
+    """The torch.compile peer at batch 1: decode ms/step on the latency workload's 32-token prompt."""
+    from static_llama import StaticLlama, decode_step_ms
+
+    model = StaticLlama(path, max_batch=1, max_seq_len=256)
+    rng = random.Random(1)
+    prompt = torch.tensor([[rng.randrange(10000) for _ in range(32)]], device="cuda")
+    res = {"decode_step_ms": decode_step_ms(model, prompt, n=128)}
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/e2e.json")
     ap.add_argument("--skip-hf", action="store_true", help="do not time transformers")
+    ap.add_argument("--skip-compile", action="store_true", help="do not time the torch.compile peer")
     ap.add_argument("--nano-requests", type=int, default=256, help="0 skips the nano workload")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -175,6 +193,7 @@ def main() -> None:
         floor_ms = weight_bytes / bw * 1e3
         ours = bench_tinyvllm(path, args)
         hf = None if args.skip_hf else bench_transformers(path)
+        compiled = None if args.skip_compile else bench_static_llama(path)
 
     result = {
         "card": device_info()["device"],
@@ -184,6 +203,7 @@ def main() -> None:
         "decode_floor_ms": floor_ms,
         "tinyvllm": ours,
         "transformers": hf,
+        "torch_compile": compiled,
     }
     ours["decode_fraction_of_floor"] = floor_ms / ours["decode_step_ms"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -192,12 +212,10 @@ def main() -> None:
 
     print(f"\ncard {result['card']}  copy bandwidth {bw / 1e9:.0f} GB/s  decode floor {floor_ms:.3f} ms")
     print(f"{'engine':<14}{'decode ms/step':>16}{'% of floor':>12}{'TTFT 32 ms':>12}{'TTFT 1024 ms':>14}")
-    for name, r in (("tinyvllm", ours), ("transformers", hf)):
+    for name, r in (("tinyvllm", ours), ("transformers", hf), ("torch.compile", compiled)):
         if r:
-            print(
-                f"{name:<14}{r['decode_step_ms']:>16.3f}{100 * floor_ms / r['decode_step_ms']:>11.1f}%"
-                f"{r['ttft_32_ms']:>12.2f}{r['ttft_1024_ms']:>14.2f}"
-            )
+            ttft = f"{r['ttft_32_ms']:>12.2f}{r['ttft_1024_ms']:>14.2f}" if "ttft_32_ms" in r else ""
+            print(f"{name:<14}{r['decode_step_ms']:>16.3f}{100 * floor_ms / r['decode_step_ms']:>11.1f}%{ttft}")
     if "nano_output_tok_s" in ours:
         print(
             f"nano: {ours['nano_requests']} requests, {ours['nano_output_tokens']} output tokens in "
