@@ -43,7 +43,7 @@ def _key(demangled: str) -> str:
     """'void tinyvllm::(anonymous namespace)::k<float, 64>(Params)' -> 'k<float, 64>'."""
     name = demangled.removeprefix("void ")
     name = re.sub(r"\(anonymous namespace\)::", "", name)
-    name = re.sub(r"^tinyvllm::(\w+::)*", "", name)
+    name = re.sub(r"^(\w+::)+", "", name)  # namespaces (a kernel may move between them)
     depth = 0
     for i, ch in enumerate(name):  # cut the parameter list: the first '(' outside <...>
         depth += ch == "<"

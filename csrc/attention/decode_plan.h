@@ -24,8 +24,8 @@ constexpr int kMmaRows = 16;  // tensor cores: query heads per block, the M of m
 // Dynamic shared memory the tensor-core kernel asks for per block, by head_dim and warps:
 // per warp, kStages stages of a K and a V tile of 16-bit values, plus 1 KB to align the
 // tiles to 1024 bytes (the swizzle's period). The 8 bytes per stage are unused: they held
-// the mbarriers of the TMA loader, now in dev/cuda; kept so that every plan, padding and
-// blocks-per-SM stays the one measured.
+// the mbarriers of the TMA loader (gone, dev/cuda/README.md); kept so that every plan,
+// padding and blocks-per-SM stays the one measured.
 constexpr int decode_mma_smem_bytes(int head_dim, int warps = kDecodeWarps) {
   return warps * kStages * (2 * kTile * head_dim * 2 + 8) + 1024;
 }
