@@ -538,8 +538,8 @@ PyObject* decode_plan_py(PyObject* /*module*/, PyObject* args) {
     TV_CHECK(max_seq_len >= 0 && max_seq_len <= INT_MAX / 2, "max_seq_len out of range: ", max_seq_len);
     check_sum_seq_lens(sum_seq_lens, num_seqs, max_seq_len);
     int devices = 0;
-    TV_CHECK(cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0,
-             "decode_plan needs a CUDA GPU: the plan depends on its SMs and on how many blocks fit on one");
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();  // (leave no error for a later check)
+    TV_CHECK(devices > 0, "decode_plan needs a CUDA GPU: the plan depends on its SMs and on how many blocks fit on one");
     const DecodePlanInfo p = paged_attention_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
                                                          sum_seq_lens, dtype, impl);
     return Py_BuildValue("{s:O,s:i,s:i,s:i,s:i,s:i,s:O}", "tensor_cores", p.tensor_cores ? Py_True : Py_False,

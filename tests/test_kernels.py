@@ -143,7 +143,7 @@ def test_decode_plan_is_a_function_of_the_extension_not_an_op():
 
 @gpu
 def test_decode_plan_works_in_a_fresh_interpreter():
-    # tinyvllm._C.decode_plan needs nothing imported first (not even torch).
+    # tinyvllm._C.decode_plan works in a fresh interpreter (importing the module loads what it needs).
     code = ("from tinyvllm import _C; p = _C.decode_plan(96, 32, 8, 64, 1024, -1, 'bfloat16', -1); "
             "print(p['num_splits'], p['warps'], p['blocks_per_sm'] > 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -215,7 +215,7 @@ bool check_and_time(const Shape& shape, double copy_gbps) {
   Batch<T> b(shape);
   std::vector<int> seqs(b.num_seqs);
   std::iota(seqs.begin(), seqs.end(), 0);
-  if (shape.timed) seqs = {0, b.num_seqs / 2, b.num_seqs - 1};
+  if (shape.timed) seqs = b.num_seqs < 3 ? std::vector<int>{0} : std::vector<int>{0, b.num_seqs / 2, b.num_seqs - 1};
   bool ok = true;
   std::vector<float> got[3];
   for (int v : {1, 2}) {
