@@ -6,20 +6,63 @@ the rule says so, through tinyvllm._C.decode_plan (attention_helpers.decode_plan
 132-SM GPU (H100/H200 SXM) at the measured shapes. Where a test also runs the kernel, it
 checks that the plan's launch computes what the reference does.
 
-GPU tests skip without a GPU or without the built extension (`pip install -e .`).
+The first tests run everywhere (CI has nvcc but no GPU); the GPU tests skip without a GPU or
+without the built extension (`pip install -e .`).
 Run:  pytest tests/test_decode_plan.py -q
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from attention_helpers import decode_plan, head_per_warp_pays, llama_plan, needs_kernels
+from tinyvllm.ops._kernels import extension_loaded
 
-pytestmark = needs_kernels
+
+# ---- the plan as a function of the extension (the first two run without a GPU) ----
+def test_decode_plan_says_what_it_needs():
+    # Runs everywhere: without the extension, or with it but without a GPU tensor, the
+    # tests' plan query fails with a message that names what is missing.
+    q = torch.empty(4, 32, 64, dtype=torch.bfloat16)
+    match = "query must be a CUDA tensor" if extension_loaded() else "needs the compiled extension"
+    with pytest.raises(RuntimeError, match=match):
+        decode_plan(q, 8, 1024)
 
 
+@pytest.mark.skipif(not extension_loaded(), reason="extension not built")
+def test_decode_plan_is_a_function_of_the_extension_not_an_op():
+    # tinyvllm._C.decode_plan (for tests and benchmarks): checks its arguments before it asks
+    # the GPU, and without one says that it needs one. The op namespace has no plan.
+    from tinyvllm import _C
+
+    assert not hasattr(torch.ops.tinyvllm, "paged_attention_decode_plan")
+    args = [96, 32, 8, 64, 1024, -1, "bfloat16", -1]
+    for i, bad, words in ((7, 2, r"impl=2 \(tensor cores with TMA loads\) is no longer"), (7, 5, "impl must be -1"),
+                          (6, "int8", "dtype_name must be"), (2, 5, "multiple of num_kv_heads"),
+                          (3, 80, "head_dim must be 64 or 128"), (5, 96 * 1024 + 1, "sum_seq_lens must be")):
+        with pytest.raises(RuntimeError, match=words):
+            _C.decode_plan(*args[:i], bad, *args[i + 1:])
+    if torch.cuda.is_available():
+        assert _C.decode_plan(*args)["warps"] == 4
+    else:
+        with pytest.raises(RuntimeError, match="decode_plan needs a CUDA GPU"):
+            _C.decode_plan(*args)
+
+
+@needs_kernels
+def test_decode_plan_works_in_a_fresh_interpreter():
+    # tinyvllm._C.decode_plan works in a fresh interpreter (importing the module loads what it needs).
+    code = ("from tinyvllm import _C; p = _C.decode_plan(96, 32, 8, 64, 1024, -1, 'bfloat16', -1); "
+            "print(p['num_splits'], p['warps'], p['blocks_per_sm'] > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "4", "True"], out
+
+
+# ---- the plan's rules (GPU) ----
 def wave_units(blocks: int, per_sm: int, sms: int) -> int:
     # The plan's model (decode_plan.cpp, "Blocks per SM"): one wave spreads over every
     # SM; past it, each partial wave costs per_sm units on the SMs that took it.
@@ -29,6 +72,7 @@ def wave_units(blocks: int, per_sm: int, sms: int) -> int:
     return blocks // slots * per_sm + (per_sm if blocks % slots else 0)
 
 
+@needs_kernels
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_plan_holds_blocks_per_sm_down_where_that_saves_a_wave(head_dim):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -60,6 +104,7 @@ def test_decode_plan_holds_blocks_per_sm_down_where_that_saves_a_wave(head_dim):
         assert llama_plan(96, 1024)["smem_bytes"] == 76800
 
 
+@needs_kernels
 def test_decode_plan_gives_each_warp_a_kv_head_at_one_full_wave_of_equal_lengths():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     q = torch.empty(4 * sms, 32, 64, device="cuda", dtype=torch.bfloat16)
@@ -93,6 +138,7 @@ def test_decode_plan_gives_each_warp_a_kv_head_at_one_full_wave_of_equal_lengths
         assert chosen == [*range(182, 199), *range(248, 265), *range(314, 331)]
 
 
+@needs_kernels
 def test_decode_plan_checks_its_arguments():
     q = torch.empty(4, 32, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
@@ -111,6 +157,7 @@ def test_decode_plan_checks_its_arguments():
             decode_plan(q, 8, 1024, sum_seq_lens=impossible)
 
 
+@needs_kernels
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_plan_does_not_split_equal_lengths_with_two_blocks_per_sm(head_dim):
     # From 2 (head_dim 64) or 2.5 (128) 4-warp blocks per SM on, a batch of about equal
@@ -142,6 +189,7 @@ def test_decode_plan_does_not_split_equal_lengths_with_two_blocks_per_sm(head_di
         assert llama_plan(44, 1024, head_dim, sum_seq_lens=44 * 1024)["num_splits"] == 1
 
 
+@needs_kernels
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_plan_cuts_the_long_sequences_of_a_skewed_batch(head_dim):
     # The mean (sum_seq_lens / batch) under a third of the longest: every context is cut

@@ -21,8 +21,6 @@ import math
 import zlib
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -108,46 +106,6 @@ def test_cpu_tensors_are_rejected_by_name():
         torch.ops.tinyvllm.rms_norm(torch.empty_like(x), x, torch.ones(64), 1e-5)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         torch.ops.tinyvllm.linear(x, torch.randn(8, 64))
-
-
-def test_decode_plan_says_what_it_needs():
-    # Runs everywhere: without the extension, or with it but without a GPU tensor, the
-    # tests' plan query fails with a message that names what is missing.
-    from attention_helpers import decode_plan
-
-    q = torch.empty(4, 32, 64, dtype=torch.bfloat16)
-    match = "query must be a CUDA tensor" if HAS_EXT else "needs the compiled extension"
-    with pytest.raises(RuntimeError, match=match):
-        decode_plan(q, 8, 1024)
-
-
-@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
-def test_decode_plan_is_a_function_of_the_extension_not_an_op():
-    # tinyvllm._C.decode_plan (for tests and benchmarks): checks its arguments before it asks
-    # the GPU, and without one says that it needs one. The op namespace has no plan.
-    from tinyvllm import _C
-
-    assert not hasattr(torch.ops.tinyvllm, "paged_attention_decode_plan")
-    args = [96, 32, 8, 64, 1024, -1, "bfloat16", -1]
-    for i, bad, words in ((7, 2, r"impl=2 \(tensor cores with TMA loads\) is no longer"), (7, 5, "impl must be -1"),
-                          (6, "int8", "dtype_name must be"), (2, 5, "multiple of num_kv_heads"),
-                          (3, 80, "head_dim must be 64 or 128"), (5, 96 * 1024 + 1, "sum_seq_lens must be")):
-        with pytest.raises(RuntimeError, match=words):
-            _C.decode_plan(*args[:i], bad, *args[i + 1:])
-    if HAS_GPU:
-        assert _C.decode_plan(*args)["warps"] == 4
-    else:
-        with pytest.raises(RuntimeError, match="decode_plan needs a CUDA GPU"):
-            _C.decode_plan(*args)
-
-
-@gpu
-def test_decode_plan_works_in_a_fresh_interpreter():
-    # tinyvllm._C.decode_plan works in a fresh interpreter (importing the module loads what it needs).
-    code = ("from tinyvllm import _C; p = _C.decode_plan(96, 32, 8, 64, 1024, -1, 'bfloat16', -1); "
-            "print(p['num_splits'], p['warps'], p['blocks_per_sm'] > 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "4", "True"], out
 
 
 def test_opcheck_importable():
