@@ -105,11 +105,11 @@ def cuda_extension_setup() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     cublas_inc, cublas_libdirs, cublas_link = find_cublas(cuda_home)
-    # Every .cu under csrc/ (csrc/attention/*.cu included) and every .cpp directly in csrc/.
+    # Every .cu and .cpp under csrc/ (csrc/attention/ included). dev/cuda/ is not part of it.
     sources = sorted(
         os.path.relpath(p, ROOT)
-        for p in glob.glob(str(ROOT / "csrc" / "**" / "*.cu"), recursive=True)
-        + glob.glob(str(ROOT / "csrc" / "*.cpp"))
+        for ext in ("cu", "cpp")
+        for p in glob.glob(str(ROOT / "csrc" / "**" / f"*.{ext}"), recursive=True)
     )
     ext = CUDAExtension(
         name="tinyvllm._C",

@@ -13,7 +13,8 @@ Our op is given the sum of the lengths (sum_seq_lens), as the engine gives it.
 Targets: >= 80% of copy bandwidth once batch * context >= 64k tokens; faster than SDPA at batch >= 8.
 
 Read floors (from 64k tokens on; --no-read-floor skips them): the time of a kernel that only READS
-the same k/v (csrc/attention/read_floor.cu), in the fastest of a few shapes (READ_FLOOR_CONFIGS),
+the same k/v (dev/cuda/read_floor.cu, built on first use by bench/read_floor.py), in the fastest
+of a few shapes (READ_FLOOR_CONFIGS),
 over the paged cache through its block tables (the floor under our kernel) and over SDPA's
 contiguous copy (the floor under SDPA). The table after the main one shows each kernel's time over
 its floor, and SDPA's time over the paged floor: above 1, a kernel reading our pages could still
@@ -46,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Result, copy_bandwidth, device_info, fixed_and_rate, matmul_tflops, print_table,  # noqa: E402
                     time_us, try_plot, write_json)
+from read_floor import read_pages  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, BLOCK = 32, 8, 16
 
@@ -81,7 +83,7 @@ def sdpa_gqa(q, k, v, is_causal=False):
         )
 
 
-# The shapes of the read-only kernel (csrc/attention/read_floor.cu) tried for each floor:
+# The shapes of the read-only kernel (dev/cuda/read_floor.cu) tried for each floor:
 # (threads, 16-byte loads of k and of v in flight per thread, blocks per SM; 0 = as many as fit).
 # A floor is only as low as the best reader that found it, so the fastest one counts.
 READ_FLOOR_CONFIGS = [(t, u, r) for t in (128, 256) for u in (2, 4, 8) for r in (0, 4)]
@@ -92,9 +94,9 @@ def read_floor(pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor, 
     """The fastest time (us) in which a kernel that only reads can read these pages.
 
     pool_k / pool_v [num_pages, ...]: the pages; stream s of table row r reads pages
-    table[r][j] * page_mult + s * stream_stride of both (csrc/attention/read_floor.cu).
+    table[r][j] * page_mult + s * stream_stride of both (dev/cuda/read_floor.cu).
     Returns (best us, best config, {config: us}, the checksums [rows, streams])."""
-    op = torch.ops.tinyvllm.read_pages
+    op = read_pages
     checksum = torch.empty(table.shape[0], streams, dtype=torch.int32, device=table.device)
     times = {}
     for threads, unroll, per_sm in READ_FLOOR_CONFIGS:
@@ -163,7 +165,7 @@ def bench_decode(batch: int, ctx: int, dtype=torch.bfloat16, d: int = 64, shuffl
         correct = correct and extra["read_floor_checksums_agree"]
     del k, v, kc, vc
     tag = ("" if shuffle else " ordered") + ("" if block_size == BLOCK else f" bs{block_size}")
-    tag += {-1: "", 0: " cuda-cores", 1: " tensor-cores cp.async", 2: " tensor-cores tma"}[impl]
+    tag += {-1: "", 1: " tensor-cores shared-kv-head", 3: " tensor-cores head-per-warp"}[impl]
     return Result("paged_attention_decode", f"B={batch} L={ctx} {NUM_HEADS}/{NUM_KV_HEADS}x{d}{tag}", str(dtype)[6:],
                   t_ours, t_peer, "sdpa(enable_gqa)", bytes=nbytes, correct=correct, extra=extra)
 
@@ -329,8 +331,10 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
     ap.add_argument("--prefill-only", action="store_true", help="skip decode")
     ap.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 8 64 256)")
-    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 0, 1, 2],
-                    help="decode kernel: -1 automatic, 0 CUDA cores, 1 tensor cores (cp.async), 2 tensor cores (TMA)")
+    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 1, 3],
+                    help="decode kernel (bf16): -1 automatic (the product's plan), 1 tensor cores with the block's "
+                         "warps sharing a kv head, 3 tensor cores with one kv head per warp. The CUDA-core and TMA "
+                         "versions: dev/cuda/paged_attention_decode.cu")
     ap.add_argument("--prefill-impl", type=int, default=-1, choices=[-1, 1, 2],
                     help="prefill kernel: -1 automatic, 1 = 16 query rows per warp, 2 = 32 rows per warp")
     ap.add_argument("--block-sizes", type=int, nargs="*", default=[],

@@ -7,7 +7,8 @@
 
 Prints one table (our time, torch eager's, speedup, our GB/s and the fraction of the
 copy bandwidth measured in this same run) and writes JSON (+ a PNG chart when
-matplotlib is importable). Shapes are Llama 3.2 1B's: hidden 2048, 32 q / 8 kv heads
+matplotlib is importable). The teaching versions (rms_norm's shared-memory tree) are timed by
+their own programs in dev/cuda/. Shapes are Llama 3.2 1B's: hidden 2048, 32 q / 8 kv heads
 of 64, FFN 8192, vocab 128256. Timing rules: bench/common.py.
 """
 
@@ -66,12 +67,11 @@ def bench_rms_norm(tokens, dtype, hidden=HIDDEN):
         y = torch.empty_like(x)
         ref = torch_rms_norm(x, w, 1e-5)
         torch_t = time_us(lambda: torch_rms_norm(x, w, 1e-5))
-        for impl, name in ((1, "rms_norm"), (0, "rms_norm[tree]")):
-            torch.ops.tinyvllm.rms_norm(y, x, w, 1e-5, impl)
-            ok = close(y, ref, dtype)
-            ours = time_us(lambda: torch.ops.tinyvllm.rms_norm(y, x, w, 1e-5, impl))
-            out.append(Result(name, f"T={t} H={hidden}", str(dtype), ours, torch_t, RMS_PEER,
-                              bytes=(2 * t * hidden + hidden) * e, correct=ok))
+        torch.ops.tinyvllm.rms_norm(y, x, w, 1e-5)
+        ok = close(y, ref, dtype)
+        ours = time_us(lambda: torch.ops.tinyvllm.rms_norm(y, x, w, 1e-5))
+        out.append(Result("rms_norm", f"T={t} H={hidden}", str(dtype), ours, torch_t, RMS_PEER,
+                          bytes=(2 * t * hidden + hidden) * e, correct=ok))
     return out
 
 
@@ -89,13 +89,12 @@ def bench_fused_add_rms_norm(tokens, dtype, hidden=HIDDEN):
 
         r_ref, y_ref = unfused()
         torch_t = time_us(unfused)
-        for impl, name in ((1, "fused_add_rms_norm"), (0, "fused_add_rms_norm[tree]")):
-            xx, rr = x.clone(), res.clone()
-            torch.ops.tinyvllm.fused_add_rms_norm(xx, rr, w, 1e-5, impl)
-            ok = close(rr, r_ref, dtype) and close(xx, y_ref, dtype)
-            ours = time_us(lambda: torch.ops.tinyvllm.fused_add_rms_norm(xx, rr, w, 1e-5, impl))
-            out.append(Result(name, f"T={t} H={hidden}", str(dtype), ours, torch_t, "x+res, F.rms_norm",
-                              bytes=(4 * t * hidden + hidden) * e, correct=ok))
+        xx, rr = x.clone(), res.clone()
+        torch.ops.tinyvllm.fused_add_rms_norm(xx, rr, w, 1e-5)
+        ok = close(rr, r_ref, dtype) and close(xx, y_ref, dtype)
+        ours = time_us(lambda: torch.ops.tinyvllm.fused_add_rms_norm(xx, rr, w, 1e-5))
+        out.append(Result("fused_add_rms_norm", f"T={t} H={hidden}", str(dtype), ours, torch_t, "x+res, F.rms_norm",
+                          bytes=(4 * t * hidden + hidden) * e, correct=ok))
     return out
 
 
@@ -207,7 +206,7 @@ def summarize(results, ceilings, min_bytes=64 << 20):
     """The issue's targets, checked: >= 90% of copy bandwidth for memory-bound ops moving
     >= 64 MB, faster than torch eager at every size, GEMM >= 0.97x torch.matmul."""
     lines = []
-    mem = [r for r in results if not r.op.startswith("linear") and "[tree]" not in r.op]
+    mem = [r for r in results if not r.op.startswith("linear")]
     big = [r for r in mem if r.bytes >= min_bytes]
     if big:
         worst = min(big, key=lambda r: r.gbps())

@@ -1,7 +1,8 @@
 // common.cuh: the small toolbox every tinyvllm kernel uses.
 //
 //   * CUDA_CHECK            turn a CUDA error code into a C++ exception (which the
-//                           torch bindings turn into a Python RuntimeError).
+//                           torch bindings turn into a Python RuntimeError); it lives
+//                           in cuda_check.h, plain C++ that host-only code includes too.
 //   * ceil_div              how many blocks of size b cover a items.
 //   * to_float / from_float the ONE place where half and bfloat16 are converted.
 //                           All tinyvllm math happens in float32; values are
@@ -25,24 +26,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
 #include "ops.h"
 
 namespace tinyvllm {
 
 // ---- errors ------------------------------------------------------------------
-// Kernel launches are asynchronous: a bad launch configuration is reported by
-// cudaGetLastError() right after the launch, a fault inside the kernel only at
-// the next synchronising call. CUDA_CHECK(cudaGetLastError()) after every launch
-// catches the first kind where it happens.
-#define CUDA_CHECK(expr)                                                                              \
-  do {                                                                                                \
-    cudaError_t tinyvllm_err_ = (expr);                                                               \
-    if (tinyvllm_err_ != cudaSuccess) {                                                               \
-      throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(tinyvllm_err_) +     \
-                               " (" #expr ") at " __FILE__ ":" + std::to_string(__LINE__));          \
-    }                                                                                                 \
-  } while (0)
-
 // A kernel met an index it must not follow (ops.h, KernelError): raise the host-visible
 // flag. A plain store of 1 suffices (every writer writes the same value); it happens
 // only on bad input, so the hot paths pay a comparison, never a store.

@@ -47,14 +47,12 @@ void read_kernel_errors(int* out, bool clear);
 
 // ---- normalisation (rmsnorm.cu) -------------------------------------------
 // out[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight.
-// `impl` picks the version of the reduction: 0 = shared-memory tree (the
-// lesson), 1 = warp shuffles + 16-byte loads (the fast one the model uses).
 void rms_norm(void* out, const void* x, const void* weight, int64_t num_tokens, int64_t hidden,
-              int64_t x_row_stride, float eps, DType dtype, int impl, cudaStream_t stream);
+              int64_t x_row_stride, float eps, DType dtype, cudaStream_t stream);
 
 // In place: residual += x; x = rms_norm(residual) * weight.
 void fused_add_rms_norm(void* x, void* residual, const void* weight, int64_t num_tokens, int64_t hidden,
-                        float eps, DType dtype, int impl, cudaStream_t stream);
+                        float eps, DType dtype, cudaStream_t stream);
 
 // ---- rotary position embedding (rope.cu) ------------------------------------
 // Rotates q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] in place
@@ -94,21 +92,20 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
 // comes from paged_attention_decode_workspace_size() with the same arguments and may
 // be 0 (then workspace may be null). The split count depends on the device's SM count
 // and on the dtype (bf16/fp16 run the tensor-core kernel, fp32 the CUDA-core one).
-// impl: -1 automatic (the fastest kernel the GPU can run), 0 the CUDA-core kernel,
-// 1 the tensor-core kernel with cp.async loads, 2 the tensor-core kernel with TMA loads
-// (sm_90+); an explicit impl that cannot run throws. num_cache_blocks: dimension 0 of
-// the caches (the TMA kernel describes the whole cache to the copy engine). A block-table
+// impl (for tests and benchmarks; the product passes -1): -1 automatic, 0 the CUDA-core
+// kernel (fp32 caches), 1 the tensor-core kernel with a block's warps sharing a kv head,
+// 3 the tensor-core kernel with one kv head per warp; an impl that cannot run throws.
+// num_cache_blocks: dimension 0 of the caches. A block-table
 // entry that seq_lens covers and that is outside [0, num_cache_blocks) is never followed:
 // the kernel reads block 0 instead and raises kErrBlockTable. A seq_lens entry below 0 or
 // beyond the table's capacity (max_blocks_per_seq * block_size) is clamped into that range
 // and raises kErrSeqLens.
 size_t paged_attention_decode_workspace_size(int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                                              int max_seq_len, int64_t sum_seq_lens, DType dtype, int impl);
-// What the decode op would launch for these sizes on the current GPU (plan_decode in
-// attention/paged_attention.cu): for tests, and for a learner who wants to see the plan.
+// What the decode op would launch for these sizes on the current GPU (decode::plan_decode in
+// attention/decode_plan.cpp): for tests and benchmarks (tinyvllm._C.decode_plan), not an op.
 struct DecodePlanInfo {
   bool tensor_cores;   // the mma kernel (else the CUDA-core kernel)
-  bool tma;            // tiles copied by TMA (else cp.async)
   int num_splits;      // partitions of each context (1: no merge kernel)
   int partition_size;  // tokens per partition
   int warps;           // warps per block
@@ -141,21 +138,6 @@ void prefill_attention(void* out, const void* query, const void* key_cache, cons
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
                        int max_blocks_per_seq, int max_seqlen_q, int64_t num_tokens, int64_t num_cache_blocks,
                        int64_t query_row_stride, float scale, DType dtype, int impl, cudaStream_t stream);
-
-// A kernel that only reads (attention/read_floor.cu), for the benchmarks: the floor under
-// any kernel that reads the same pages in the same layout. pool_a and pool_b hold
-// num_pages pages of page_bytes bytes (a power of two, >= 16; both 16-byte aligned);
-// table [num_rows, pages_per_row] int32. Stream s of row r reads pages
-// table[r][j] * page_mult + s * stream_stride of both pools, j = 0 .. pages_per_row-1,
-// and checksum[r * streams_per_row + s] = the XOR of every 32-bit word it read. A page
-// outside [0, num_pages) reads page 0 instead and raises kErrBlockTable. threads 128 or
-// 256; unroll (16-byte loads of each pool in flight per thread) 2, 4 or 8; blocks_per_sm
-// > 0 holds the blocks on an SM down to about that many (padding shared memory), 0 lets
-// as many run as fit. Returns how many blocks fit on an SM with that padding (0 if
-// there was nothing to launch).
-int read_pages(uint32_t* checksum, const void* pool_a, const void* pool_b, int64_t page_bytes, int64_t num_pages,
-               const int32_t* table, int num_rows, int pages_per_row, int streams_per_row, int64_t page_mult,
-               int64_t stream_stride, int threads, int unroll, int blocks_per_sm, cudaStream_t stream);
 
 // ---- GEMM (gemm.cpp) -------------------------------------------------------
 // y[M, N] = x[M, K] @ w[N, K]^T, row-major, float32 accumulate, via cublasGemmEx.

@@ -18,81 +18,29 @@
 // once, write every output byte once, and keep the memory system busy.
 //
 // The shape of the kernel: ONE THREAD BLOCK PER TOKEN ROW. A row is a few
-// thousand elements (2048 for Llama 3.2 1B); a block of up to 1024 threads
-// splits it, every thread summing the squares of its share. Those partial sums
-// must then be added together: a *parallel reduction*, which is the lesson of
-// this file. The two versions below differ only in how they do it:
+// thousand elements (2048 for Llama 3.2 1B); the block's threads split it, each
+// summing the squares of its share, and those partial sums are added with warp
+// shuffles (a *parallel reduction*). The row is read once, with 16-byte loads,
+// and kept in registers until it is normalised and written.
 //
-//   impl 0, "tree":  each thread writes its partial sum to shared memory, then
-//                    rounds of "thread i adds element i + stride" halve the array
-//                    (stride = 512, 256, ..., 1) with a __syncthreads() between
-//                    rounds. log2(blockDim) barriers, and scalar (2-byte) loads.
-//   impl 1, "fast":  (a) warp shuffles: the 32 threads of a warp add their values
-//                    through registers (__shfl_xor_sync, see common.cuh), so the
-//                    only shared memory and the only barrier are for combining
-//                    at most 32 warp partials; (b) 16-byte vector loads: every
-//                    memory instruction moves 8 bf16 values instead of one;
-//                    (c) the whole row lives in registers, a few vectors per
-//                    thread all loaded at once, so the row is read from memory
-//                    exactly once and many bytes are in flight per thread.
-//                    This is the one the model uses.
+// A row too long for the registers (more than 256 threads x 8 vectors: bf16/fp16
+// beyond 16384 elements, fp32 beyond 8192, or rows not 16-byte aligned beyond
+// 2048) runs the shared-memory tree kernel of rmsnorm_tree.cuh instead, which
+// takes any length, slowly. dev/cuda/rmsnorm.cu times the two side by side (the
+// tree is the textbook reduction this kernel improves on).
 //
-// The tree version does its second pass (normalise and write) by reading the row
-// again; the first pass has just pulled it into L1/L2, so that costs little HBM
-// traffic, but it is a second round of loads to wait for.
-//
-// Run: tests/test_kernels.py -k rms (correctness, both impls) and
+// Run: tests/test_kernels.py -k rms (correctness) and
 //      python bench/bench_kernels.py --only rms (speed vs torch, in GB/s).
 #include "common.cuh"
+#include "rmsnorm_tree.cuh"
 
 namespace tinyvllm {
 namespace {
 
-// ============================ impl 0: shared-memory tree ============================
-// blockDim.x must be a power of two (the launcher picks one).
-template <typename T, bool kFusedAdd>
-__global__ void rms_norm_tree_kernel(T* out, T* x, T* residual, const T* __restrict__ weight,
-                                     int64_t hidden, int64_t x_row_stride, float eps) {
-  extern __shared__ float partial[];  // blockDim.x floats, sized at launch
-  const int64_t row = blockIdx.x;
-  T* x_row = x + row * x_row_stride;
-  // The row whose RMS we take: x itself, or residual (= x + residual) when fused.
-  T* src = kFusedAdd ? residual + row * hidden : x_row;
-
-  float sum_sq = 0.0f;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-    float v;
-    if (kFusedAdd) {
-      const T s = from_float<T>(to_float(x_row[i]) + to_float(src[i]));  // round like the stored value
-      src[i] = s;
-      v = to_float(s);
-    } else {
-      v = to_float(src[i]);
-    }
-    sum_sq += v * v;
-  }
-
-  // Tree reduction in shared memory: 1024 -> 512 -> ... -> 1 partial sums.
-  partial[threadIdx.x] = sum_sq;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-    __syncthreads();  // every round must finish before the next one reads its results
-  }
-  const float inv_rms = rsqrtf(partial[0] / static_cast<float>(hidden) + eps);
-
-  T* dst = kFusedAdd ? x_row : out + row * hidden;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-    dst[i] = from_float<T>(to_float(src[i]) * inv_rms * to_float(weight[i]));
-  }
-}
-
-// ============================ impl 1: the row in registers ============================
-// The tree version spends its time waiting: a thread issues ONE small load, then
-// the whole block stops at barriers, then it reads the row a second time. A
-// memory-bound kernel is fast only when the memory system always has plenty of
+// ============================ the row in registers ============================
+// A memory-bound kernel is fast only when the memory system always has plenty of
 // requests to serve (Little's law: bytes in flight = bandwidth x latency, about
-// 4 MB on an H100/H200, i.e. ~30 KB per SM). So impl 1:
+// 4 MB on an H100/H200, i.e. ~30 KB per SM). So the kernel:
 //
 //   (a) uses 16-byte vector loads: VEC = 8 bf16 values per instruction;
 //   (b) gives every thread NV such vectors (compile-time NV = 1, 2, 4 or 8) and
@@ -107,7 +55,7 @@ __global__ void rms_norm_tree_kernel(T* out, T* x, T* residual, const T* __restr
 // block reads one contiguous stretch of the row (coalesced). The launcher picks
 // NV and blockDim.x so that NV * blockDim.x >= num_vecs; threads whose vector
 // index falls past the end of the row simply skip it (e.g. hidden = 576).
-constexpr int kMaxThreads = 256;  // the largest block impl 1 launches (see __launch_bounds__)
+constexpr int kMaxThreads = 256;  // the largest block the kernel launches (see __launch_bounds__)
 constexpr int kMaxNV = 8;         // the most vectors a thread holds: 8 x 16 B = 128 B per input
 
 template <typename T, int VEC, int NV, bool kFusedAdd>
@@ -167,7 +115,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// impl 1 launch: choose NV (vectors per thread) and the block size for this row:
+// Launch: choose NV (vectors per thread) and the block size for this row:
 // the smallest NV that brings the block down to kTargetThreads threads. For bf16,
 // H = 2048 -> NV = 2, H = 4096 -> NV = 4, both 128 threads. Measured on an H200
 // (T = 16384, H = 4096): blocks of 32, 64, 128, 256 threads reached 84.6, 84.7,
@@ -195,36 +143,23 @@ bool launch_fast(T* o, T* xp, T* r, const T* w, int64_t num_tokens, int64_t hidd
   return true;
 }
 
-template <typename T, bool kFusedAdd>
-void launch_tree(T* o, T* xp, T* r, const T* w, int64_t num_tokens, int64_t hidden, int64_t x_row_stride, float eps,
-                 cudaStream_t stream) {
-  int threads = 32;  // a power of two, at most 1024, at most ~hidden
-  while (threads < 1024 && threads < hidden) threads *= 2;
-  rms_norm_tree_kernel<T, kFusedAdd><<<static_cast<unsigned>(num_tokens), threads, threads * sizeof(float), stream>>>(
-      o, xp, r, w, hidden, x_row_stride, eps);
-}
-
 // Shared launcher for both ops. For rms_norm: out, x (row stride x_row_stride).
 // For fused: x is updated in place (contiguous), residual in place.
 template <bool kFusedAdd>
 void launch(void* out, void* x, void* residual, const void* weight, int64_t num_tokens, int64_t hidden,
-            int64_t x_row_stride, float eps, DType dtype, int impl, cudaStream_t stream) {
+            int64_t x_row_stride, float eps, DType dtype, cudaStream_t stream) {
   if (num_tokens == 0 || hidden == 0) return;
-  if (impl != 0 && impl != 1) throw std::invalid_argument("rms_norm: impl must be 0 (tree) or 1 (fast)");
   TINYVLLM_DISPATCH(dtype, T, {
     T* o = static_cast<T*>(out);
     T* xp = static_cast<T*>(x);
     T* r = static_cast<T*>(residual);
     const T* w = static_cast<const T*>(weight);
-    bool done = false;
-    if (impl == 1) {
-      constexpr int V = kVec16<T>;
-      const bool vec_ok = hidden % V == 0 && x_row_stride % V == 0 && is_aligned16(x) && is_aligned16(weight) &&
-                          (kFusedAdd ? is_aligned16(residual) : is_aligned16(out));
-      done = vec_ok ? launch_fast<T, V, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream)
-                    : launch_fast<T, 1, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream);
-    }
-    if (!done) launch_tree<T, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream);
+    constexpr int V = kVec16<T>;
+    const bool vec_ok = hidden % V == 0 && x_row_stride % V == 0 && is_aligned16(x) && is_aligned16(weight) &&
+                        (kFusedAdd ? is_aligned16(residual) : is_aligned16(out));
+    const bool done = vec_ok ? launch_fast<T, V, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream)
+                             : launch_fast<T, 1, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream);
+    if (!done) launch_rms_norm_tree<T, kFusedAdd>(o, xp, r, w, num_tokens, hidden, x_row_stride, eps, stream);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -232,14 +167,13 @@ void launch(void* out, void* x, void* residual, const void* weight, int64_t num_
 }  // namespace
 
 void rms_norm(void* out, const void* x, const void* weight, int64_t num_tokens, int64_t hidden, int64_t x_row_stride,
-              float eps, DType dtype, int impl, cudaStream_t stream) {
-  launch<false>(out, const_cast<void*>(x), nullptr, weight, num_tokens, hidden, x_row_stride, eps, dtype, impl,
-                stream);
+              float eps, DType dtype, cudaStream_t stream) {
+  launch<false>(out, const_cast<void*>(x), nullptr, weight, num_tokens, hidden, x_row_stride, eps, dtype, stream);
 }
 
 void fused_add_rms_norm(void* x, void* residual, const void* weight, int64_t num_tokens, int64_t hidden, float eps,
-                        DType dtype, int impl, cudaStream_t stream) {
-  launch<true>(nullptr, x, residual, weight, num_tokens, hidden, hidden, eps, dtype, impl, stream);
+                        DType dtype, cudaStream_t stream) {
+  launch<true>(nullptr, x, residual, weight, num_tokens, hidden, hidden, eps, dtype, stream);
 }
 
 }  // namespace tinyvllm

@@ -12,7 +12,8 @@
 // torch.compile, CUDA graphs and torch.library.opcheck reason about the op.
 //
 // Importing the Python module `tinyvllm._C` loads this library, which runs the
-// registrations; the module itself is empty (see the end of the file). Loading
+// registrations; the module itself holds one plain function, decode_plan (see the end
+// of the file). Loading
 // works without a GPU: nothing here touches CUDA until an op is called.
 #include <Python.h>
 
@@ -125,7 +126,7 @@ int64_t row_stride(const at::Tensor& t) {
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 // ---- rmsnorm.cu -----------------------------------------------------------------
-void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon, int64_t impl) {
+void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   check_cuda(input, "input");
   const DType dtype = dtype_of(input, "input");
   check_same_device(out, input, "out", "input");
@@ -142,14 +143,12 @@ void rms_norm_op(at::Tensor& out, const at::Tensor& input, const at::Tensor& wei
   check_rows_dense(input, "input");
   check_contiguous(out, "out");
   check_contiguous(weight, "weight");
-  TV_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
   const c10::cuda::CUDAGuard guard(input.device());
   rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), input.size(0), input.size(1), row_stride(input),
-           static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
+           static_cast<float>(epsilon), dtype, current_stream());
 }
 
-void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon,
-                           int64_t impl) {
+void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
   check_cuda(input, "input");
   const DType dtype = dtype_of(input, "input");
   check_same_device(residual, input, "residual", "input");
@@ -166,10 +165,9 @@ void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Te
   check_contiguous(input, "input");
   check_contiguous(residual, "residual");
   check_contiguous(weight, "weight");
-  TV_CHECK(impl == 0 || impl == 1, "impl must be 0 (shared-memory tree) or 1 (warp shuffles), got ", impl);
   const c10::cuda::CUDAGuard guard(input.device());
   fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(), input.size(0), input.size(1),
-                     static_cast<float>(epsilon), dtype, static_cast<int>(impl), current_stream());
+                     static_cast<float>(epsilon), dtype, current_stream());
 }
 
 // ---- rope.cu ------------------------------------------------------------------------
@@ -341,7 +339,8 @@ void check_attention_inputs(const char* op, const at::Tensor& out, const at::Ten
   TV_CHECK(seq_lens.size(0) <= 65535, "seq_lens: at most 65535 sequences per launch, got ", seq_lens.size(0));
   TV_CHECK(block_tables.size(1) * block_size <= INT_MAX / 2, "block_tables has too many columns (",
            block_tables.size(1), ") for block_size ", block_size);
-  // The TMA decode kernel addresses cache rows (one per block, kv head and slot) with int32.
+  // The kernels hold the block count in an int; bounding the cache's rows (one per block,
+  // kv head and slot) keeps every row index within int32 as well.
   TV_CHECK(key_cache.size(0) * num_kv_heads * block_size <= INT_MAX, "key_cache has too many blocks (",
            key_cache.size(0), " x ", num_kv_heads, " kv heads x ", block_size, " slots is more than 2^31 rows)");
   dims = AttentionDims{static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
@@ -356,13 +355,19 @@ void check_sum_seq_lens(int64_t sum_seq_lens, int64_t num_seqs, int64_t max_seq_
            " (the block table's capacity), got ", sum_seq_lens);
 }
 
+// The decode op's `impl` (a hook for tests and benchmarks; the product passes -1).
+void check_decode_impl(int64_t impl) {
+  TV_CHECK(impl != 2, "impl=2 (tensor cores with TMA loads) is no longer in the extension: it measured 1-6% slower ",
+           "than cp.async; dev/cuda/README.md says where to read it");
+  TV_CHECK(impl == -1 || impl == 0 || impl == 1 || impl == 3,
+           "impl must be -1 (automatic), 0 (CUDA cores, float32 caches), 1 (tensor cores, the block's warps share a "
+           "kv head) or 3 (tensor cores, one kv head per warp), got ", impl);
+}
+
 void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                const at::Tensor& value_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale, int64_t impl, int64_t sum_seq_lens) {
-  TV_CHECK(impl >= -1 && impl <= 3,
-           "impl must be -1 (automatic), 0 (CUDA cores), 1 (tensor cores, cp.async), 2 (tensor cores, TMA) or 3 "
-           "(tensor cores, one kv head per warp), got ",
-           impl);
+  check_decode_impl(impl);
   AttentionDims dims{};
   check_attention_inputs("paged_attention_decode", out, query, key_cache, value_cache, block_tables, seq_lens, dims);
   const int64_t num_seqs = query.size(0);
@@ -386,30 +391,6 @@ void paged_attention_decode_op(at::Tensor& out, const at::Tensor& query, const a
                          max_seq_len, sum_seq_lens, key_cache.size(0), row_stride(query), static_cast<float>(scale),
                          ws_bytes > 0 ? workspace.data_ptr() : nullptr, dtype_of(query, "query"),
                          static_cast<int>(impl), current_stream());
-}
-
-// The decode op's plan for a batch shaped like `query` [num_seqs, num_heads, head_dim]
-// (its dtype and GPU) with num_kv_heads kv heads and contexts of up to max_seq_len
-// tokens: [tensor_cores, tma, num_splits, partition_size, warps, blocks_per_sm,
-// smem_bytes, head_per_warp] (tinyvllm.ops.decode_plan names them).
-std::vector<int64_t> paged_attention_decode_plan_op(const at::Tensor& query, int64_t num_kv_heads,
-                                                    int64_t max_seq_len, int64_t impl, int64_t sum_seq_lens) {
-  TV_CHECK(impl >= -1 && impl <= 3, "impl must be -1, 0, 1, 2 or 3, got ", impl);
-  check_cuda(query, "query");
-  TV_CHECK(query.dim() == 3, "query must be [num_seqs, num_heads, head_dim], got ", dims_str(query.sizes()));
-  const int64_t num_heads = query.size(1), head_dim = query.size(2);
-  TV_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
-  TV_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
-           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
-  TV_CHECK(max_seq_len >= 0 && max_seq_len <= INT_MAX / 2, "max_seq_len out of range: ", max_seq_len);
-  check_sum_seq_lens(sum_seq_lens, query.size(0), max_seq_len);
-  const c10::cuda::CUDAGuard guard(query.device());
-  const DecodePlanInfo p = paged_attention_decode_plan(
-      static_cast<int>(query.size(0)), static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
-      static_cast<int>(head_dim), static_cast<int>(max_seq_len), sum_seq_lens, dtype_of(query, "query"),
-      static_cast<int>(impl));
-  return {p.tensor_cores, p.tma,           p.num_splits, p.partition_size,
-          p.warps,        p.blocks_per_sm, p.smem_bytes, p.head_per_warp};
 }
 
 void prefill_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -469,53 +450,6 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// ---- attention/read_floor.cu: a kernel that only reads (the benchmarks' floor) ----
-// pool_a, pool_b: equal contiguous tensors whose dimension 0 counts pages (any dtype);
-// table [num_rows, pages_per_row] int32; checksum [num_rows, streams_per_row] int32.
-int64_t read_pages_op(at::Tensor& checksum, const at::Tensor& pool_a, const at::Tensor& pool_b,
-                      const at::Tensor& table, int64_t page_mult, int64_t stream_stride, int64_t threads,
-                      int64_t unroll, int64_t blocks_per_sm) {
-  check_cuda(pool_a, "pool_a");
-  check_same_device(pool_b, pool_a, "pool_b", "pool_a");
-  check_same_device(table, pool_a, "table", "pool_a");
-  check_same_device(checksum, pool_a, "checksum", "pool_a");
-  check_same_dtype(pool_b, pool_a, "pool_b", "pool_a");
-  check_dtype(table, at::kInt, "table");
-  check_dtype(checksum, at::kInt, "checksum");
-  TV_CHECK(pool_a.dim() >= 1 && pool_a.size(0) > 0, "pool_a must have at least one page (dimension 0), got shape ",
-           dims_str(pool_a.sizes()));
-  TV_CHECK(pool_b.sizes() == pool_a.sizes(), "pool_b must have the shape of pool_a ", dims_str(pool_a.sizes()),
-           ", got ", dims_str(pool_b.sizes()));
-  check_dim(table, 2, "table");
-  check_dim(checksum, 2, "checksum");
-  TV_CHECK(checksum.size(0) == table.size(0), "checksum must have shape [num_rows = ", table.size(0),
-           ", streams_per_row], got ", dims_str(checksum.sizes()));
-  check_contiguous(pool_a, "pool_a");
-  check_contiguous(pool_b, "pool_b");
-  check_contiguous(table, "table");
-  check_contiguous(checksum, "checksum");
-  const int64_t num_pages = pool_a.size(0);
-  const int64_t page_bytes = pool_a.numel() / num_pages * pool_a.element_size();
-  TV_CHECK(page_bytes >= 16 && page_bytes <= (int64_t(1) << 30) && (page_bytes & (page_bytes - 1)) == 0,
-           "a page (pool_a[0]) must be a power of two of at least 16 bytes, got ", page_bytes, " bytes");
-  TV_CHECK(aligned16(pool_a) && aligned16(pool_b), "pool_a and pool_b must start on a 16-byte boundary");
-  TV_CHECK(table.size(0) <= 65535 && table.size(1) <= INT_MAX && checksum.size(1) <= INT_MAX,
-           "table has too many rows (at most 65535) or pages per row, got ", dims_str(table.sizes()));
-  TV_CHECK(page_mult >= 0 && page_mult <= num_pages && stream_stride >= 0 && stream_stride <= num_pages,
-           "page_mult and stream_stride must lie in [0, num_pages = ", num_pages, "], got ", page_mult, " and ",
-           stream_stride);
-  TV_CHECK(threads == 128 || threads == 256, "threads must be 128 or 256, got ", threads);
-  TV_CHECK(unroll == 2 || unroll == 4 || unroll == 8, "unroll must be 2, 4 or 8, got ", unroll);
-  TV_CHECK(blocks_per_sm >= 0 && blocks_per_sm <= 32, "blocks_per_sm must lie in [0, 32] (0: as many as fit), got ",
-           blocks_per_sm);
-  const c10::cuda::CUDAGuard guard(pool_a.device());
-  return read_pages(reinterpret_cast<uint32_t*>(checksum.data_ptr<int32_t>()), pool_a.data_ptr(), pool_b.data_ptr(),
-                    page_bytes, num_pages, table.data_ptr<int32_t>(), static_cast<int>(table.size(0)),
-                    static_cast<int>(table.size(1)), static_cast<int>(checksum.size(1)), page_mult, stream_stride,
-                    static_cast<int>(threads), static_cast<int>(unroll), static_cast<int>(blocks_per_sm),
-                    current_stream());
-}
-
 // The flags kernels raise on an index they refused to follow (ops.h, errors.cu), as a
 // list of kNumKernelErrors ints; `clear` resets them. Reads host memory only: the caller
 // makes sure the kernels in question have finished (tinyvllm.ops.check_kernel_errors).
@@ -529,8 +463,8 @@ std::vector<int64_t> kernel_errors_op(bool clear) {
 }  // namespace tinyvllm
 
 TORCH_LIBRARY(tinyvllm, m) {
-  m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon, int impl=1) -> ()");
-  m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon, int impl=1) -> ()");
+  m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon) -> ()");
+  m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()");
   m.def(
       "rotary_embedding(Tensor positions, Tensor! query, Tensor! key, int head_size, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor! out, Tensor input) -> ()");
@@ -539,18 +473,13 @@ TORCH_LIBRARY(tinyvllm, m) {
       "-> ()");
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   // ==== attention (csrc/attention/): schemas ====
+  // `impl` picks a kernel for tests and benchmarks; -1 (automatic) is what the product uses.
   m.def(
       "paged_attention_decode(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, float scale, int impl=-1, int sum_seq_lens=-1) -> ()");
   m.def(
-      "paged_attention_decode_plan(Tensor query, int num_kv_heads, int max_seq_len, int impl=-1, "
-      "int sum_seq_lens=-1) -> int[]");
-  m.def(
       "prefill_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, float scale, int impl=-1) -> ()");
-  m.def(
-      "read_pages(Tensor! checksum, Tensor pool_a, Tensor pool_b, Tensor table, int page_mult, int stream_stride, "
-      "int threads=128, int unroll=4, int blocks_per_sm=0) -> int");
   // ==== end attention schemas ====
   // No tensor arguments, so no dispatch key: one implementation for every backend.
   m.def("kernel_errors(bool clear=True) -> int[]", &tinyvllm::kernel_errors_op);
@@ -567,9 +496,7 @@ void register_impls(torch::Library& m) {
   m.impl("linear", &tinyvllm::linear_op);
   // ==== attention (csrc/attention/) ====
   m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
-  m.impl("paged_attention_decode_plan", &tinyvllm::paged_attention_decode_plan_op);
   m.impl("prefill_attention", &tinyvllm::prefill_attention_op);
-  m.impl("read_pages", &tinyvllm::read_pages_op);
   // ==== end attention ====
 }
 }  // namespace
@@ -584,11 +511,61 @@ TORCH_LIBRARY_IMPL(tinyvllm, CUDA, m) { register_impls(m); }
 // dispatcher's generic "could not run ... with arguments from the 'CPU' backend".
 TORCH_LIBRARY_IMPL(tinyvllm, CPU, m) { register_impls(m); }
 
-// `import tinyvllm._C` needs a function PyInit__C. The module is empty on purpose:
-// loading the shared library is what matters, because that runs the registrations
-// above. (This avoids pybind11, whose headers would double this file's compile time.)
+// ---- not an op: the decode plan, for tests and benchmarks ----------------------------------
+// tinyvllm._C.decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, sum_seq_lens,
+// dtype_name, impl) -> dict: what paged_attention_decode would launch for these sizes on the
+// current GPU (attention/decode_plan.cpp). dtype_name: "float32", "float16" or "bfloat16";
+// sum_seq_lens -1 if not known. A plain CPython function: the plan is no tensor op.
+namespace {
+PyObject* decode_plan_py(PyObject* /*module*/, PyObject* args) {
+  int num_seqs = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, max_seq_len = 0, impl = -1;
+  long long sum_seq_lens = -1;
+  const char* dtype_name = nullptr;
+  if (!PyArg_ParseTuple(args, "iiiiiLsi:decode_plan", &num_seqs, &num_heads, &num_kv_heads, &head_dim, &max_seq_len,
+                        &sum_seq_lens, &dtype_name, &impl))
+    return nullptr;
+  try {
+    using namespace tinyvllm;
+    const std::string name = dtype_name;
+    TV_CHECK(name == "float32" || name == "float16" || name == "bfloat16",
+             "dtype_name must be float32, float16 or bfloat16, got ", name);
+    const DType dtype = name == "float32" ? DType::kFloat32 : name == "float16" ? DType::kFloat16 : DType::kBFloat16;
+    check_decode_impl(impl);
+    TV_CHECK(num_seqs >= 1 && num_seqs <= 65535, "num_seqs must lie in [1, 65535], got ", num_seqs);
+    TV_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+    TV_CHECK(num_kv_heads > 0 && num_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
+             ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+    TV_CHECK(max_seq_len >= 0 && max_seq_len <= INT_MAX / 2, "max_seq_len out of range: ", max_seq_len);
+    check_sum_seq_lens(sum_seq_lens, num_seqs, max_seq_len);
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();  // (leave no error for a later check)
+    TV_CHECK(devices > 0, "decode_plan needs a CUDA GPU: the plan depends on its SMs and on how many blocks fit on one");
+    const DecodePlanInfo p = paged_attention_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len,
+                                                         sum_seq_lens, dtype, impl);
+    return Py_BuildValue("{s:O,s:i,s:i,s:i,s:i,s:i,s:O}", "tensor_cores", p.tensor_cores ? Py_True : Py_False,
+                         "num_splits", p.num_splits, "partition_size", p.partition_size, "warps", p.warps,
+                         "blocks_per_sm", p.blocks_per_sm, "smem_bytes", p.smem_bytes, "head_per_warp",
+                         p.head_per_warp ? Py_True : Py_False);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef methods[] = {
+    {"decode_plan", decode_plan_py, METH_VARARGS,
+     "decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, max_seq_len, sum_seq_lens, dtype_name, impl) -> dict\n"
+     "What paged_attention_decode launches for these sizes on the current GPU (for tests and benchmarks; not an op)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// `import tinyvllm._C` needs a function PyInit__C. Loading the shared library is what
+// matters most, because that runs the registrations above; the module itself holds only
+// decode_plan. (This avoids pybind11, whose headers would double this file's compile time.)
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "tinyvllm CUDA kernels (torch.ops.tinyvllm)",
-                                      -1, nullptr};
+                                      -1, methods};
   return PyModule_Create(&module);
 }

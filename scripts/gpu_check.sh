@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine answers everything: build the extension, run the GPU
-# tests (kernels, attention, model vs transformers, engine), compute-sanitizer,
-# the benchmarks, and print a short table last.
+# tests (kernels, attention, model vs transformers, engine), compute-sanitizer, the
+# dev/cuda programs (each checks itself and times its versions), the benchmarks, and
+# print a short table last.
 #
-#   bash scripts/gpu_check.sh [build] [test] [sanitize] [bench] [e2e]   (default: all)
+#   bash scripts/gpu_check.sh [build] [test] [sanitize] [dev] [bench] [e2e]   (default: all)
 #   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
 #   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
 #
@@ -14,7 +15,8 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-phases=${*:-build test sanitize bench e2e}
+phases=${*:-build test sanitize dev bench e2e}
+ATTN_TESTS="tests/test_decode_attention.py tests/test_decode_plan.py tests/test_decode_graphs.py tests/test_prefill_attention.py tests/test_prefill_tiles.py tests/test_read_floor.py"
 summary=()
 note() { summary+=("$1"); echo ">>> $1"; }
 has() { [[ " $phases " == *" $1 "* ]]; }
@@ -36,13 +38,13 @@ fi
 
 if has test; then
   python3 -m pytest -q -rs -p no:cacheprovider \
-    tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py tests/test_model_vs_transformers.py tests/test_rope.py \
+    tests/test_kernels.py $ATTN_TESTS tests/test_model_vs_transformers.py tests/test_rope.py \
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
 if has attn; then
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py 2>&1 | tail -30 | tee "$OUT/pytest_attn.log"
+  python3 -m pytest -q -rs -p no:cacheprovider $ATTN_TESTS 2>&1 | tail -30 | tee "$OUT/pytest_attn.log"
   note "attention tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_attn.log" | tail -1)"
 fi
 
@@ -52,9 +54,24 @@ if has sanitize; then
   # SANITIZE_K (pytest's -k, e.g. "decode", then "not decode") splits the set further.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
-      -k "${SANITIZE_K:-}" tests/test_kernels.py tests/test_attention_kernels.py tests/test_prefill_tiles.py tests/test_read_floor.py >"$OUT/sanitizer_$tool.log" 2>&1
+      -k "${SANITIZE_K:-}" tests/test_kernels.py $ATTN_TESTS >"$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool: rc=$rc, $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
+  done
+fi
+
+if has dev; then  # dev/cuda: build every program, run each (it checks itself, exits 1 on a mismatch, then times)
+  t0=$(date +%s)
+  python3 dev/cuda/build.py --out "$PWD/build/dev" >"$OUT/dev_build.log" 2>&1
+  note "dev build: rc=$? ($(( $(date +%s) - t0 )) s; dev_build.log)"
+  for prog in $(python3 dev/cuda/build.py --list | cut -d: -f1); do
+    if [[ -x build/dev/$prog ]]; then
+      timeout ${DEV_TIMEOUT:-300} build/dev/$prog >"$OUT/dev_$prog.log" 2>&1
+      rc=$?
+      [[ $rc == 0 ]] && note "dev $prog: passed (dev_$prog.log)" || note "dev $prog: FAILED rc=$rc ($(grep -m1 -E 'MISMATCH|FAILED|error' "$OUT/dev_$prog.log"))"
+    else
+      note "dev $prog: FAILED to build (dev_build.log)"
+    fi
   done
 fi
 

@@ -1,7 +1,7 @@
 """Run one decode attention launch (batch 256, context 4096, Llama 3.2 1B shapes) for a profiler.
 
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
-        -k regex:paged_attention_decode -c 1 python scripts/profile_decode.py [--block-size 16]
+        -k regex:decode_tensor_cores -c 1 python scripts/profile_decode.py [--block-size 16]
     ncu ... -k regex:flash -c 1 python scripts/profile_decode.py --sdpa     # the peer, on contiguous k/v
 """
 
@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--ordered", action="store_true", help="blocks in order (default: shuffled, as the benchmark)")
     ap.add_argument("--sdpa", action="store_true", help="run torch SDPA on contiguous k/v instead")
-    ap.add_argument("--impl", type=int, default=-1, help="decode kernel (-1 automatic, 0, 1 cp.async, 2 TMA)")
+    ap.add_argument("--impl", type=int, default=-1, choices=[-1, 1, 3],
+                    help="decode kernel: -1 automatic, 1 tensor cores (kv head shared by the block), "
+                         "3 tensor cores (one kv head per warp)")
     args = ap.parse_args()
     assert extension_loaded()
     d, b, L = 64, args.batch, args.context

@@ -10,7 +10,7 @@ each of those places, at both head dims and in both 16-bit dtypes.
 The op's impl argument picks the variant (1: 16 rows per warp, 2: 32 rows per warp;
 -1, the default, lets the launcher choose by the grid's size); every case runs with both.
 
-Same harness as test_attention_kernels.py: a NaN-poisoned paged cache with shuffled
+Same harness as the other attention tests (attention_helpers.py): a NaN-poisoned paged cache with shuffled
 blocks, NaN-filled `out`, and the float32 torch reference (tinyvllm.ops.reference).
 Run:  pytest tests/test_prefill_tiles.py -q
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_attention_kernels import _assert_close, needs_kernels, run_prefill
+from attention_helpers import assert_close, needs_kernels, run_prefill
 
 pytestmark = needs_kernels
 
@@ -60,7 +60,7 @@ def test_prefill_tiles(case, head_dim, dtype, impl):
     seed = 10 * list(CASES).index(case) + head_dim
     out, ref = run_prefill(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=seed,
                            impl=impl)
-    _assert_close(out, ref, dtype, f"prefill {case} {dtype} d={head_dim} impl={impl}")
+    assert_close(out, ref, dtype, f"prefill {case} {dtype} d={head_dim} impl={impl}")
 
 
 def test_prefill_both_variants_agree_with_automatic_choice():
@@ -90,7 +90,7 @@ def test_prefill_grid_large_enough_for_automatic_mt2(head_dim):
     # Also: max_seqlen_q larger than every q_len, and a row-strided query.
     out, ref = run_prefill([1100, 70], [1130, 70], 32, 8, head_dim, 16, torch.bfloat16, seed=head_dim,
                            query_row_pad=3 * head_dim, max_seqlen_q=1200)
-    _assert_close(out, ref, torch.bfloat16, f"prefill 32 heads x 1100 d={head_dim}")
+    assert_close(out, ref, torch.bfloat16, f"prefill 32 heads x 1100 d={head_dim}")
 
 
 @pytest.mark.sanitize
@@ -100,4 +100,4 @@ def test_prefill_tiles_sanitize(head_dim, impl):
     # Small, for compute-sanitizer: every edge above once, through both variants.
     out, ref = run_prefill([1, 65, 129, 0, 40], [1, 100, 129, 7, 300], 4, 2, head_dim, 16, torch.float16, seed=7,
                            impl=impl)
-    _assert_close(out, ref, torch.float16, f"prefill sanitize d={head_dim} impl={impl}")
+    assert_close(out, ref, torch.float16, f"prefill sanitize d={head_dim} impl={impl}")

@@ -12,7 +12,7 @@
 // also sees all seq_len - q_len earlier keys. All keys, old and new, are read from
 // the paged cache (reshape_and_cache already wrote the new ones).
 //
-// Online softmax (derived in paged_attention.cu and in the course, chapter 8): keep
+// Online softmax (decode_common.cuh states it; the course, chapter 8, derives it): keep
 // per row a running max m, a running sum l and an unnormalised output acc; for each
 // new batch of scores with max m', multiply l and acc by alpha = exp(m - m') and add
 // the new terms exp(s - m'). We never hold a whole row of S, let alone the n x n matrix:

@@ -123,20 +123,15 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
-    impl: int = -1,
     sum_seq_lens: int | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence over its paged k/v. Returns [B, H, D].
 
-    impl picks the GPU kernel: -1 automatic (the fastest the GPU runs), 0 CUDA cores,
-    1 tensor cores with cp.async loads, 2 tensor cores with TMA loads (sm_90+), 3 tensor
-    cores with one kv head per warp (which the automatic plan picks for large batches of
-    about equal lengths, see :func:`decode_plan`).
     sum_seq_lens: the sum of ``seq_lens``, if the caller knows it on the host (the engine
-    does). A hint for the GPU plan only: it tells a batch of about equal lengths (not split
-    where there are blocks enough) from a skewed one (the longest more than 3x the mean: the
-    long sequences are cut into pieces); see :func:`decode_plan`. The result never depends on
-    it. For a large ragged batch (two blocks per SM and more), pass the sequences longest first,
+    does). A hint for the GPU plan only (csrc/attention/decode_plan.cpp): it tells a batch of
+    about equal lengths (not split where there are blocks enough) from a skewed one (the
+    longest more than 3x the mean: the long sequences are cut into pieces). The result never
+    depends on it. For a large ragged batch (two blocks per SM and more), pass the sequences longest first,
     as the engine's scheduler does: the kernel's blocks start in batch order.
     A block-table entry that ``seq_lens`` covers must name a block of the cache; the kernel
     never follows one that does not. A ``seq_lens`` entry must lie in [0, the table's capacity
@@ -146,38 +141,10 @@ def paged_attention_decode(
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
         torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                                  impl, -1 if sum_seq_lens is None else sum_seq_lens)
+                                                  -1, -1 if sum_seq_lens is None else sum_seq_lens)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
-
-
-DECODE_PLAN_FIELDS = ("tensor_cores", "tma", "num_splits", "partition_size", "warps", "blocks_per_sm", "smem_bytes",
-                      "head_per_warp")
-
-
-def decode_plan(query: torch.Tensor, num_kv_heads: int, max_seq_len: int, impl: int = -1,
-                sum_seq_lens: int | None = None) -> dict[str, int]:
-    """What :func:`paged_attention_decode` launches for a batch shaped like ``query``.
-
-    query [num_seqs, num_heads, head_dim] on the GPU (its dtype picks the kernel); contexts
-    of up to ``max_seq_len`` tokens (the block table's capacity); ``sum_seq_lens`` as for
-    :func:`paged_attention_decode` (None: not known; then the plan cannot tell equal lengths,
-    which it would not split where it has blocks enough, from skewed ones, whose long
-    sequences it would cut). The answer depends on the GPU (its SM count and how many blocks
-    fit on an SM), e.g. on an H100/H200 at Llama 3.2 1B shapes, batch 96 x 1024 tokens::
-
-        {'tensor_cores': 1, 'tma': 0, 'num_splits': 1, 'partition_size': 1024, 'warps': 4,
-         'blocks_per_sm': 3, 'smem_bytes': 76800, 'head_per_warp': 0}
-
-    (csrc/attention/paged_attention.cu, ``plan_decode``, explains each choice).
-    """
-    if not has_kernel("paged_attention_decode_plan"):
-        raise RuntimeError("decode_plan needs the compiled extension tinyvllm._C (pip install -e . on a machine "
-                           "with nvcc and a CUDA build of torch)")
-    values = torch.ops.tinyvllm.paged_attention_decode_plan(query, num_kv_heads, max_seq_len, impl,
-                                                            -1 if sum_seq_lens is None else sum_seq_lens)
-    return dict(zip(DECODE_PLAN_FIELDS, values))
 
 
 def prefill_attention(
@@ -190,12 +157,9 @@ def prefill_attention(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
-    impl: int = -1,
 ) -> torch.Tensor:
     """Causal attention of query runs [T, H, D] over the paged cache. Returns [T, H, D].
 
-    impl picks the bf16/fp16 kernel's tile: -1 automatic, 1 = 16 query rows per warp,
-    2 = 32 query rows per warp (fewer, bigger blocks; faster once they fill the GPU).
     A query run outside the query, or longer than ``max_seqlen_q`` or than its ``seq_lens``
     entry, is skipped; a block-table entry outside the cache is never followed; a ``seq_lens``
     entry below 0 or past the block table's capacity is clamped into that range. All three are
@@ -204,7 +168,7 @@ def prefill_attention(
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if _use_attention_kernel("prefill_attention", query, key_cache):
         torch.ops.tinyvllm.prefill_attention(
-            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, impl
+            out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, -1
         )
     else:
         reference.prefill_attention(
