@@ -39,7 +39,8 @@ fi
 if has test; then
   python3 -m pytest -q -rs -p no:cacheprovider \
     tests/test_kernels.py $ATTN_TESTS tests/test_model_vs_transformers.py tests/test_rope.py \
-    tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py tests/test_model_runner.py \
+    tests/test_engine_config.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
@@ -80,7 +81,6 @@ if has bench; then
   note "bench_kernels rc=${PIPESTATUS[0]}"
   python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
   note "bench_attention rc=${PIPESTATUS[0]}"
-  cp bench/results/*.png "$OUT/" 2>/dev/null || true
 fi
 
 if has battn; then

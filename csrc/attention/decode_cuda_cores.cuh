@@ -17,7 +17,7 @@
 // The product runs it on fp32 caches (decode_cuda_cores.cu); bf16/fp16 caches run
 // decode_tensor_cores.cuh, which does the same math with ~5x fewer instructions (on the CUDA
 // cores the conversions and fmas per byte keep the loads from being issued on time:
-// bench/results/README.md, row 'tensor-core decode'). dev/cuda/paged_attention_decode.cu
+// bench/results/README.md, rows 4-5). dev/cuda/paged_attention_decode.cu
 // runs this kernel on bf16 next to the tensor-core one.
 #pragma once
 

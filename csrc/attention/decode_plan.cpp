@@ -67,7 +67,7 @@ void choose_kernel(DecodePlan& plan, DType dtype, int head_dim, int impl) {
 // way), for blocks of at least 512 tokens (shorter ones are mostly start-up, which more
 // blocks per SM hide), and below 1024 tokens only if it promises a fifth less time. Of 101
 // shapes it changed 30: 29 faster (up to 16%), one 0.5% slower (bench/results/README.md,
-// row 'blocks per SM').
+// rows 33-36).
 constexpr int kMinTokensForFewerBlocks = 512;
 constexpr int kTokensForSmallGains = 1024;
 
@@ -120,7 +120,7 @@ void set_partitions(DecodePlan& plan, int64_t splits, int max_seq_len, int min_p
 // pays only when the last level of the wave is at least 3/4 full, and not past 2048 tokens
 // (the fixed cost it saves no longer covers its 0.4% slower stream); it lost past one wave and
 // where it needed a split. Measured on H100s and H200s at Llama-1B heads: 0.3-4.3% faster
-// where picked (bench/results/README.md, row 'head per warp'). So the automatic plan takes it
+// where picked (bench/results/README.md, rows 71-72). So the automatic plan takes it
 // for equal lengths, contexts up to 2048 tokens, groups up to 8, head_dim 64, one wave of at
 // least 2.75 blocks per SM whose last level is at least 3/4 full. impl 3 forces it anywhere,
 // splitting only where fewer than 2 blocks per SM would be left.
@@ -189,7 +189,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // 2.5 at 128): no split, which would only add the merge and a partial second wave (H200,
   // batch 34-59: up to 23% faster at head_dim 64; at 128 7% slower below 2.5 per SM). Without
   // the caller's word that the lengths are equal, a long sequence among short ones needs the
-  // split, or its blocks run alone at the end (bench/results/README.md, row 'decode gap').
+  // split, or its blocks run alone at the end (bench/results/README.md, row 40).
   const int64_t min_blocks_x2 = head_dim > 64 ? 5 : 4;  // twice the blocks per SM wanted
   if (plan.tensor_cores && equal_lengths && 2 * base >= min_blocks_x2 * num_sms) splits = 1;
   // Skewed lengths (the longest more than 3x the mean): the long sequences' blocks would
@@ -198,7 +198,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // short ones stay whole, the long ones become several blocks. One 8192-token sequence among
   // 1024s on an H200: batch 8 22.9 -> 17.3 us, 64 90.7 -> 49.9; merely ragged batches (the
   // longest within 2.3x the mean) were mostly slower cut, and keep their plan
-  // (bench/results/README.md, row 'decode gap').
+  // (bench/results/README.md, row 48).
   bool skewed_split = false;
   if (plan.tensor_cores && skewed_sum > 0) {
     const int64_t per_head = num_kv_heads * int64_t(plan.head_chunks);
@@ -219,7 +219,7 @@ DecodePlan make_decode_plan(int num_seqs, int num_heads, int num_kv_heads, int h
   // many warps as the split blocks had, if all the wide blocks fit on the GPU at once (a
   // second wave costs more than the merge), else 8 warps if those fit. H200, Llama-1B: batch
   // 8 x 512 9.4-10.6 -> 8.5 us, 32 x 1024 24.3 -> 21.7; with more splits it won some shapes
-  // and lost others (bench/results/README.md, row 'wide decode blocks'). Not for a skewed
+  // and lost others (bench/results/README.md, row 28). Not for a skewed
   // batch: a wide block would take a long sequence whole again.
   if (plan.tensor_cores && !skewed_split && plan.num_splits > 1 && plan.num_splits <= 4) {
     for (int warps = plan.num_splits == 2 ? 2 * kDecodeWarps : 4 * kDecodeWarps; warps >= 2 * kDecodeWarps; warps /= 2) {

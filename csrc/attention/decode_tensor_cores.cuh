@@ -9,8 +9,8 @@
 //     O += P V       [16 heads x head_dim]    one k-step (the 16 tokens) x head_dim/8 n-tiles
 // With group 4 (Llama 3.2 1B) 4 of the 16 rows are real heads: the extra math is free, the
 // tensor cores would idle anyway. Decode waits on memory; the point of the tensor cores is
-// ~5x fewer instructions per byte than the CUDA-core kernel (bench/results/README.md, row
-// 'tensor-core decode').
+// ~5x fewer instructions per byte than the CUDA-core kernel (bench/results/README.md, rows
+// 4-5).
 //
 // Fragments of mma.m16n8k16 (g = lane / 4, t = lane % 4), two 16-bit values per register:
 //   A 16x16: a0 = (row g, cols 2t,2t+1)  a1 = (row g+8, cols 2t,2t+1)  a2, a3: the same, cols +8
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
   // nothing and are filled with zeros (so no NaN from unused cache memory enters the mma).
   // Only one tile ahead (kStages = 2): with 4 blocks of 4 warps per SM that is 64 KB in
   // flight per SM, which covers the DRAM latency; two tiles ahead was 0-2% slower where the
-  // cache streams (bench/results/README.md, row 'no L2 prefetch': the stage experiments).
+  // cache streams (bench/results/README.md, rows 16 and 26).
   auto issue = [&](int i) {
     if (i < my_tiles) {  // (warp-uniform)
       if (i > 0 && (i & 31) == 0) {
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 64 && WARPS == kDecodeWarps ?
         const int64_t off = ((((blk * p.num_kv_heads + kvh) << l2) + (tok & bs_mask)) * D) + c * 8;
         // No .L2::256B prefetch hint: the extra L2 lookups it caused, not DRAM, held the kernel
         // back (518 -> 493 us at batch 256 x 4096 on an H200 without it; bench/results/README.md,
-        // row 'no L2 prefetch').
+        // row 15).
         attn::cp_async_16(sk + at(row, c * 8), kc + off, ok ? 16 : 0);
         attn::cp_async_16(sv + at(row, c * 8), vc + off, ok ? 16 : 0);
       }

@@ -154,7 +154,7 @@ class ModelRunner:
         # Below that, a batch runs as one wave of wide blocks, one per SM, where the order
         # only decides which SMs take the long ones, and longest first puts them side by
         # side: measured on an H200, batch 16 was up to 19% SLOWER longest first, batch
-        # 48-256 up to 16% faster (bench/results/h200-2026-11-27-decode-gap/, section 7).
+        # 48-256 up to 16% faster (bench/results/README.md, row 48).
         if self.device.type == "cuda":
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             config.decode_longest_first_min_seqs = decode_longest_first_min_seqs(m.num_kv_heads, sms)

@@ -171,8 +171,8 @@ class Scheduler:
         # short ones fill in behind them, instead of a long one starting last and streaming
         # alone at the end ("longest processing time first"). Measured on
         # an H200, Llama-1B heads, ragged batches of 128-256: the kernel 4-13% faster at 8 of
-        # 10, within 1% at the other two (bench/results/h200-2026-11-27-decode-gap/, section
-        # 7). The sort is stable, and postprocess pairs each sampled token with its sequence.
+        # 10, within 1% at the other two (bench/results/README.md,
+        # row 48). The sort is stable, and postprocess pairs each sampled token with its sequence.
         n = self.config.decode_longest_first_min_seqs
         if n and len(scheduled) >= n:
             scheduled.sort(key=lambda s: s.num_tokens, reverse=True)
