@@ -452,9 +452,10 @@ def _opcheck_cases():
     w = norm_weight(576, bf)
     cache = cos_sin_cache(64, True)
     kc = randn(4, 3, 16, 64, dtype=bf)
+    x_long, w_long = randn(3, LONG_ROWS[0], dtype=bf), norm_weight(LONG_ROWS[0], bf)  # the tree kernel's row
     return {
         "rms_norm": (torch.ops.tinyvllm.rms_norm.default, (torch.empty_like(x), x, w, 1e-5)),
-        "rms_norm_tree": (torch.ops.tinyvllm.rms_norm.default, (torch.empty_like(x), x, w, 1e-5, 0)),
+        "rms_norm_tree": (torch.ops.tinyvllm.rms_norm.default, (torch.empty_like(x_long), x_long, w_long, 1e-5)),
         "fused_add_rms_norm": (torch.ops.tinyvllm.fused_add_rms_norm.default, (x.clone(), x.clone(), w, 1e-5)),
         "rotary_embedding": (
             torch.ops.tinyvllm.rotary_embedding.default,
