@@ -3,6 +3,9 @@
 No weights can be downloaded on the GPU machine, so the model has the exact shape of
 Llama 3.2 1B Instruct with random bf16 weights: speed does not depend on the values.
 
+tinyvllm runs twice: as users get it (decode steps replayed as CUDA graphs) and with
+enforce_eager=True (every kernel launched from Python), latency only.
+
 Peers, timed in the same run on the same weights: Hugging Face transformers, and a
 gpt-fast-style static-cache Llama under torch.compile(mode="reduce-overhead")
 (bench/static_llama.py; latency only).
@@ -103,10 +106,13 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_tinyvllm(path: str, args: argparse.Namespace) -> dict:
+def bench_tinyvllm(path: str, args: argparse.Namespace, enforce_eager: bool = False) -> dict:
+    """Latency (and, with CUDA graphs, the nano workload) of tinyvllm; enforce_eager=True: no graphs."""
     from tinyvllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=4096, seed=0)
+    t0 = time.perf_counter()
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=4096, seed=0, enforce_eager=enforce_eager)
+    startup_s = time.perf_counter() - t0
     rng = random.Random(1)
     prompt32 = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(32)]}]
     prompt1024 = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(1024)]}]
@@ -119,9 +125,10 @@ def bench_tinyvllm(path: str, args: argparse.Namespace) -> dict:
     t1 = min(timed(lambda: run(prompt32, 1)) for _ in range(3))
     t129 = min(timed(lambda: run(prompt32, 129)) for _ in range(3))
     ttft_1024 = min(timed(lambda: run(prompt1024, 1)) for _ in range(3))
-    res = {"decode_step_ms": (t129 - t1) / 128 * 1e3, "ttft_32_ms": t1 * 1e3, "ttft_1024_ms": ttft_1024 * 1e3}
+    res = {"decode_step_ms": (t129 - t1) / 128 * 1e3, "ttft_32_ms": t1 * 1e3, "ttft_1024_ms": ttft_1024 * 1e3,
+           "startup_s": startup_s}
 
-    if args.nano_requests > 0:
+    if args.nano_requests > 0 and not enforce_eager:
         random.seed(0)
         n = args.nano_requests
         prompts = [{"prompt_token_ids": [random.randint(0, 10000) for _ in range(random.randint(100, 1024))]} for _ in range(n)]
@@ -192,6 +199,7 @@ def main() -> None:
         weight_bytes = 2 * n_params
         floor_ms = weight_bytes / bw * 1e3
         ours = bench_tinyvllm(path, args)
+        eager = bench_tinyvllm(path, args, enforce_eager=True)
         hf = None if args.skip_hf else bench_transformers(path)
         compiled = None if args.skip_compile else bench_static_llama(path)
 
@@ -202,17 +210,19 @@ def main() -> None:
         "weight_bytes": weight_bytes,
         "decode_floor_ms": floor_ms,
         "tinyvllm": ours,
+        "tinyvllm_eager": eager,
         "transformers": hf,
         "torch_compile": compiled,
     }
-    ours["decode_fraction_of_floor"] = floor_ms / ours["decode_step_ms"]
+    for r in (ours, eager):
+        r["decode_fraction_of_floor"] = floor_ms / r["decode_step_ms"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
     print(f"\ncard {result['card']}  copy bandwidth {bw / 1e9:.0f} GB/s  decode floor {floor_ms:.3f} ms")
     print(f"{'engine':<14}{'decode ms/step':>16}{'% of floor':>12}{'TTFT 32 ms':>12}{'TTFT 1024 ms':>14}")
-    for name, r in (("tinyvllm", ours), ("transformers", hf), ("torch.compile", compiled)):
+    for name, r in (("tinyvllm", ours), ("tinyvllm eager", eager), ("transformers", hf), ("torch.compile", compiled)):
         if r:
             ttft = f"{r['ttft_32_ms']:>12.2f}{r['ttft_1024_ms']:>14.2f}" if "ttft_32_ms" in r else ""
             print(f"{name:<14}{r['decode_step_ms']:>16.3f}{100 * floor_ms / r['decode_step_ms']:>11.1f}%{ttft}")

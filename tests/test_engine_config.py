@@ -29,7 +29,7 @@ def test_llm_arguments_are_the_config_fields():
     assert [(p.name, p.default) for p in params] == [(f.name, f.default) for f in fields]
     assert [p.name for p in params] == [
         "model", "dtype", "max_model_len", "max_num_seqs", "block_size", "seed", "device",
-        "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks",
+        "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks", "enforce_eager",
     ]  # fmt: skip
 
 

@@ -7,8 +7,9 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    sequence as one flat, token-major batch plus the AttentionMetadata (slots to write,
    block tables to read, lengths), in one of two shapes:
    * ``prepare_decode``: every sequence brings exactly one token (the common case under
-     continuous batching, and the step CUDA graphs will capture): fixed columns of one
-     entry per sequence;
+     continuous batching): fixed columns of one entry per sequence. On a GPU this step
+     replays a captured CUDA graph (``DecodeGraphs``, tinyvllm/engine/cuda_graphs.py)
+     unless ``enforce_eager``;
    * ``prepare_prefill``: anything else (prompts, a mix); its attention handles cached
      prefixes, so mixed batches and prompt chunks are correct too;
    and sends all of those integers to the device in ONE host-to-device copy from a
@@ -35,6 +36,7 @@ import torch
 
 from tinyvllm import ops
 from tinyvllm.config import ModelConfig
+from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.model.attention_metadata import AttentionMetadata
@@ -164,6 +166,11 @@ class ModelRunner:
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)
         self._copy_done: torch.cuda.Event | None = None
+        # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+                                       max_seq_len=config.max_seq_len, block_size=config.block_size, capture=True)
 
     # ---- the step -----------------------------------------------------------------------
 
@@ -184,6 +191,10 @@ class ModelRunner:
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
         if all(n == 1 for n in out.num_scheduled_tokens):
+            if self.graphs is not None:
+                logits = self.graphs.run(*self._decode_columns(out.seqs), copy_in=self._copy_in)
+                if logits is not None:
+                    return logits
             input_ids, positions, attn = self.prepare_decode(out.seqs)
         else:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens)
@@ -208,15 +219,7 @@ class ModelRunner:
         are needed. For CUDA graphs the same columns become views of persistent buffers sized for
         the largest batch, filled in place each step.
         """
-        bs = self.block_size
-        ids, positions, slots, seq_lens = [], [], [], []
-        for seq in seqs:
-            p = seq.num_computed_tokens  # the one new token's position
-            self._check_span(seq, p, p + 1)
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            seq_lens.append(p + 1)
+        ids, positions, slots, seq_lens, _ = self._decode_columns(seqs)
         block_tables, max_blocks = self._block_tables(seqs)
         d_ids, d_pos, d_slots, d_lens, d_bt = self._to_device(ids, positions, slots, seq_lens, block_tables)
         attn = AttentionMetadata(
@@ -228,6 +231,20 @@ class ModelRunner:
             sum_seq_lens=sum(seq_lens),
         )
         return d_ids, d_pos, attn
+
+    def _decode_columns(self, seqs: SequenceLike["Sequence"]) -> tuple[list[int], ...]:
+        """The decode step's inputs on the host: ids, positions, slots, seq_lens (one per
+        sequence) and the block tables (one list per sequence)."""
+        bs = self.block_size
+        ids, positions, slots, seq_lens = [], [], [], []
+        for seq in seqs:
+            p = seq.num_computed_tokens  # the one new token's position
+            self._check_span(seq, p, p + 1)
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            seq_lens.append(p + 1)
+        return ids, positions, slots, seq_lens, [seq.block_table for seq in seqs]
 
     def prepare_prefill(
         self, seqs: SequenceLike["Sequence"], num_scheduled_tokens: SequenceLike[int]
@@ -290,18 +307,23 @@ class ModelRunner:
     def _to_device(self, *columns: list[int]) -> tuple[torch.Tensor, ...]:
         """One int64 host-to-device copy of all ``columns`` back to back (from a reused pinned
         buffer on CUDA); one device view per column."""
-        host = torch.tensor(list(itertools.chain.from_iterable(columns)), dtype=torch.int64)
-        if not self._pinned:
-            dev = host.to(self.device)
-        else:
-            if self._host_buf.numel() < host.numel():
-                self._host_buf = torch.empty(max(host.numel(), 2 * self._host_buf.numel()), dtype=torch.int64).pin_memory()
-                self._copy_done = None
-            if self._copy_done is not None:
-                self._copy_done.synchronize()  # the previous step's copy may still be reading the buffer
-            buf = self._host_buf[: host.numel()]
-            buf.copy_(host)
-            dev = buf.to(self.device, non_blocking=True)
-            self._copy_done = torch.cuda.Event()
-            self._copy_done.record()
+        dev = self._copy_in(list(itertools.chain.from_iterable(columns)))
         return torch.split(dev, [len(c) for c in columns])
+
+    def _copy_in(self, values: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``values`` as an int64 device tensor, in one host-to-device copy (from a reused pinned
+        buffer on CUDA), into ``out`` if given (the decode graphs' static inputs)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if not self._pinned:
+            return host.to(self.device) if out is None else out.copy_(host)
+        if self._host_buf.numel() < host.numel():
+            self._host_buf = torch.empty(max(host.numel(), 2 * self._host_buf.numel()), dtype=torch.int64).pin_memory()
+            self._copy_done = None
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous step's copy may still be reading the buffer
+        buf = self._host_buf[: host.numel()]
+        buf.copy_(host)
+        dev = buf.to(self.device, non_blocking=True) if out is None else out.copy_(buf, non_blocking=True)
+        self._copy_done = torch.cuda.Event()
+        self._copy_done.record()
+        return dev

@@ -49,13 +49,14 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         max_num_batched_tokens: int | None = None,
         num_kv_blocks: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
         validates them and documents each."""
         config = EngineConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             block_size=block_size, seed=seed, device=device, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine.from_config(config)
         self._request_counter = itertools.count()
