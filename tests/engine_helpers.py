@@ -17,6 +17,7 @@ import torch
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.model_runner import ModelRunner
 from tinyvllm.engine.sampler import Sampler
+from tinyvllm.engine.sequence import PLACEHOLDER
 
 
 class FakeRunner(ModelRunner):
@@ -31,6 +32,13 @@ class FakeRunner(ModelRunner):
         self.peaked = peaked
         self.sampler = Sampler(config.eos_token_ids, seed=config.seed, device=config.device)
         self.batches: list[list[tuple[str, int]]] = []  # per step: (request_id, new tokens)
+        self._pinned, self._last_sampled = False, None  # CPU: execute_async's copy is a plain tensor
+
+    def _token(self, s, pos: int) -> int:
+        """token_ids[pos], or (async scheduling) the previous step's sampled id its placeholder names,
+        which the real runner takes on the device (``_fill_placeholders``)."""
+        t = s.token_ids[pos]
+        return t if t >= 0 else int(self._last_sampled[PLACEHOLDER - t])
 
     def compute_logits(self, out) -> torch.Tensor:
         bs = self.block_size
@@ -41,7 +49,7 @@ class FakeRunner(ModelRunner):
             assert len(s.block_table) * bs >= s.num_tokens, "block table does not cover the sequence"
             assert len(set(s.block_table)) == len(s.block_table)
             for pos in range(s.num_computed_tokens, s.num_tokens):
-                self.cache[s.block_table[pos // bs] * bs + pos % bs] = s.token_ids[pos]
+                self.cache[s.block_table[pos // bs] * bs + pos % bs] = self._token(s, pos)
         for s in out.seqs:
             history = [self.cache[s.block_table[p // bs] * bs + p % bs] for p in range(s.num_tokens)]
             digest = hashlib.sha256(repr(history).encode()).digest()
@@ -76,12 +84,12 @@ class FakeDetokenizer:
 
 
 def fake_config(*, num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=None,
-                seed=0, eos=(1,), longest_first=None) -> EngineConfig:
+                seed=0, eos=(1,), longest_first=None, async_scheduling=False) -> EngineConfig:
     """A complete EngineConfig for the toy runner (CPU; no model to fit)."""
     return EngineConfig(
         block_size=block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, seed=seed, device="cpu", eos_token_ids=tuple(eos),
-        decode_longest_first_min_seqs=longest_first,
+        decode_longest_first_min_seqs=longest_first, async_scheduling=async_scheduling,
     )
 
 

@@ -165,18 +165,22 @@ def test_a_batch_larger_than_every_graph_runs_eagerly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_engine_with_graphs_generates_the_eager_engines_tokens(tiny_llama_dir):
     """LLM.generate end to end: 20 requests of ragged prompts and lengths (so the decode batch shrinks
-    as they finish), float32, greedy: the same tokens with CUDA graphs as with enforce_eager=True."""
+    as they finish), float32, greedy and seeded sampling: the same tokens with CUDA graphs and async
+    scheduling (the GPU's default) as with enforce_eager=True and the synchronous engine."""
     from tinyvllm import LLM
 
     rng = random.Random(3)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 60) for _ in range(rng.randrange(1, 90))]} for _ in range(20)]
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=rng.randrange(1, 60)) for _ in prompts]
+    params = [SamplingParams(temperature=0 if i % 3 else 0.8, seed=i, ignore_eos=True, max_tokens=rng.randrange(1, 60))
+              for i in range(len(prompts))]
     outs = {}
-    for eager in (True, False):
-        llm = LLM(str(tiny_llama_dir), dtype="float32", enforce_eager=eager, max_num_seqs=16, block_size=16,
-                  num_kv_blocks=256)
+    for eager, overlap in ((True, False), (False, False), (False, True), (True, True)):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", enforce_eager=eager, async_scheduling=overlap, max_num_seqs=16,
+                  block_size=16, num_kv_blocks=256)
         assert (llm.llm_engine.model_runner.graphs is None) == eager
-        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[eager, overlap] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.llm_engine.block_manager.num_free_blocks == 256
         del llm
-    assert outs[False] == outs[True]
-    assert [len(t) for t in outs[False]] == [p.max_tokens for p in params]
+    for key, tokens in outs.items():
+        assert tokens == outs[True, False], key
+    assert [len(t) for t in outs[False, True]] == [p.max_tokens for p in params]

@@ -30,6 +30,7 @@ def test_llm_arguments_are_the_config_fields():
     assert [p.name for p in params] == [
         "model", "dtype", "max_model_len", "max_num_seqs", "block_size", "seed", "device",
         "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks", "enforce_eager",
+        "async_scheduling",
     ]  # fmt: skip
 
 

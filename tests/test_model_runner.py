@@ -104,7 +104,7 @@ def test_compute_logits_takes_the_decode_path_when_every_sequence_brings_one_tok
         s.num_computed_tokens = 0
     runner.compute_logits(SchedulerOutput(seqs[:1], [1]))  # a one-token prompt
     runner.compute_logits(SchedulerOutput(seqs[1:3], [7, 8]))  # two prompts
-    assert calls == [("prepare_decode",), ("prepare_prefill", [7, 8])]
+    assert [c[0] for c in calls] == ["prepare_decode", "prepare_prefill"] and calls[1][1] == [7, 8]
     with pytest.raises(ValueError, match="at least one sequence"):
         runner.compute_logits(SchedulerOutput())
 

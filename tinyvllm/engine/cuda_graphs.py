@@ -136,12 +136,14 @@ class DecodeGraphs:
         return graph.replay
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], copy_in: Callable[[list[int], torch.Tensor], None]) -> torch.Tensor | None:
+            tables: list[list[int]], copy_in: Callable[[list[int], torch.Tensor], None],
+            fill_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """One decode step through the graph of the smallest shape that holds it: logits
         [len(ids), vocab] float32, or None if no graph holds the batch (the caller runs it eagerly).
 
         ``copy_in(values, dest)`` copies a list of ints into a device tensor (the runner's one
-        pinned host-to-device copy)."""
+        pinned host-to-device copy); ``fill_ids(ids)``, if given, then fixes the static ids in place
+        (the runner's placeholders for the previous step's tokens, still on the device)."""
         n = len(ids)
         shape = self.shape_for(n, max(len(t) for t in tables))
         if shape is None:
@@ -151,5 +153,7 @@ class DecodeGraphs:
         flat_tables = [b for t in tables for b in t + [0] * (width - len(t))] + [0] * (pad * width)
         copy_in(ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + seq_lens + [0] * pad + flat_tables,
                 self.inputs[: bs * (4 + width)])
+        if fill_ids is not None:
+            fill_ids(self.inputs[:n])
         self.steps[shape]()
         return self.model.compute_logits(self.hidden[:n])

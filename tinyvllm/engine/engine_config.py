@@ -88,7 +88,7 @@ def _check_int(name: str, value: object, *, optional: bool = False) -> None:
 
 @dataclass
 class EngineConfig:
-    """The engine's settings; the first eleven are ``LLM(...)``'s arguments, with vLLM's names."""
+    """The engine's settings; the first twelve are ``LLM(...)``'s arguments, with vLLM's names."""
 
     model: str | None = None  # local dir, .gguf file or Hugging Face repo id; None: SmolLM2-135M-Instruct
     dtype: str | torch.dtype = "auto"  # resolved to a torch.dtype
@@ -101,6 +101,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens in one step at most; None: max(8192, max_model_len)
     num_kv_blocks: int | None = None  # KV-cache blocks; None: sized by the ModelRunner from memory
     enforce_eager: bool = False  # True: no CUDA graphs, every decode step launched op by op
+    async_scheduling: bool | None = None  # overlap the host's work with the GPU's step; None: on a GPU
 
     # ---- completed while the engine is built (see the module docstring) ----
     eos_token_ids: tuple[int, ...] = ()  # the tokenizer's and config.json's end-of-sequence ids
@@ -121,6 +122,10 @@ class EngineConfig:
         _check_int("num_kv_blocks", self.num_kv_blocks, optional=True)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}.")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda"
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be None, True or False, got {self.async_scheduling!r}.")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}.")
         u = self.gpu_memory_utilization

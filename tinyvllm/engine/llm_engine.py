@@ -37,7 +37,7 @@ import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.scheduler import Scheduler
-from tinyvllm.engine.sequence import Sequence, SequenceStatus
+from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.outputs import CompletionOutput, RequestOutput
 from tinyvllm.sampling_params import SamplingParams
 
@@ -89,6 +89,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
         self._arrival = itertools.count()
         self.num_steps = 0
+        # async scheduling: the step launched last, whose token ids the host has not read yet
+        self._in_flight: tuple[Any, list[tuple[Sequence, int, int]]] | None = None
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -198,7 +200,7 @@ class LLMEngine:
             self._pending.append(self._make_output(seq))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -206,37 +208,94 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one model step; return an output for every request that advanced (and for those
-        that failed or were aborted since the last step)."""
+        that failed or were aborted since the last step). With async scheduling the outputs are
+        the previous step's (see :meth:`_step_async`)."""
         outputs, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
+        if not self.config.async_scheduling:
+            if self.scheduler.has_unfinished():
+                out = self.scheduler.schedule()
+                token_ids = self.model_runner.execute(out)
+                self.scheduler.postprocess(out, token_ids)
+                self.num_steps += 1
+                outputs += self._emit([(seq, seq.num_tokens - 1) for seq in out.seqs])
             return outputs
-        out = self.scheduler.schedule()
-        token_ids = self.model_runner.execute(out)
-        self.scheduler.postprocess(out, token_ids)
-        self.num_steps += 1
-        for seq in out.seqs:
-            self._update_text(seq)
+        return outputs + self._step_async()
+
+    def _step_async(self) -> list[RequestOutput]:
+        """One step with the host one step behind the GPU (vLLM's async scheduling).
+
+        Step N is launched without waiting for step N-1's sampled ids: the scheduler recorded
+        N-1's tokens as placeholders (only the length stops need no id), and the model runner
+        reads their real values on the device. Then, while the GPU runs step N, the host
+        learns N-1's ids (the one sync, for a copy that is already done or nearly), checks
+        EOS and stop ids, detokenizes and checks stop strings, and records step N with
+        placeholders: the CPU's work of one step overlaps the GPU's work of the next. A request
+        that stops at step N-1 was also scheduled in step N: that one extra token is discarded.
+        """
+        prev, self._in_flight = self._in_flight, None
+        out = sampled = None
+        if self.scheduler.has_unfinished():
+            out = self.scheduler.schedule()
+            sampled = self.model_runner.execute_async(out)  # step N, launched
+        outputs = self._resolve(*prev) if prev is not None else []  # step N-1, learnt while N runs
+        if out is not None:
+            placeholders = [PLACEHOLDER - i for i in range(len(out.seqs))]
+            self.scheduler.postprocess(out, placeholders)  # counts, blocks, length stops
+            self.num_steps += 1
+            self._in_flight = (sampled, [(seq, seq.num_tokens - 1, t) for seq, t in zip(out.seqs, placeholders)
+                                         if seq.token_ids and seq.token_ids[-1] == t])
+        return outputs
+
+    def _resolve(self, sampled: Any, recorded: list[tuple[Sequence, int, int]]) -> list[RequestOutput]:
+        """A launched step's real token ids: each replaces its placeholder, then the token stop
+        checks (EOS, stop ids) run on it, then text and outputs (:meth:`_emit`)."""
+        token_ids = sampled.tolist()  # the one host sync, for a copy that is done or nearly
+        resolved = []
+        for seq, pos, placeholder in recorded:
+            if seq.finish_reason == "abort" or pos >= seq.num_tokens or seq.token_ids[pos] != placeholder:
+                continue  # aborted while the step ran
+            token = token_ids[PLACEHOLDER - placeholder]
+            seq.token_ids[pos] = token
+            verdict = self.scheduler.stop_verdict(seq, token, pos + 1)
+            if verdict is not None:
+                seq.finish_reason, seq.stop_reason = verdict
+            resolved.append((seq, pos))
+        return self._emit(resolved)
+
+    def has_in_flight_step(self) -> bool:
+        return self._in_flight is not None
+
+    def _emit(self, resolved: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Text and outputs for each sequence whose token at ``pos`` is now known: detokenize
+        it and check the stop strings; a sequence that finished drops any later (placeholder)
+        token, leaves the scheduler and the request table."""
+        outputs = []
+        for seq, pos in resolved:
+            self._update_text(seq, pos)
             if seq.finish_reason is not None:
-                del self.requests[seq.request_id]
+                del seq.token_ids[pos + 1 :]
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                self.requests.pop(seq.request_id, None)
             outputs.append(self._make_output(seq))
         return outputs
 
-    def _update_text(self, seq: Sequence) -> None:
-        """Detokenize the token the scheduler just appended, then check the stop strings.
+    def _update_text(self, seq: Sequence, pos: int) -> None:
+        """Detokenize the token at ``pos`` (the one just known), then check the stop strings.
 
-        The scheduler has already run the token stop checks; a token stop (EOS or a stop token
-        id: ``finish_reason == "stop"`` at this point) is not part of the text (vLLM). A stop
+        The token stop checks have already run; a token stop (EOS or a stop token id:
+        ``finish_reason == "stop"`` at this point) is not part of the text (vLLM). A stop
         string may still end a sequence the scheduler let run, or one it ended on length.
         """
         p = seq.sampling_params
         token_stop = seq.finish_reason == "stop"
         if seq.detokenizer is None or (token_stop and not p.include_stop_str_in_output):
             return
-        new_text = seq.detokenizer.step(seq.token_ids[-1])
+        new_text = seq.detokenizer.step(seq.token_ids[pos])
         if not new_text:
             return
         seq.output_text += new_text
-        if p.stop and seq.num_output_tokens > p.min_tokens and not token_stop:
+        if p.stop and pos + 1 - seq.num_prompt_tokens > p.min_tokens and not token_stop:
             text = seq.output_text
             for stop in p.stop:
                 start = max(0, len(text) - len(new_text) - len(stop) + 1)
@@ -245,8 +304,6 @@ class LLMEngine:
                     cut = idx + len(stop) if p.include_stop_str_in_output else idx
                     seq.output_text = text[:cut]
                     seq.finish_reason, seq.stop_reason = "stop", stop
-                    if not seq.is_finished:
-                        self.scheduler.finish(seq)
                     break
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
@@ -258,8 +315,11 @@ class LLMEngine:
             hold = max(len(s) for s in p.stop) - 1
             if hold > 0:
                 text = text[: max(0, len(text) - hold)]
+        token_ids = seq.output_token_ids
+        while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
+            token_ids.pop()
         completion = CompletionOutput(
-            index=0, text=text, token_ids=list(seq.output_token_ids),
+            index=0, text=text, token_ids=token_ids,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
         )
         return RequestOutput(

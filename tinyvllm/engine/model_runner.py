@@ -39,6 +39,7 @@ from tinyvllm.config import ModelConfig
 from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.sampler import Sampler
+from tinyvllm.engine.sequence import PLACEHOLDER
 from tinyvllm.model.attention_metadata import AttentionMetadata
 from tinyvllm.model.llama import LlamaForCausalLM
 
@@ -126,6 +127,22 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
     return slots
 
 
+class SampledTokens:
+    """A step's sampled ids on their way to the host: ``tolist()`` waits for the copy (the
+    step's one device->host transfer), then reads the kernels' error flags, which that wait
+    made final (``tinyvllm.ops.check_kernel_errors``: an index the kernels refused to follow)."""
+
+    def __init__(self, ids: torch.Tensor, done: "torch.cuda.Event | None") -> None:
+        self._ids, self._done = ids, done
+
+    def tolist(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        ids = self._ids.tolist()
+        ops.check_kernel_errors(synchronize=False)
+        return ids
+
+
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler; ``execute(out)`` runs one step."""
 
@@ -166,6 +183,12 @@ class ModelRunner:
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)
         self._copy_done: torch.cuda.Event | None = None
+        # The sampled ids: the last step's stay on the device for the next step's inputs, and
+        # come to the host through two pinned buffers taken in turn (one step in flight, one read).
+        self._last_sampled: torch.Tensor | None = None
+        self._num_launched = 0
+        if self._pinned:
+            self._host_ids = [torch.empty(config.max_num_seqs, dtype=torch.int64).pin_memory() for _ in range(2)]
         # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -176,12 +199,23 @@ class ModelRunner:
 
     def execute(self, out: "SchedulerOutput") -> list[int]:
         """Run the scheduled tokens of ``out.seqs`` and return one sampled token id per sequence."""
+        return self.execute_async(out).tolist()
+
+    def execute_async(self, out: "SchedulerOutput") -> "SampledTokens":
+        """Launch the step and return at once: the sampled ids stay on the device (the next
+        step's inputs may read them, see :meth:`_fill_placeholders`) while a non-blocking copy
+        brings them to a pinned host buffer; ``.tolist()`` waits for that copy only."""
         logits = self.compute_logits(out)
-        token_ids = self.sampler(logits, out.seqs).tolist()  # the step's one device->host transfer
-        # The kernels' flags for indices they refused to follow (a bug in the inputs built
-        # here): host memory, already final once the copy above has waited for the step.
-        ops.check_kernel_errors(synchronize=False)
-        return token_ids
+        ids = self.sampler(logits, out.seqs)
+        self._last_sampled = ids
+        if not self._pinned:
+            return SampledTokens(ids, None)
+        self._num_launched += 1
+        host = self._host_ids[self._num_launched % 2][: ids.numel()]  # two: one step in flight, one read
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return SampledTokens(host, done)
 
     @torch.no_grad()
     def compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
@@ -191,14 +225,29 @@ class ModelRunner:
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
         if all(n == 1 for n in out.num_scheduled_tokens):
+            columns = self._decode_columns(out.seqs)
             if self.graphs is not None:
-                logits = self.graphs.run(*self._decode_columns(out.seqs), copy_in=self._copy_in)
+                fill = self._fill_placeholders if min(columns[0]) < 0 else None
+                logits = self.graphs.run(*columns, copy_in=self._copy_in, fill_ids=fill)
                 if logits is not None:
                     return logits
-            input_ids, positions, attn = self.prepare_decode(out.seqs)
+            input_ids, positions, attn = self.prepare_decode(out.seqs, columns)
         else:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens)
         return self.run_model(input_ids, positions, attn)
+
+    def _fill_placeholders(self, ids: torch.Tensor) -> None:
+        """Replace, in place on the device, the placeholders of the previous step's tokens.
+
+        With async scheduling the engine records a step's sampled tokens before it knows them:
+        row i's token is the placeholder ``PLACEHOLDER - i`` = ``-(i + 1)``, and the real id is row i of
+        that step's sampled ids, still on the device. This step's input ids read them there, so
+        no host sync stands between two steps."""
+        prev = self._last_sampled
+        if prev is None:
+            raise RuntimeError("a placeholder token id, but no previous step to take it from")
+        rows = (PLACEHOLDER - ids).clamp_(0, prev.numel() - 1)
+        ids.copy_(torch.where(ids < 0, prev[rows], ids))
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """The forward pass and the lm_head on each sequence's last row (where a captured
@@ -210,7 +259,9 @@ class ModelRunner:
 
     # ---- inputs -------------------------------------------------------------------------
 
-    def prepare_decode(self, seqs: SequenceLike["Sequence"]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare_decode(
+        self, seqs: SequenceLike["Sequence"], columns: tuple[list[int], ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """One new token per sequence: (input_ids [S], positions [S], AttentionMetadata).
 
         Every input is a column of one entry per sequence (plus the block tables, one row per
@@ -219,9 +270,11 @@ class ModelRunner:
         are needed. For CUDA graphs the same columns become views of persistent buffers sized for
         the largest batch, filled in place each step.
         """
-        ids, positions, slots, seq_lens, _ = self._decode_columns(seqs)
+        ids, positions, slots, seq_lens, _ = columns if columns is not None else self._decode_columns(seqs)
         block_tables, max_blocks = self._block_tables(seqs)
         d_ids, d_pos, d_slots, d_lens, d_bt = self._to_device(ids, positions, slots, seq_lens, block_tables)
+        if min(ids) < 0:
+            self._fill_placeholders(d_ids)
         attn = AttentionMetadata(
             is_prefill=False,
             slot_mapping=d_slots,
@@ -274,6 +327,8 @@ class ModelRunner:
         d_ids, d_pos, d_slots, d_lens, d_cu, d_last, d_bt = self._to_device(
             input_ids, positions, slots, seq_lens, cu_seqlens_q, logits_indices, block_tables
         )
+        if min(input_ids) < 0:
+            self._fill_placeholders(d_ids)
         attn = AttentionMetadata(
             is_prefill=True,
             slot_mapping=d_slots,

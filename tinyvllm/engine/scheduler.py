@@ -193,6 +193,8 @@ class Scheduler:
         if len(token_ids) != len(out.seqs):
             raise ValueError(f"postprocess: {len(token_ids)} token ids for {len(out.seqs)} scheduled sequences")
         for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, token_ids):
+            if seq.is_finished:  # (async scheduling: it stopped at an earlier token, learnt while this step ran)
+                continue
             seq.num_computed_tokens += num_tokens
             seq.append_token(token_id)
             self._check_stop(seq, token_id)
@@ -200,16 +202,22 @@ class Scheduler:
                 self.finish(seq)
 
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
-        """The token stop conditions, in vLLM's order: EOS (unless ignore_eos) or a stop token id,
-        once min_tokens are out; then max_tokens, or the longest sequence the engine allows."""
+        verdict = self.stop_verdict(seq, token_id, seq.num_tokens)
+        if verdict is not None:
+            seq.finish_reason, seq.stop_reason = verdict
+
+    def stop_verdict(self, seq: Sequence, token_id: int, num_tokens: int) -> tuple[str, int | None] | None:
+        """The token stop conditions for ``token_id`` as the sequence's token number ``num_tokens``,
+        in vLLM's order: EOS (unless ignore_eos) or a stop token id, once min_tokens are out; then
+        max_tokens, or the longest sequence the engine allows. Returns (finish_reason, stop_reason)
+        or None. (The overlapped engine calls it again once a step's real token ids arrive.)"""
         p = seq.sampling_params
-        n_out = seq.num_output_tokens
+        n_out = num_tokens - seq.num_prompt_tokens
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token_id in self._eos:
-                seq.finish_reason, seq.stop_reason = "stop", None
-                return
+                return "stop", None
             if token_id in p.stop_token_set:
-                seq.finish_reason, seq.stop_reason = "stop", token_id
-                return
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.config.max_seq_len:
-            seq.finish_reason = "length"
+                return "stop", token_id
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or num_tokens >= self.config.max_seq_len:
+            return "length", None
+        return None

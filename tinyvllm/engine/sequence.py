@@ -9,6 +9,12 @@ from typing import Any
 from tinyvllm.sampling_params import SamplingParams
 
 
+# Async scheduling records a step's sampled tokens before the host knows them: sequence i of
+# the step gets the token id PLACEHOLDER - i (negative, never a real id) until the engine reads
+# the step's ids; the model runner takes the real ones from the device meanwhile.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, no KV blocks yet
     RUNNING = "running"  # holds KV blocks, being prefilled or decoded

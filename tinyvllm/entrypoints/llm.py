@@ -50,6 +50,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         num_kv_blocks: int | None = None,
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ) -> None:
         """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
         validates them and documents each."""
@@ -57,6 +58,7 @@ class LLM:
             model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             block_size=block_size, seed=seed, device=device, gpu_memory_utilization=gpu_memory_utilization,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine.from_config(config)
         self._request_counter = itertools.count()
