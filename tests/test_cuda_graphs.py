@@ -14,6 +14,7 @@ and the buffers. On a GPU the graphs are captured and replayed.
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -184,3 +185,15 @@ def test_the_engine_with_graphs_generates_the_eager_engines_tokens(tiny_llama_di
     for key, tokens in outs.items():
         assert tokens == outs[True, False], key
     assert [len(t) for t in outs[False, True]] == [p.max_tokens for p in params]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_startup_logs_where_the_cards_memory_went(tiny_llama_dir, caplog):
+    """One line: the weights, the graphs and the KV cache (blocks and tokens)."""
+    from tinyvllm import LLM
+
+    with caplog.at_level(logging.INFO, logger="tinyvllm"):
+        llm = LLM(str(tiny_llama_dir), max_num_seqs=4, num_kv_blocks=64, block_size=16)
+    lines = [r.getMessage() for r in caplog.records if "GPU memory" in r.getMessage()]
+    assert len(lines) == 1 and "64 blocks of 16 tokens (1024 tokens" in lines[0], lines
+    assert llm.llm_engine.model_runner.graphs.memory_bytes > 0

@@ -84,12 +84,14 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             for width in reversed(self.widths):
                 self.steps[(bs, width)] = self._capture(bs, width, pool) if capture else self._eager(bs, width)
+        self.memory_bytes = 0
         if capture:
             torch.cuda.synchronize(device)
+            self.memory_bytes = torch.cuda.memory_reserved(device) - mem0
             logger.info(
                 "tinyvllm: captured %d decode CUDA graphs (batch %s x contexts up to %s tokens) in %.1f s, %.0f MiB",
                 len(self.steps), self.sizes, [w * block_size for w in self.widths], time.perf_counter() - t0,
-                (torch.cuda.memory_reserved(device) - mem0) / 2**20,
+                self.memory_bytes / 2**20,
             )
 
     # ---- shapes ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ not given) and, on a GPU, ``decode_longest_first_min_seqs``.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import TYPE_CHECKING, Sequence as SequenceLike
 
@@ -46,6 +47,8 @@ from tinyvllm.model.llama import LlamaForCausalLM
 if TYPE_CHECKING:
     from tinyvllm.engine.scheduler import SchedulerOutput
     from tinyvllm.engine.sequence import Sequence
+
+logger = logging.getLogger("tinyvllm")
 
 # On CPU there is no memory to measure and the reference ops are slow: a KV cache
 # for a few full-length sequences, capped at this many bytes, is plenty.
@@ -108,6 +111,11 @@ def determine_num_blocks(model_config: ModelConfig, config: EngineConfig) -> int
     return int(num_blocks)
 
 
+def _allocated(device: torch.device) -> int:
+    """Bytes the caching allocator has handed out on ``device`` (0 on CPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 def decode_longest_first_min_seqs(num_kv_heads: int, num_sms: int) -> int:
     """The smallest decode batch worth ordering longest first: two attention blocks per SM
     (one block per sequence and kv head). Why: see ``ModelRunner.__init__``."""
@@ -156,7 +164,9 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         max_position = max(config.max_model_len, model_config.max_position_embeddings)
+        mem0 = _allocated(self.device)
         self.model = LlamaForCausalLM(model_config, weights, config.dtype, self.device, max_position=max_position)
+        weight_bytes = _allocated(self.device) - mem0
 
         if config.num_kv_blocks is None:
             config.fit_cache(determine_num_blocks(model_config, config))
@@ -194,6 +204,14 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
                                        max_seq_len=config.max_seq_len, block_size=config.block_size, capture=True)
+        if self.device.type == "cuda":  # the card's memory, where it went: one line
+            kv_bytes = 2 * sum(k.numel() * k.element_size() for k, _ in self.kv_caches)
+            logger.info(
+                "tinyvllm: GPU memory: weights %.2f GiB, CUDA graphs %.2f GiB, KV cache %.2f GiB = %d blocks "
+                "of %d tokens (%d tokens; gpu_memory_utilization=%.2f)", weight_bytes / 2**30,
+                (self.graphs.memory_bytes if self.graphs else 0) / 2**30, kv_bytes / 2**30, config.num_kv_blocks,
+                config.block_size, config.cache_capacity, config.gpu_memory_utilization,
+            )
 
     # ---- the step -----------------------------------------------------------------------
 
