@@ -80,14 +80,14 @@ class DecodeGraphs:
         self.steps: dict[tuple[int, int], Callable[[], None]] = {}
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if capture else None
-        mem0 = torch.cuda.memory_reserved(device) if capture else 0
+        free0 = torch.cuda.mem_get_info(device)[0] if capture else 0
         for bs in reversed(self.sizes):
             for width in reversed(self.widths):
                 self.steps[(bs, width)] = self._capture(bs, width, pool) if capture else self._eager(bs, width)
         self.memory_bytes = 0
         if capture:
             torch.cuda.synchronize(device)
-            self.memory_bytes = torch.cuda.memory_reserved(device) - mem0
+            self.memory_bytes = free0 - torch.cuda.mem_get_info(device)[0]  # the pool, cuBLAS's workspace, the graphs
             logger.info(
                 "tinyvllm: captured %d decode CUDA graphs (batch %s x contexts up to %s tokens) in %.1f s, %.0f MiB",
                 len(self.steps), self.sizes, [w * block_size for w in self.widths], time.perf_counter() - t0,

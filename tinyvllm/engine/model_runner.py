@@ -202,8 +202,12 @@ class ModelRunner:
         # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
-                                       max_seq_len=config.max_seq_len, block_size=config.block_size, capture=True)
+            if ops.decode_step_has_kernels(config.dtype, self.device, m.head_dim, config.block_size):
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+                                           max_seq_len=config.max_seq_len, block_size=config.block_size, capture=True)
+            else:  # a reference op syncs with the host, which a capture forbids
+                logger.warning("tinyvllm: no CUDA graphs: a decode op of this model runs the torch reference "
+                               "(head_dim=%d, block_size=%d, %s)", m.head_dim, config.block_size, config.dtype)
         if self.device.type == "cuda":  # the card's memory, where it went: one line
             kv_bytes = 2 * sum(k.numel() * k.element_size() for k, _ in self.kv_caches)
             logger.info(

@@ -42,6 +42,14 @@ def _use_attention_kernel(name: str, query: torch.Tensor, key_cache: torch.Tenso
         )
     return False
 
+def decode_step_has_kernels(dtype: torch.dtype, device: torch.device, head_dim: int, block_size: int) -> bool:
+    """Whether a decode step of these shapes runs our kernels only (the condition for capturing it
+    in a CUDA graph: a reference op syncs with the host, which a capture forbids)."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    return (use_kernel("paged_attention_decode", probe) and use_kernel("rms_norm", probe)
+            and head_dim in ATTENTION_HEAD_DIMS and block_size in ATTENTION_BLOCK_SIZES)
+
+
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
@@ -53,6 +61,7 @@ __all__ = [
     "linear",
     "embedding",
     "check_kernel_errors",
+    "decode_step_has_kernels",
     "KernelInputError",
     "reference",
 ]
