@@ -139,7 +139,7 @@ def randn(*shape, dtype, scale=1.0):
 def skinny(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The op on memory that held NaN just before (the caching allocator hands the freed block
     back), so an output element the kernel forgets to write cannot pass."""
-    torch.full((x.shape[0] * w.shape[0] + 64,), float("nan"), device="cuda", dtype=x.dtype)
+    torch.full((x.shape[0], w.shape[0]), float("nan"), device="cuda", dtype=x.dtype)  # freed at once
     return torch.ops.tinyvllm.skinny_gemm(x, w)
 
 

@@ -88,13 +88,20 @@ def build(names: list[str], out: Path, arch: str, jobs: int | None = None) -> di
     obj.mkdir(parents=True, exist_ok=True)
     sources = sorted({s for n in names for s in PROGRAMS[n]})
     objects = {s: obj / (s.replace("/", "_") + ".o") for s in sources}
-    cublas_cc, cublas_link = cublas_flags() if NEEDS_CUBLAS & set(names) else ([], [])
+    cublas_cc, cublas_link, no_cublas = [], [], None
+    if NEEDS_CUBLAS & set(names):
+        try:
+            cublas_cc, cublas_link = cublas_flags()
+        except (RuntimeError, ImportError) as e:
+            no_cublas = str(e)
     cc = [nvcc(), *FLAGS, *cublas_cc, f"-arch={arch}"]
     with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         errors = dict(zip(sources, pool.map(lambda s: _run([*cc, "-c", str(ROOT / s), "-o", str(objects[s])]), sources)))
     result = {}
     for n in names:
         failed = [errors[s] for s in PROGRAMS[n] if errors[s]]
+        if n in NEEDS_CUBLAS and no_cublas:
+            failed.append(no_cublas)
         link = cublas_link if n in NEEDS_CUBLAS else []
         result[n] = "\n".join(failed) if failed else _run([*cc, *(str(objects[s]) for s in PROGRAMS[n]),
                                                              "-o", str(out / n), *link])

@@ -193,31 +193,46 @@ if _FORCED_LINEAR_IMPL not in ("auto", "cublas"):
     logger.warning("TINYVLLM_LINEAR_IMPL=%r is not 'auto' or 'cublas'; ignored", _FORCED_LINEAR_IMPL)
 
 
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    if t.is_meta or torch.compiler.is_compiling():  # no address: allocations start 16-byte aligned
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
 def skinny_gemm_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the skinny GEMM kernel cannot compute ``x @ weight^T``, or None when it can.
 
     Looks at shapes, dtypes, strides and addresses only (it works on CPU and meta tensors).
-    The kernel reads 16-byte vectors of 8 elements and holds at most 16 rows of x."""
-    if x.dim() != 2 or weight.dim() != 2:
-        return f"x and weight must be 2-D, got shapes {tuple(x.shape)} and {tuple(weight.shape)}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"x must be bfloat16 or float16, got {x.dtype}"
-    if weight.dtype != x.dtype:
-        return f"weight has dtype {weight.dtype} but x has dtype {x.dtype}"
-    m, k = x.shape
-    if weight.shape[1] != k:
-        return f"x [M, K] and weight [N, K] must share K: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+    The kernel reads 16-byte vectors of 8 elements and holds at most 16 rows of x. Called on
+    every linear of an eager step, so the common case (all checks pass) is kept to a few
+    tensor attribute reads."""
+    xs, ws = x.shape, weight.shape
+    if len(xs) != 2 or len(ws) != 2:
+        return f"x and weight must be 2-D, got shapes {tuple(xs)} and {tuple(ws)}"
+    m, k = xs
     if m > SKINNY_GEMM_MAX_M:
         return f"x has {m} rows; the skinny GEMM takes at most {SKINNY_GEMM_MAX_M}"
+    dtype = x.dtype
+    if dtype not in _SKINNY_DTYPES:
+        return f"x must be bfloat16 or float16, got {dtype}"
+    if weight.dtype != dtype:
+        return f"weight has dtype {weight.dtype} but x has dtype {dtype}"
+    if ws[1] != k:
+        return f"x [M, K] and weight [N, K] must share K: x {tuple(xs)}, weight {tuple(ws)}"
     if k % 8:
         return f"K = {k} is not a multiple of 8 (the kernel reads rows as 16-byte vectors)"
     if not weight.is_contiguous():
         return "weight must be contiguous"
-    if m > 1 and (x.stride(1) != 1 or x.stride(0) % 8 or x.stride(0) < k):
-        return f"x's rows must be dense with a row stride that is a multiple of 8, got strides {x.stride()}"
-    if m == 1 and k > 1 and x.stride(1) != 1:
-        return f"x's row must be dense, got strides {x.stride()}"
-    if x.device.type != "meta" and (x.data_ptr() % 16 or weight.data_ptr() % 16):
+    if not x.is_contiguous():
+        stride = x.stride()
+        if m > 1 and (stride[1] != 1 or stride[0] % 8 or stride[0] < k):
+            return f"x's rows must be dense with a row stride that is a multiple of 8, got strides {stride}"
+        if m == 1 and stride[1] != 1:
+            return f"x's row must be dense, got strides {stride}"
+    if not (_aligned16(x) and _aligned16(weight)):
         return "x and weight must start on a 16-byte boundary"
     return None
 
