@@ -8,8 +8,8 @@ place; a fragment or tail bug is off by O(1).
 
 CPU tests (CI) pin the dispatch rule, the reasons it gives, and the op's registration; GPU tests
 (skipped without a GPU and the extension) cover every Llama-3.2-1B and SmolLM2-135M linear at
-M = 1..16, tails in N and K, strided x, bad inputs, graph capture. The ``sanitize`` subset runs
-under compute-sanitizer (scripts/gpu_check.sh).
+M = 1..16, tails in N and K, strided x, bad inputs, graph capture. ``test_sanitize_subset``
+(marked ``sanitize``) runs under compute-sanitizer (scripts/gpu_check.sh).
 
     python -m pytest tests/test_skinny_gemm.py -q
 """
@@ -149,17 +149,17 @@ def skinny(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_every_model_linear_matches_the_reference_at_m_1_to_16(name_nk, dtype):
     n, k = name_nk[1]
     w = randn(n, k, dtype=dtype, scale=k**-0.5)
+    w_float = w.float()
     for m in range(1, 17):
         x = randn(m, k, dtype=dtype)
         y = skinny(x, w)
         assert y.shape == (m, n) and y.dtype == dtype
-        torch.testing.assert_close(y, want(x, w), **tol(dtype), msg=lambda s: f"M={m}: {s}")
+        torch.testing.assert_close(y, (x.float() @ w_float.t()).to(dtype), **tol(dtype), msg=lambda s: f"M={m}: {s}")
         assert ops.linear_impl(x, w) == "skinny"
         assert torch.equal(ops.linear(x, w), y)  # the dispatch took this kernel
 
 
 @gpu
-@pytest.mark.sanitize
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_tails_in_n_and_k(dtype):
     """N not a multiple of 16 (and below 16), K a multiple of 8 but not of 32, K = 8."""
@@ -172,7 +172,6 @@ def test_tails_in_n_and_k(dtype):
 
 
 @gpu
-@pytest.mark.sanitize
 def test_strided_rows_of_x():
     """x as a view into wider rows (the row stride a multiple of 8): the kernel reads it in place."""
     w = randn(600, 576, dtype=torch.bfloat16, scale=576**-0.5)
@@ -186,7 +185,6 @@ def test_strided_rows_of_x():
 
 
 @gpu
-@pytest.mark.sanitize
 def test_inputs_the_kernel_cannot_take_are_right_through_cublas():
     bf = torch.bfloat16
     cases = [
@@ -194,7 +192,7 @@ def test_inputs_the_kernel_cannot_take_are_right_through_cublas():
         (randn(4, 1001, dtype=bf), randn(300, 1001, dtype=bf, scale=0.03)),
         (randn(4, 65, dtype=bf)[:, 1:], randn(300, 64, dtype=bf)),  # misaligned, strided x
         (randn(20, 576, dtype=bf), randn(300, 576, dtype=bf, scale=0.04)),  # M > 16
-        (randn(3, 576), randn(300, 576, scale=0.04)),  # float32
+        (randn(3, 576, dtype=torch.float32), randn(300, 576, dtype=torch.float32, scale=0.04)),  # float32
     ]
     for x, w in cases:
         assert ops.linear_impl(x, w) == "cublas"
@@ -212,13 +210,28 @@ def test_forcing_cublas_gives_the_same_numbers():
 
 
 @gpu
-@pytest.mark.sanitize
 def test_empty_sizes():
     bf = torch.bfloat16
     assert skinny(randn(0, 64, dtype=bf), randn(16, 64, dtype=bf)).shape == (0, 16)
     assert skinny(randn(3, 64, dtype=bf), randn(0, 64, dtype=bf)).shape == (3, 0)
     y = skinny(randn(3, 0, dtype=bf), randn(20, 0, dtype=bf))
     assert y.shape == (3, 20) and bool((y == 0).all())  # an empty sum is 0
+
+
+@gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_sanitize_subset(dtype):
+    """A few small calls through every path of the kernel, for compute-sanitizer (memcheck,
+    racecheck): N and K tails, 1 and 2 row groups, strided x, empty sizes."""
+    for m, n, k in [(1, 7, 24), (9, 17, 584), (16, 33, 8), (3, 1000, 2056)]:
+        x, w = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype, scale=k**-0.5)
+        torch.testing.assert_close(skinny(x, w), want(x, w), **tol(dtype))
+    x = randn(12, 600, dtype=dtype)[:, 8:584]  # row stride 600, 16 bytes in
+    w = randn(40, 576, dtype=dtype, scale=576**-0.5)
+    torch.testing.assert_close(skinny(x, w), want(x, w), **tol(dtype))
+    assert skinny(randn(0, 64, dtype=dtype), randn(16, 64, dtype=dtype)).shape == (0, 16)
+    assert skinny(randn(3, 64, dtype=dtype), randn(0, 64, dtype=dtype)).shape == (3, 0)
 
 
 @gpu
