@@ -147,4 +147,13 @@ void prefill_attention(void* out, const void* query, const void* key_cache, cons
 void gemm_xwt(void* y, const void* x, const void* w, int64_t m, int64_t n, int64_t k, DType dtype,
               void* cublas_handle, cudaStream_t stream);
 
+// ---- skinny GEMM for decode (gemm/skinny_gemm.cu) ---------------------------
+// y[M, N] = x[M, K] @ w[N, K]^T for M <= 16 rows, on the tensor cores, each weight byte read
+// once. bf16/fp16 only, float32 accumulate; y contiguous [M, N]; x rows may be strided
+// (x_row_stride elements apart, a multiple of 8); K % 8 == 0; x and w 16-byte aligned, w
+// contiguous. Anything else throws std::invalid_argument (ops.linear sends it to gemm_xwt).
+// M = 0 or N = 0 launches nothing; K = 0 writes zeros.
+void skinny_gemm(void* y, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t x_row_stride,
+                 DType dtype, cudaStream_t stream);
+
 }  // namespace tinyvllm

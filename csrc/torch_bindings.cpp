@@ -450,6 +450,36 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// ---- gemm/skinny_gemm.cu ----------------------------------------------------------------------
+// The decode GEMM (M <= 16) on the tensor cores. ops.linear's dispatch rule decides when it
+// runs (tinyvllm/ops/__init__.py); called directly, it runs or raises, naming the limit.
+at::Tensor skinny_gemm_op(const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda(x, "x");
+  dtype_of(x, "x");
+  TV_CHECK(x.scalar_type() != at::kFloat, "skinny_gemm: x must be float16 or bfloat16, got Float ",
+           "(float32 runs through cuBLAS: tinyvllm.ops.linear)");
+  check_same_device(weight, x, "weight", "x");
+  check_linear_inputs(x, weight);
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TV_CHECK(m <= 16, "skinny_gemm: x must have at most 16 rows (M), got shape ", dims_str(x.sizes()),
+           " (tinyvllm.ops.linear takes any M)");
+  TV_CHECK(k % 8 == 0, "skinny_gemm: K must be a multiple of 8 (rows of 16-byte vectors), got x shape ",
+           dims_str(x.sizes()));
+  TV_CHECK(n <= INT_MAX && k <= INT_MAX, "skinny_gemm: N and K must fit in a 32-bit int, got weight shape ",
+           dims_str(weight.sizes()));
+  check_rows_dense(x, "x");
+  check_contiguous(weight, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (k == 0) return at::zeros({m, n}, x.options());  // an empty sum (x then has no rows to align)
+  TV_CHECK(aligned16(x) && row_stride(x) % 8 == 0, "skinny_gemm: x must start on a 16-byte boundary and its row ",
+           "stride (", row_stride(x), ") must be a multiple of 8 elements");
+  TV_CHECK(aligned16(weight), "skinny_gemm: weight must start on a 16-byte boundary");
+  at::Tensor y = at::empty({m, n}, x.options());
+  skinny_gemm(y.data_ptr(), x.data_ptr(), weight.data_ptr(), m, n, k, row_stride(x), dtype_of(x, "x"),
+              current_stream());
+  return y;
+}
+
 // The flags kernels raise on an index they refused to follow (ops.h, errors.cu), as a
 // list of kNumKernelErrors ints; `clear` resets them. Reads host memory only: the caller
 // makes sure the kernels in question have finished (tinyvllm.ops.check_kernel_errors).
@@ -472,6 +502,7 @@ TORCH_LIBRARY(tinyvllm, m) {
       "reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) "
       "-> ()");
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("skinny_gemm(Tensor x, Tensor weight) -> Tensor");
   // ==== attention (csrc/attention/): schemas ====
   // `impl` picks a kernel for tests and benchmarks; -1 (automatic) is what the product uses.
   m.def(
@@ -494,6 +525,7 @@ void register_impls(torch::Library& m) {
   m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
   m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
   m.impl("linear", &tinyvllm::linear_op);
+  m.impl("skinny_gemm", &tinyvllm::skinny_gemm_op);
   // ==== attention (csrc/attention/) ====
   m.impl("paged_attention_decode", &tinyvllm::paged_attention_decode_op);
   m.impl("prefill_attention", &tinyvllm::prefill_attention_op);

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh [build] [test] [sanitize] [dev] [bench] [e2e]   (default: all)
 #   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
 #   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
+#   bash scripts/gpu_check.sh build gemm          (the skinny GEMM: its tests, memcheck, dev program, benchmark)
 #
 # Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
 set -uo pipefail
@@ -40,7 +41,7 @@ if has test; then
   python3 -m pytest -q -rs -p no:cacheprovider \
     tests/test_kernels.py $ATTN_TESTS tests/test_model_vs_transformers.py tests/test_rope.py \
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py tests/test_model_runner.py \
-    tests/test_engine_config.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_engine_config.py tests/test_cuda_graphs.py tests/test_skinny_gemm.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
@@ -55,7 +56,7 @@ if has sanitize; then
   # SANITIZE_K (pytest's -k, e.g. "decode", then "not decode") splits the set further.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
-      -k "${SANITIZE_K:-}" tests/test_kernels.py $ATTN_TESTS >"$OUT/sanitizer_$tool.log" 2>&1
+      -k "${SANITIZE_K:-}" tests/test_kernels.py tests/test_skinny_gemm.py $ATTN_TESTS >"$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool: rc=$rc, $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
   done
@@ -81,6 +82,24 @@ if has bench; then
   note "bench_kernels rc=${PIPESTATUS[0]}"
   python3 bench/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log"
   note "bench_attention rc=${PIPESTATUS[0]}"
+  python3 bench/bench_gemm.py --smollm2 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log"
+  note "bench_gemm rc=${PIPESTATUS[0]}: $(grep -E '^M = 1,' "$OUT/bench_gemm.log" | cut -c1-90)"
+fi
+
+if has gemm; then  # the skinny GEMM alone: tests, memcheck of its sanitize subset, the dev program, the benchmark
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_skinny_gemm.py tests/test_kernels.py -k "linear or skinny" \
+    2>&1 | tee "$OUT/pytest_gemm.log"
+  note "gemm tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gemm.log" | tail -1)"
+  timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
+    -p no:cacheprovider -m sanitize tests/test_skinny_gemm.py >"$OUT/sanitizer_gemm.log" 2>&1
+  note "compute-sanitizer memcheck (gemm): rc=$?, $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_gemm.log" | tail -1)"
+  python3 dev/cuda/build.py skinny_gemm --out "$PWD/build/dev" >"$OUT/dev_build_gemm.log" 2>&1 \
+    && timeout ${DEV_TIMEOUT:-300} build/dev/skinny_gemm >"$OUT/dev_skinny_gemm.log" 2>&1
+  rc=$?
+  [[ $rc == 0 ]] && note "dev skinny_gemm: passed (dev_skinny_gemm.log)" || note "dev skinny_gemm: FAILED rc=$rc (dev_build_gemm.log, dev_skinny_gemm.log)"
+  python3 bench/bench_gemm.py --smollm2 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log"
+  note "bench_gemm rc=${PIPESTATUS[0]}"
+  while read -r line; do note "  $line"; done < <(grep -A3 -E '^M = 1,' "$OUT/bench_gemm.log")
 fi
 
 if has battn; then

@@ -30,7 +30,9 @@ PROGRAMS: dict[str, list[str]] = {
         "csrc/attention/decode_merge.cu", "csrc/attention/decode_plan.cpp", "csrc/errors.cu",
     ],
     "read_floor": ["dev/cuda/read_floor.cu", "csrc/errors.cu"],
+    "skinny_gemm": ["dev/cuda/skinny_gemm.cu", "csrc/gemm/skinny_gemm.cu", "csrc/gemm.cpp"],
 }
+NEEDS_CUBLAS = {"skinny_gemm"}  # programs that time cuBLAS beside their own versions
 FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc")]  # the extension's
 
 
@@ -42,6 +44,25 @@ def nvcc() -> str:
     if found is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME)")
     return found
+
+
+def cublas_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for cuBLAS, found as setup.py finds it: in the CUDA toolkit
+    beside nvcc, else in the copy torch's CUDA wheel brings (site-packages/nvidia/cu*/, where
+    only the versioned libcublas.so.NN exists, hence -l:)."""
+    home = Path(os.path.realpath(nvcc())).parent.parent
+    for libdir in ("lib64", "lib", "targets/x86_64-linux/lib"):
+        if (home / "include" / "cublas_v2.h").is_file() and list((home / libdir).glob("libcublas.so*")):
+            return [], [f"-L{home / libdir}", "-lcublas"]
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    for nv in sorted(site.glob("nvidia/cu*"), reverse=True) + [site / "nvidia" / "cublas"]:
+        libs = sorted(nv.glob("lib/libcublas.so*"))
+        if (nv / "include" / "cublas_v2.h").is_file() and libs:
+            lib = nv / "lib"
+            return ["-I", str(nv / "include")], [f"-L{lib}", f"-l:{libs[0].name}", f"-Xlinker=-rpath={lib}"]
+    raise RuntimeError(f"cuBLAS headers/libraries not found beside {home} nor in torch's nvidia wheels")
 
 
 def default_arch() -> str:
@@ -67,14 +88,23 @@ def build(names: list[str], out: Path, arch: str, jobs: int | None = None) -> di
     obj.mkdir(parents=True, exist_ok=True)
     sources = sorted({s for n in names for s in PROGRAMS[n]})
     objects = {s: obj / (s.replace("/", "_") + ".o") for s in sources}
-    cc = [nvcc(), *FLAGS, f"-arch={arch}"]
+    cublas_cc, cublas_link, no_cublas = [], [], None
+    if NEEDS_CUBLAS & set(names):
+        try:
+            cublas_cc, cublas_link = cublas_flags()
+        except (RuntimeError, ImportError) as e:
+            no_cublas = str(e)
+    cc = [nvcc(), *FLAGS, *cublas_cc, f"-arch={arch}"]
     with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         errors = dict(zip(sources, pool.map(lambda s: _run([*cc, "-c", str(ROOT / s), "-o", str(objects[s])]), sources)))
     result = {}
     for n in names:
         failed = [errors[s] for s in PROGRAMS[n] if errors[s]]
+        if n in NEEDS_CUBLAS and no_cublas:
+            failed.append(no_cublas)
+        link = cublas_link if n in NEEDS_CUBLAS else []
         result[n] = "\n".join(failed) if failed else _run([*cc, *(str(objects[s]) for s in PROGRAMS[n]),
-                                                             "-o", str(out / n)])
+                                                             "-o", str(out / n), *link])
     return result
 
 

@@ -6,14 +6,17 @@ extension is built, the kernel exists and the input lives on a GPU; otherwise it
 runs the pure-torch reference of the same op from :mod:`tinyvllm.ops.reference`.
 
 Set ``TINYVLLM_REFERENCE_OPS=1`` to force the reference everywhere (useful to
-compare the two paths on one GPU).
+compare the two paths on one GPU). ``linear`` has two GPU kernels, cuBLAS and the
+skinny GEMM for decode; :func:`linear_impl` is the rule that picks one, and
+``TINYVLLM_LINEAR_IMPL=cublas`` sends a whole run to cuBLAS.
 """
 
 from __future__ import annotations
 
-import torch
-
 import logging
+import os
+
+import torch
 
 from tinyvllm.ops import reference
 from tinyvllm.ops._kernels import has_kernel, use_kernel
@@ -59,6 +62,8 @@ __all__ = [
     "paged_attention_decode",
     "prefill_attention",
     "linear",
+    "linear_impl",
+    "skinny_gemm_unsupported",
     "embedding",
     "check_kernel_errors",
     "decode_step_has_kernels",
@@ -186,11 +191,99 @@ def prefill_attention(
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = x @ weight^T for x: [M, K], weight: [N, K] (cuBLAS on GPU)."""
-    if use_kernel("linear", x):
-        return torch.ops.tinyvllm.linear(x, weight)
-    return reference.linear(x, weight)
+# ---- linear: the skinny GEMM for decode, cuBLAS for the rest ----------------------------------
+LINEAR_IMPLS = ("auto", "cublas", "skinny")
+# The most rows of x the skinny GEMM takes (csrc/gemm/skinny_gemm.cu: two 8-row mma operands).
+SKINNY_GEMM_MAX_M = 16
+# TINYVLLM_LINEAR_IMPL=cublas sends every linear to cuBLAS (to measure a whole run without
+# the skinny GEMM). Read once, at import.
+_FORCED_LINEAR_IMPL = os.environ.get("TINYVLLM_LINEAR_IMPL", "auto")
+if _FORCED_LINEAR_IMPL not in ("auto", "cublas"):
+    logger.warning("TINYVLLM_LINEAR_IMPL=%r is not 'auto' or 'cublas'; ignored", _FORCED_LINEAR_IMPL)
+
+
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    if t.is_meta or torch.compiler.is_compiling():  # no address: allocations start 16-byte aligned
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
+def skinny_gemm_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the skinny GEMM kernel cannot compute ``x @ weight^T``, or None when it can.
+
+    Looks at shapes, dtypes, strides and addresses only (it works on CPU and meta tensors).
+    The kernel reads 16-byte vectors of 8 elements and holds at most 16 rows of x. Called on
+    every linear of an eager step, so the common case (all checks pass) is kept to a few
+    tensor attribute reads."""
+    xs, ws = x.shape, weight.shape
+    if len(xs) != 2 or len(ws) != 2:
+        return f"x and weight must be 2-D, got shapes {tuple(xs)} and {tuple(ws)}"
+    m, k = xs
+    if m > SKINNY_GEMM_MAX_M:
+        return f"x has {m} rows; the skinny GEMM takes at most {SKINNY_GEMM_MAX_M}"
+    dtype = x.dtype
+    if dtype not in _SKINNY_DTYPES:
+        return f"x must be bfloat16 or float16, got {dtype}"
+    if weight.dtype != dtype:
+        return f"weight has dtype {weight.dtype} but x has dtype {dtype}"
+    if ws[1] != k:
+        return f"x [M, K] and weight [N, K] must share K: x {tuple(xs)}, weight {tuple(ws)}"
+    if k % 8:
+        return f"K = {k} is not a multiple of 8 (the kernel reads rows as 16-byte vectors)"
+    if not weight.is_contiguous():
+        return "weight must be contiguous"
+    if not x.is_contiguous():
+        stride = x.stride()
+        if m > 1 and (stride[1] != 1 or stride[0] % 8 or stride[0] < k):
+            return f"x's rows must be dense with a row stride that is a multiple of 8, got strides {stride}"
+        if m == 1 and stride[1] != 1:
+            return f"x's row must be dense, got strides {stride}"
+    if not (_aligned16(x) and _aligned16(weight)):
+        return "x and weight must start on a 16-byte boundary"
+    return None
+
+
+def linear_impl(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The dispatch rule of :func:`linear`: ``"skinny"`` or ``"cublas"`` for these inputs.
+
+    The skinny GEMM (csrc/gemm/skinny_gemm.cu) is written for decode: it reads every weight
+    byte once and does the math on the tensor cores, which keeps up with the memory for
+    any M up to 16; cuBLAS's kernels are tiled for reuse across many rows, and at M of a few
+    they spend time on padding, split-K passes and launch choices (course chapter 7b). So
+    the rule is: the skinny GEMM wherever it can run (bf16/fp16, M <= 16, K % 8 == 0,
+    aligned), cuBLAS everywhere else (prefill, float32, odd K).
+    bench/bench_gemm.py measures both paths at every Llama-3.2-1B linear and M = 1..16 and
+    prints where the skinny GEMM loses; this function is the one place to change if it does.
+    ``TINYVLLM_LINEAR_IMPL=cublas`` (read at import) sends everything to cuBLAS."""
+    if _FORCED_LINEAR_IMPL == "cublas" or skinny_gemm_unsupported(x, weight) is not None:
+        return "cublas"
+    return "skinny"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """y = x @ weight^T for x: [M, K], weight: [N, K] (nn.Linear's layout).
+
+    On a GPU, ``impl="auto"`` follows :func:`linear_impl` (the skinny GEMM for decode-sized
+    M, cuBLAS otherwise); ``"cublas"`` or ``"skinny"`` force a path (for tests and benchmarks;
+    forcing the skinny GEMM on inputs it cannot take raises ValueError saying why). Without
+    the extension, or on CPU, the torch reference runs whatever ``impl`` says."""
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+    if not use_kernel("linear", x):
+        return reference.linear(x, weight)
+    if impl == "auto":  # (an extension built before the skinny GEMM existed has only cuBLAS)
+        impl = linear_impl(x, weight) if has_kernel("skinny_gemm") else "cublas"
+    if impl == "skinny":
+        why = skinny_gemm_unsupported(x, weight)
+        if why is not None:
+            raise ValueError(f"the skinny GEMM cannot run on these inputs: {why}")
+        return torch.ops.tinyvllm.skinny_gemm(x, weight)
+    # The cuBLAS wrapper takes a contiguous x; a row-strided x the skinny GEMM did not take is
+    # copied here (the model's activations are contiguous: this is for direct callers).
+    return torch.ops.tinyvllm.linear(x if x.is_contiguous() else x.contiguous(), weight)
 
 
 class KernelInputError(ValueError):

@@ -23,8 +23,8 @@ def _register_fakes() -> None:
     """Shape-only ("fake") versions of the ops, for torch.compile, graph tracing and opcheck.
 
     The in-place ops write into tensors the caller passed, so their fake version does
-    nothing; ``linear`` allocates its output, so its fake version says what shape and
-    dtype that output has.
+    nothing; ``linear`` and ``skinny_gemm`` allocate their output, so their fake versions
+    say what shape and dtype that output has.
     """
     in_place = [
         "rms_norm",
@@ -47,6 +47,18 @@ def _register_fakes() -> None:
             lambda: f"x [M, K] and weight [N, K] must share K: x {tuple(x.shape)}, weight {tuple(weight.shape)}",
         )
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    if hasattr(torch.ops.tinyvllm, "skinny_gemm"):  # (absent from extensions built before it)
+
+        @torch.library.register_fake("tinyvllm::skinny_gemm")
+        def _skinny_gemm_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+            torch._check(
+                x.shape[1] == weight.shape[1],
+                lambda: f"x [M, K] and weight [N, K] must share K: x {tuple(x.shape)}, weight {tuple(weight.shape)}",
+            )
+            torch._check(x.shape[0] <= 16, lambda: f"skinny_gemm: x must have at most 16 rows, got {x.shape[0]}")
+            return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _nothing(*args: object, **kwargs: object) -> None:
