@@ -61,9 +61,11 @@ def meta(*shape, dtype=torch.bfloat16):
 @pytest.mark.parametrize("name_nk", MODEL_SHAPES, ids=lambda s: s[0] if isinstance(s, tuple) else s)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_every_model_linear_at_decode_sizes_goes_to_the_skinny_gemm(name_nk, dtype):
+    """M <= 8 always; M = 9..16 only with K >= 2048 (SmolLM2's K = 576 measured slower there)."""
     n, k = name_nk[1]
     for m in range(1, 17):
-        assert ops.linear_impl(meta(m, k, dtype=dtype), meta(n, k, dtype=dtype)) == "skinny", m
+        want = "skinny" if m <= 8 or k >= 2048 else "cublas"
+        assert ops.linear_impl(meta(m, k, dtype=dtype), meta(n, k, dtype=dtype)) == want, m
 
 
 @pytest.mark.parametrize(

@@ -254,11 +254,17 @@ def linear_impl(x: torch.Tensor, weight: torch.Tensor) -> str:
     any M up to 16; cuBLAS's kernels are tiled for reuse across many rows, and at M of a few
     they spend time on padding, split-K passes and launch choices (course chapter 7b). So
     the rule is: the skinny GEMM wherever it can run (bf16/fp16, M <= 16, K % 8 == 0,
-    aligned), cuBLAS everywhere else (prefill, float32, odd K).
+    aligned) except M > 8 with K < 2048 (measured slower), cuBLAS everywhere else (prefill,
+    float32, odd K).
     bench/bench_gemm.py measures both paths at every Llama-3.2-1B linear and M = 1..16 and
     prints where the skinny GEMM loses; this function is the one place to change if it does.
     ``TINYVLLM_LINEAR_IMPL=cublas`` (read at import) sends everything to cuBLAS."""
     if _FORCED_LINEAR_IMPL == "cublas" or skinny_gemm_unsupported(x, weight) is not None:
+        return "cublas"
+    # Measured on an H100 (bench/results/README.md, row 82): past 8 rows, a short K leaves each
+    # warp too little work per byte for the two tensor-core operands: SmolLM2's K=576 at M=16
+    # ran 0.53x (qkv) and 0.93x (lm_head) cuBLAS; at K=2048 and up it was 1.00-1.15x.
+    if x.shape[0] > 8 and weight.shape[1] < 2048:
         return "cublas"
     return "skinny"
 
