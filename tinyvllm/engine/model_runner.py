@@ -15,10 +15,12 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    and sends all of those integers to the device in ONE host-to-device copy from a
    pinned buffer (small copies cost ~10 us each, and a decode step is ~1 ms);
 2. runs the model, and the lm_head only on each sequence's last token (a prompt of
-   1,000 tokens needs one row of logits, not 1,000 x 128,256 floats);
-3. samples one token per sequence and copies the ids to the host: the step's only
-   device->host transfer; then reads the kernels' error flags, which that copy has
-   already waited for (``tinyvllm.ops.check_kernel_errors``).
+   1,000 tokens needs one row of logits, not 1,000 x 128,256 floats), plus every prompt
+   position of the sequences that asked for ``prompt_logprobs`` (such a step always takes
+   the prefill path);
+3. samples one token per sequence and copies the ids (with any log-probabilities) to the
+   host: the step's only device->host transfer; then reads the kernels' error flags, which
+   that copy has already waited for (``tinyvllm.ops.check_kernel_errors``).
 
 It only reads the sequences (``token_ids``, ``num_computed_tokens``, ``block_table``);
 the Scheduler allocates blocks and records the progress. At construction it completes
@@ -38,6 +40,7 @@ from tinyvllm import ops
 from tinyvllm.config import ModelConfig
 from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.logprobs import ModelRunnerOutput, PromptSpan, prompt_logprob_spans
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.model.attention_metadata import AttentionMetadata
 from tinyvllm.model.llama import LlamaForCausalLM
@@ -174,23 +177,31 @@ class ModelRunner:
 
     # ---- the step -----------------------------------------------------------------------
 
-    def execute(self, out: "SchedulerOutput") -> list[int]:
-        """Run the scheduled tokens of ``out.seqs`` and return one sampled token id per sequence."""
+    def execute(self, out: "SchedulerOutput") -> ModelRunnerOutput:
+        """Run the scheduled tokens of ``out.seqs``; return one sampled token id per sequence
+        (``.sampled_token_ids``) and the log-probabilities they asked for."""
         logits = self.compute_logits(out)
-        token_ids = self.sampler(logits, out.seqs).tolist()  # the step's one device->host transfer
+        S = len(out.seqs)
+        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
+        sampled = self.sampler(logits[:S], out.seqs, logits[S:], spans)
+        result = sampled.to_host()  # the step's one device->host transfer
         # The kernels' flags for indices they refused to follow (a bug in the inputs built
         # here): host memory, already final once the copy above has waited for the step.
         ops.check_kernel_errors(synchronize=False)
-        return token_ids
+        return result
 
     @torch.no_grad()
     def compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
         """Run ``num_scheduled_tokens[i]`` new tokens of each ``seqs[i]`` (from its
         ``num_computed_tokens`` on) through the model, writing their k/v into the cache; return the
-        logits of each sequence's last scheduled token, float32 [len(seqs), vocab]."""
+        logits of each sequence's last scheduled token, float32 [len(seqs), vocab], followed by the
+        rows of its ``prompt_logprob_spans`` (none unless a sequence asked for prompt_logprobs)."""
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
-        if all(n == 1 for n in out.num_scheduled_tokens):
+        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
+        if spans:
+            input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens, spans)
+        elif all(n == 1 for n in out.num_scheduled_tokens):
             if self.graphs is not None:
                 logits = self.graphs.run(*self._decode_columns(out.seqs), copy_in=self._copy_in)
                 if logits is not None:
@@ -247,14 +258,17 @@ class ModelRunner:
         return ids, positions, slots, seq_lens, [seq.block_table for seq in seqs]
 
     def prepare_prefill(
-        self, seqs: SequenceLike["Sequence"], num_scheduled_tokens: SequenceLike[int]
+        self,
+        seqs: SequenceLike["Sequence"],
+        num_scheduled_tokens: SequenceLike[int],
+        prompt_spans: SequenceLike[PromptSpan] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Any number of new tokens per sequence: (input_ids [T], positions [T], AttentionMetadata).
 
         Sequence s owns query rows ``cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1`` and attends over its
         cached prefix plus those rows (causally); only its last row's logits are computed
-        (``logits_indices``). One copy: [ids | positions | slots | seq_lens | cu_seqlens_q |
-        logits_indices | block_tables].
+        (``logits_indices``), then the rows of ``prompt_spans`` (prompt logprobs). One copy:
+        [ids | positions | slots | seq_lens | cu_seqlens_q | logits_indices | block_tables].
         """
         input_ids: list[int] = []
         positions: list[int] = []
@@ -270,6 +284,7 @@ class ModelRunner:
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
         logits_indices = [c - 1 for c in cu_seqlens_q[1:]]
+        logits_indices += [r for span in prompt_spans for r in range(span.row, span.row + span.count)]
         block_tables, max_blocks = self._block_tables(seqs)
         d_ids, d_pos, d_slots, d_lens, d_cu, d_last, d_bt = self._to_device(
             input_ids, positions, slots, seq_lens, cu_seqlens_q, logits_indices, block_tables
