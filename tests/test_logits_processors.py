@@ -200,7 +200,8 @@ def test_engine_greedy_tokens_follow_the_direct_computation(extra):
     prompts = {"a": [5, 6, 7, 5], "b": [9, 9], "plain": [3, 4, 8]}
     eng = make_fake_engine(vocab_size=V, eos=EOS)
     params = SamplingParams(temperature=0, max_tokens=14, **extra)
-    reqs = [(rid, p, params if rid != "plain" else SamplingParams(temperature=0, max_tokens=14)) for rid, p in prompts.items()]
+    plain = SamplingParams(temperature=0, max_tokens=14)
+    reqs = [(rid, p, params if rid != "plain" else plain) for rid, p in prompts.items()]
     final = run_to_completion(eng, {0: reqs})
     bad_words = tokenize_bad_words(params.bad_words, FakeTokenizer()) if params.bad_words else None
     for rid, prompt, p in reqs:

@@ -23,6 +23,8 @@ from tinyvllm.engine.logprobs import (
 from tinyvllm.engine.sequence import Sequence
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 model on CPU against float32 transformers
+# The engine's tests here run the float32 model on the CPU on any machine (the oracle's dtype);
+# the device path is test_sampler_on_the_gpu_matches_the_cpu_in_one_copy.
 
 
 def close(a: float, b: float) -> bool:
@@ -149,7 +151,8 @@ def reference_logprobs(hf_model, token_ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_kv_blocks", [64, 12], ids=["roomy", "preempting"])
 def test_logprobs_and_prompt_logprobs_match_transformers(tiny_llama_dir, hf_model, num_kv_blocks):
-    llm = LLM(model=str(tiny_llama_dir), max_model_len=64, num_kv_blocks=num_kv_blocks, block_size=4)
+    llm = LLM(model=str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=num_kv_blocks,
+              block_size=4)
     prompts = ["The quick brown fox", "a", "hello world, hello", "Zebras"]
     params = [
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=4, prompt_logprobs=3),
@@ -170,7 +173,8 @@ def test_logprobs_and_prompt_logprobs_match_transformers(tiny_llama_dir, hf_mode
             assert len(out.prompt_logprobs) == L and out.prompt_logprobs[0] is None
             ref = reference_logprobs(hf_model, out.prompt_token_ids)
             for pos in range(1, L):
-                check_position(out.prompt_logprobs[pos], out.prompt_token_ids[pos], ref[pos - 1], p.prompt_logprobs, decode)
+                token = out.prompt_token_ids[pos]
+                check_position(out.prompt_logprobs[pos], token, ref[pos - 1], p.prompt_logprobs, decode)
         for comp in out.outputs:
             if p.logprobs is None:
                 assert comp.logprobs is None and comp.cumulative_logprob is None
@@ -179,15 +183,16 @@ def test_logprobs_and_prompt_logprobs_match_transformers(tiny_llama_dir, hf_mode
             assert len(comp.logprobs) == len(comp.token_ids)
             for j, (token, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
                 check_position(entry, token, ref[L - 1 + j], p.logprobs, decode)
-            assert math.isclose(comp.cumulative_logprob, sum(float(ref[L - 1 + j, t]) for j, t in enumerate(comp.token_ids)),
-                                abs_tol=1e-3)
+            total = sum(float(ref[L - 1 + j, t]) for j, t in enumerate(comp.token_ids))
+            assert math.isclose(comp.cumulative_logprob, total, abs_tol=1e-3)
             if p.temperature == 0:  # greedy picks the reference's argmax: rank 1
                 assert all(entry[t].rank == 1 for t, entry in zip(comp.token_ids, comp.logprobs))
     assert llm.llm_engine.block_manager.num_free_blocks == num_kv_blocks
 
 
 def test_one_token_prompt_has_only_the_leading_none(tiny_llama_dir):
-    llm = LLM(model=str(tiny_llama_dir), max_model_len=32, num_kv_blocks=16, block_size=4)
+    llm = LLM(model=str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=32, num_kv_blocks=16,
+              block_size=4)
     out = llm.generate({"prompt_token_ids": [65]}, SamplingParams(max_tokens=2, prompt_logprobs=2), use_tqdm=False)[0]
     assert out.prompt_logprobs == [None]
 
@@ -197,7 +202,8 @@ def test_runner_adds_lm_head_rows_only_for_prompt_logprobs(tiny_llama_dir):
     ask; those extra rows are the logits the full prompt's forward gives at those positions."""
     from tinyvllm.engine.scheduler import SchedulerOutput
 
-    llm = LLM(model=str(tiny_llama_dir), max_model_len=32, num_kv_blocks=16, block_size=4)
+    llm = LLM(model=str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=32, num_kv_blocks=16,
+              block_size=4)
     runner = llm.llm_engine.model_runner
 
     def seqs_with(prompt_logprobs):
@@ -214,4 +220,51 @@ def test_runner_adds_lm_head_rows_only_for_prompt_logprobs(tiny_llama_dir):
     for p in range(4):
         s = Sequence("x", [10, 11, 12, 13, 14][: p + 1], SamplingParams())
         s.block_table = [3, 4]
-        torch.testing.assert_close(with_rows[2 + p], full.compute_logits(SchedulerOutput([s], [p + 1]))[0], rtol=1e-4, atol=1e-4)
+        alone = full.compute_logits(SchedulerOutput([s], [p + 1]))[0]
+        torch.testing.assert_close(with_rows[2 + p], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampler_on_the_gpu_matches_the_cpu_in_one_copy():
+    """The whole sampler on CUDA logits (processors, logprobs, prompt logprobs) gives the CPU's
+    results, and the host receives them in exactly one device-to-host copy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinyvllm.engine.logprobs import PromptSpan
+    from tinyvllm.engine.sampler import Sampler
+
+    def batch():
+        greedy = dict(temperature=0)
+        seqs = [
+            Sequence("a", [3, 4, 5], SamplingParams(**greedy, logprobs=5, repetition_penalty=1.4, prompt_logprobs=2)),
+            Sequence("b", [6], SamplingParams(**greedy, logit_bias={7: 2.0}, allowed_token_ids=list(range(0, 90, 3)))),
+            Sequence("c", [8, 9], SamplingParams(**greedy, logprobs=0, presence_penalty=1.0, frequency_penalty=0.5)),
+        ]
+        seqs[2].token_ids += [10, 10, 11]
+        return seqs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 100, generator=g) * 3
+    prompt_logits = torch.randn(2, 100, generator=g) * 3
+    spans = [PromptSpan(0, 0, 2, 0)]
+    cpu = Sampler([1])(logits, batch(), prompt_logits, spans).to_host()
+    sampler = Sampler([1], device="cuda")
+    d_logits, d_prompt = logits.cuda(), prompt_logits.cuda()
+    sampler(d_logits, batch(), d_prompt, spans).to_host()  # warm-up (allocator, kernels)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gpu = sampler(d_logits, batch(), d_prompt, spans).to_host()
+        torch.cuda.synchronize()
+    dtoh = [e for e in prof.events() if "DtoH" in e.name]  # "Memcpy DtoH (Device -> Pinned/Pageable)"
+    assert len(dtoh) == 1, [e.name for e in dtoh]
+    assert gpu.sampled_token_ids == cpu.sampled_token_ids
+
+    def scored(out):  # every scored position of a ModelRunnerOutput, in order
+        return [lp for lp in out.logprobs if lp is not None] + [
+            p for chunk in out.prompt_logprobs if chunk is not None for p in chunk.positions]
+
+    assert len(scored(gpu)) == len(scored(cpu)) == 4
+    for x, y in zip(scored(gpu), scored(cpu)):
+        assert x.token_ids == y.token_ids and x.rank == y.rank
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=1e-5, atol=1e-5)

@@ -90,7 +90,8 @@ def test_failed_prompt_fails_every_completion():
 def test_llm_generate_with_n_on_the_real_model(tiny_llama_dir, num_kv_blocks):
     """LLM.generate returns one RequestOutput per prompt with n completions, the same as the
     seed + i single requests, also when the small cache preempts some of them."""
-    llm = LLM(model=str(tiny_llama_dir), max_model_len=48, num_kv_blocks=num_kv_blocks, block_size=4)
+    llm = LLM(model=str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=48, num_kv_blocks=num_kv_blocks,
+              block_size=4)
     params = SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=10, ignore_eos=True)
     outs = llm.generate(["hello", "The sky"], params, use_tqdm=False)
     assert [len(o.outputs) for o in outs] == [3, 3]

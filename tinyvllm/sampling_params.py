@@ -143,7 +143,9 @@ class SamplingParams:
         if not is_number(self.frequency_penalty) or not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}.")
         if not is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number greater than zero, got {self.repetition_penalty!r}.")
+            raise ValueError(
+                f"repetition_penalty must be a finite number greater than zero, got {self.repetition_penalty!r}."
+            )
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}.")
@@ -156,7 +158,9 @@ class SamplingParams:
                     raise ValueError(f"logit_bias values must be numbers, got {b!r} for token {t!r}.")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
-                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}.")
+                raise ValueError(
+                    f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}."
+                )
             if any(not is_int(t) or t < 0 for t in self.allowed_token_ids):
                 raise ValueError(f"allowed_token_ids must be non-negative ints, got {self.allowed_token_ids!r}.")
         if self.bad_words is not None and (

@@ -156,8 +156,8 @@ class SamplerOutput:
         for t in (self.logprobs, self.prompt_logprobs):
             if t is not None:
                 # float32 -> int32 is a bit-cast (a view), undone on the host: exact.
-                parts += [t.token_ids.to(torch.int32).flatten(), t.logprobs.float().contiguous().view(torch.int32).flatten(),
-                          t.ranks.to(torch.int32)]
+                bits = t.logprobs.float().contiguous().view(torch.int32)
+                parts += [t.token_ids.to(torch.int32).flatten(), bits.flatten(), t.ranks.to(torch.int32)]
         host = torch.cat(parts).cpu()  # the one device->host copy
         B = self.sampled_token_ids.shape[0]
         out = ModelRunnerOutput(host[:B].tolist())
@@ -179,7 +179,9 @@ class SamplerOutput:
             rows = unpack(self.prompt_logprobs)
             r = 0
             for span, k in zip(self.prompt_spans, self.prompt_num_logprobs):
-                positions = [TokenLogprobs(p.token_ids[: 1 + k], p.logprobs[: 1 + k], p.rank) for p in rows[r : r + span.count]]
+                positions = [
+                    TokenLogprobs(p.token_ids[: 1 + k], p.logprobs[: 1 + k], p.rank) for p in rows[r : r + span.count]
+                ]
                 out.prompt_logprobs[span.seq_index] = PromptLogprobsChunk(span.first + 1, positions)
                 r += span.count
         return out

@@ -176,7 +176,9 @@ class Sampler:
             out.logprobs = gather_logprobs(raw_logprobs, chosen, max(out.num_logprobs))
             out.logprob_rows = lp_rows
         if prompt_spans:
-            targets = [t for sp in prompt_spans for t in seqs[sp.seq_index].token_ids[sp.first + 1 : sp.first + 1 + sp.count]]
+            targets = [  # position p scores prompt token p + 1
+                t for sp in prompt_spans for t in seqs[sp.seq_index].token_ids[sp.first + 1 : sp.first + sp.count + 1]
+            ]
             if prompt_logits is None or prompt_logits.shape[0] != len(targets):
                 raise ValueError(f"prompt logprobs: {len(targets)} prompt rows expected, got "
                                  f"{None if prompt_logits is None else prompt_logits.shape[0]}")
