@@ -80,10 +80,6 @@ def apply_penalties(
     return logits - presence.unsqueeze(1) * in_output
 
 
-def has_penalties(params: Any) -> bool:
-    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
-
-
 def _padded(rows: list[list[int]], pad: int) -> tuple[list[int], int]:
     """Rows of different lengths as one flat row-major list padded with ``pad``; and the width."""
     width = max(1, max(len(r) for r in rows))
@@ -140,23 +136,24 @@ def apply_logits_processors(logits: torch.Tensor, seqs: SequenceLike, eos_token_
     bias_cols: list[int] = []
     bias_vals: list[float] = []
     penalised: list[int] = []
-    for i, seq in enumerate(seqs):
+    for i, seq in enumerate(seqs):  # (runs every step for every row: plain attribute tests first)
         p = seq.sampling_params
         if p.allowed_token_ids is not None:
             allowed_rows += [i] * len(p.allowed_token_ids)
             allowed_cols += p.allowed_token_ids
-        banned: list[int] = []
-        if p.bad_words_token_ids:
-            banned += bad_words_banned(p.bad_words_token_ids, seq.output_token_ids)
-        if seq.num_output_tokens < p.min_tokens:
-            banned += list(p.stop_token_ids) + ([] if p.ignore_eos else eos)
-        ban_rows += [i] * len(banned)
-        ban_cols += banned
+        if p._bad_words_token_ids:
+            banned = bad_words_banned(p._bad_words_token_ids, seq.output_token_ids)
+            ban_rows += [i] * len(banned)
+            ban_cols += banned
+        if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else eos)
+            ban_rows += [i] * len(banned)
+            ban_cols += banned
         if p.logit_bias:
             bias_rows += [i] * len(p.logit_bias)
             bias_cols += list(p.logit_bias)
             bias_vals += list(p.logit_bias.values())
-        if has_penalties(p):
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
             penalised.append(i)
     if not (allowed_rows or ban_rows or bias_rows or penalised):
         return logits
