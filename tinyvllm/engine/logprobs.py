@@ -106,10 +106,11 @@ def prompt_logprob_spans(seqs: SequenceLike, num_scheduled_tokens: SequenceLike[
     spans: list[PromptSpan] = []
     row = 0
     for i, (seq, n) in enumerate(zip(seqs, num_scheduled_tokens)):
-        start = seq.num_computed_tokens
-        stop = min(start + n, seq.num_prompt_tokens - 1)
-        if seq.sampling_params.prompt_logprobs is not None and seq.num_output_tokens == 0 and stop > start:
-            spans.append(PromptSpan(i, start, stop - start, row))
+        if seq.sampling_params.prompt_logprobs is not None and seq.num_output_tokens == 0:
+            start = seq.num_computed_tokens
+            stop = min(start + n, seq.num_prompt_tokens - 1)
+            if stop > start:
+                spans.append(PromptSpan(i, start, stop - start, row))
         row += n
     return spans
 

@@ -22,7 +22,8 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    host: the step's only device->host transfer; then reads the kernels' error flags, which
    that copy has already waited for (``tinyvllm.ops.check_kernel_errors``).
 
-It only reads the sequences (``token_ids``, ``num_computed_tokens``, ``block_table``);
+It only reads the sequences (``token_ids``, ``num_computed_tokens``, ``block_table``, and
+the SamplingParams for sampling and ``prompt_logprobs``);
 the Scheduler allocates blocks and records the progress. At construction it completes
 the EngineConfig with what only it can measure: the cache size (``num_kv_blocks``, when
 not given) and, on a GPU, ``decode_longest_first_min_seqs``.
