@@ -52,10 +52,16 @@ class FakeRunner(ModelRunner):
                 self.cache[s.block_table[pos // bs] * bs + pos % bs] = self._token(s, pos)
         for s in out.seqs:
             history = [self.cache[s.block_table[p // bs] * bs + p % bs] for p in range(s.num_tokens)]
-            digest = hashlib.sha256(repr(history).encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            rows.append(torch.randn(self.vocab_size, generator=g) * self.peaked)
+            rows.append(toy_logits(history, self.vocab_size, self.peaked))
         return torch.stack(rows).float()
+
+
+def toy_logits(history: list[int], vocab_size: int, peaked: float = 3.0) -> torch.Tensor:
+    """FakeRunner's next-token logits after ``history`` (float32 [vocab_size]): a hash of the
+    whole history seeds them, so tests can recompute what the engine saw."""
+    digest = hashlib.sha256(repr(list(history)).encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(vocab_size, generator=g) * peaked
 
 
 class FakeTokenizer:

@@ -128,11 +128,29 @@ def test_llm_generate_async_equals_sync_on_a_tiny_llama(tiny_llama_dir):
 
     rng = random.Random(5)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 200) for _ in range(rng.randrange(1, 30))]} for _ in range(8)]
-    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=rng.randrange(1, 20)) for i in range(8)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=rng.randrange(1, 20),
+                             logprobs=2 if i % 3 == 0 else None, prompt_logprobs=1 if i == 3 else None) for i in range(8)]
     outs = {}
     for overlap in (False, True):
         llm = LLM(str(tiny_llama_dir), async_scheduling=overlap, max_num_seqs=4, block_size=4, num_kv_blocks=40,
                   max_model_len=64)
-        outs[overlap] = [summary(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[overlap] = [(summary(o), o.outputs[0].logprobs, o.prompt_logprobs)
+                         for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.llm_engine.block_manager.num_free_blocks == 40
     assert outs[True] == outs[False]
+
+
+def test_async_engine_keeps_parallel_sampling_and_logprobs():
+    """n > 1 and logprobs ride with the step's one copy; one step late they are the same."""
+    results = {}
+    for overlap in (False, True):
+        eng = make_fake_engine(async_scheduling=overlap)
+        arrivals = {0: [("p", [5, 6, 7], SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=9, logprobs=2)),
+                        ("q", [8, 9], SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, stop_token_ids=[3]))],
+                    2: [("r", [4, 4, 4], SamplingParams(n=2, seed=1, temperature=0.8, max_tokens=5))]}
+        final = run_to_completion(eng, arrivals)
+        results[overlap] = {rid: ([(c.token_ids, c.text, c.finish_reason, c.logprobs, c.cumulative_logprob)
+                                   for c in o.outputs], o.prompt_logprobs) for rid, o in final.items()}
+        assert eng.block_manager.num_free_blocks == 64
+    assert results[True] == results[False]
+    assert len(results[True]["p"][0]) == 3 and results[True]["p"][0][0][3] is not None

@@ -113,7 +113,7 @@ def test_requests_join_while_others_decode_and_blocks_free_at_once():
     short = next(o for o in outs if o.request_id == "short")
     assert short.finished and short.outputs[0].finish_reason == "length"
     # the finished request's blocks are back right away
-    assert eng.block_manager.num_used_blocks == len(eng.requests["long"].block_table)
+    assert eng.block_manager.num_used_blocks == len(eng.requests["long"].seqs[0].block_table)
     assert eng.block_manager.num_used_blocks >= used
     run_to_completion(eng)
     assert eng.block_manager.num_free_blocks == 16

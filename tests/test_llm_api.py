@@ -138,6 +138,20 @@ def test_dtype_and_bad_arguments(tiny_llama_dir):
         LLM(model=str(tiny_llama_dir), max_model_len=100_000)
 
 
+def test_params_the_vocabulary_refuses_raise_and_leave_the_engine_clean(llm):
+    """A params list whose second entry biases a token the model does not have: a ValueError
+    naming the field, and the first prompt, already added, is withdrawn."""
+    vocab = llm.llm_engine.vocab_size
+    bad = SamplingParams(logit_bias={vocab: 5.0})
+    with pytest.raises(ValueError, match="^logit_bias"):
+        llm.generate(["x", "y"], [GREEDY, bad], use_tqdm=False)
+    with pytest.raises(ValueError, match="^logprobs"):
+        llm.generate("x", SamplingParams(logprobs=vocab + 1), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.block_manager.num_free_blocks == 64
+    assert len(llm.generate(["x", "y"], GREEDY, use_tqdm=False)) == 2
+
+
 def test_engine_from_model_takes_the_config_fields_as_keywords(tiny_llama_dir):
     """LLMEngine.from_model(model, **EngineConfig fields) = from_config(EngineConfig(...)); the
     config is completed from the model (eos ids) and the cache (max_seq_len)."""

@@ -118,5 +118,5 @@ def test_execute_samples_one_token_per_sequence_as_python_ints():
         s.sampling_params = SamplingParams(temperature=0)
     out = SchedulerOutput(seqs, [s.num_tokens for s in seqs])
     logits = runner.compute_logits(out)
-    token_ids = runner.execute(out)  # recomputes the same k/v into the same slots
+    token_ids = runner.execute(out).sampled_token_ids  # recomputes the same k/v into the same slots
     assert token_ids == logits.argmax(-1).tolist() and all(type(t) is int for t in token_ids)

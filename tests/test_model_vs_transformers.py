@@ -51,7 +51,7 @@ import torch
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from tinyvllm import loader
+from tinyvllm import SamplingParams, loader
 from tinyvllm.config import ModelConfig
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.model_runner import ModelRunner, _slots, determine_num_blocks, kv_cache_bytes_per_block
@@ -193,6 +193,7 @@ class Seq:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     request_id: str = "r"
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)  # (prompt_logprobs: None)
 
     @property
     def num_tokens(self) -> int:

@@ -159,5 +159,5 @@ def test_sampler_bans_eos_and_stop_ids_before_min_tokens():
         Sequence("c", [5, 6, 6, 6], SamplingParams(temperature=0, min_tokens=3)),
     ]
     seqs[2].prompt_token_ids = [5]  # three tokens generated already
-    ids = Sampler([1])(logits, seqs).tolist()
+    ids = Sampler([1])(logits, seqs).sampled_token_ids.tolist()
     assert ids == [0, 1, 1]  # a: eos and 2 banned; b: ignore_eos, eos not banned; c: past min_tokens

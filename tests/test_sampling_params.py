@@ -18,9 +18,28 @@ from tinyvllm import SamplingParams
         ({"max_tokens": -3}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 1.5}, "n"),
+        ({"n": 2, "temperature": 0}, "n"),  # greedy: one completion (vLLM)
         ({"best_of": 3}, "best_of"),
-        ({"logprobs": 1}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 1.0}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": -2.01}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"logit_bias": {3: "big"}}, "logit_bias"),
+        ({"logit_bias": [(3, 1.0)]}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+        ({"bad_words": [""]}, "bad_words"),
+        ({"bad_words": ["ok", 3]}, "bad_words"),
         ({"seed": "x"}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
@@ -46,3 +65,25 @@ def test_defaults_and_normalisation():
     assert SamplingParams(max_tokens=None).max_tokens is None
     assert SamplingParams(min_tokens=4, max_tokens=4).min_tokens == 4
     SamplingParams(top_p=1.0, min_p=1.0, temperature=0.0)
+
+
+def test_new_fields_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.logprobs is None and p.prompt_logprobs is None and p.logit_bias is None
+    assert p.allowed_token_ids is None and p.bad_words is None and p.bad_words_token_ids is None
+    # boundaries are valid (vLLM's closed ranges)
+    SamplingParams(presence_penalty=-2, frequency_penalty=2.0, repetition_penalty=0.01, logprobs=0, prompt_logprobs=0)
+    assert SamplingParams(n=4, seed=3).n == 4
+    # logit_bias: string keys (JSON) become ints, biases are clamped to [-100, 100] (OpenAI, vLLM)
+    assert SamplingParams(logit_bias={"7": 250, 3: -1000.0, 4: 0.5}).logit_bias == {7: 100.0, 3: -100.0, 4: 0.5}
+    assert SamplingParams(allowed_token_ids=(3, 1)).allowed_token_ids == [3, 1]
+    assert SamplingParams(bad_words="foo").bad_words == ["foo"]
+
+
+def test_clone_is_deep():
+    p = SamplingParams(logit_bias={1: 1.0}, allowed_token_ids=[1, 2], stop=["x"], seed=5, n=2)
+    q = p.clone()
+    assert q == p and q.logit_bias is not p.logit_bias and q.allowed_token_ids is not p.allowed_token_ids
+    q.allowed_token_ids.append(9)
+    assert p.allowed_token_ids == [1, 2]

@@ -1,4 +1,19 @@
-"""What a request returns: RequestOutput holding one CompletionOutput (vLLM's shapes).
+"""What a request returns: RequestOutput holding n CompletionOutputs (vLLM's shapes).
+
+One CompletionOutput per completion of the prompt (``SamplingParams.n``; ``index`` 0..n-1).
+The request is ``finished`` once all n are.
+
+Log-probabilities (vLLM's shapes), when the request asked for them:
+
+* ``CompletionOutput.logprobs`` (``SamplingParams(logprobs=k)``): one ``dict[token_id, Logprob]`` per
+  generated token: the chosen token, plus the k most likely tokens (so k or k + 1 entries).
+  ``cumulative_logprob`` is the sum of the chosen tokens' log-probabilities (None without logprobs).
+* ``RequestOutput.prompt_logprobs`` (``SamplingParams(prompt_logprobs=k)``): the same for every
+  prompt token, each scored by the logits of the position before it; the first prompt token has
+  nothing before it, so its entry is ``None``.
+
+The log-probabilities are the model's own ("raw"): ``log_softmax`` of the logits before
+temperature, penalties or any other processing, as vLLM returns by default.
 
 ``finish_reason`` is ``None`` while the request runs, then one of:
 
@@ -19,12 +34,27 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position. ``rank``: 1 for the most likely token (a token
+    tied with others counts them all: rank = how many tokens have a log-probability >= its own).
+    ``decoded_token``: the token alone as text (None without a tokenizer)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+SampleLogprobs = list[dict[int, Logprob]]  # one dict per generated token
+PromptLogprobs = list[dict[int, Logprob] | None]  # one per prompt token; None for the first
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list | None = None
+    logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -47,10 +77,12 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # set when finish_reason == "error"
+    prompt_logprobs: PromptLogprobs | None = None
 
     def __repr__(self) -> str:
         err = f", error={self.error!r}" if self.error else ""
         return (
             f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
-            f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, finished={self.finished}{err})"
+            f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
+            f"outputs={self.outputs}, finished={self.finished}{err})"
         )

@@ -13,13 +13,36 @@ Disabled values ("off"):
 * ``top_p=1.0``      keep the whole distribution.
 * ``min_p=0.0``      keep the whole distribution.
 * ``max_tokens=None`` generate until a stop condition or the model's length limit.
+* ``presence_penalty=0``, ``frequency_penalty=0``, ``repetition_penalty=1``: no penalty.
+* ``logit_bias``, ``allowed_token_ids``, ``bad_words``, ``logprobs``, ``prompt_logprobs``: None.
 
-Not supported (a clear error rather than silently ignoring the request):
-``n != 1``, ``best_of``, ``logprobs``/``prompt_logprobs``.
+Several completions, log-probabilities and logits processors (vLLM's meanings; the math is in
+tinyvllm/engine/logits_processors.py and tinyvllm/engine/logprobs.py):
+
+* ``n``                 completions of the prompt, returned together in one RequestOutput. With a
+                        ``seed``, completion i draws from ``seed + i`` (vLLM's rule): the n differ,
+                        and the whole set is reproducible. Greedy decoding allows only ``n=1``.
+* ``logprobs``          k >= 0: the chosen token's log-probability and the k most likely tokens',
+                        per generated token. ``prompt_logprobs`` the same for the prompt tokens.
+* ``presence_penalty``  in [-2, 2]: subtracted once from every token already generated.
+* ``frequency_penalty`` in [-2, 2]: subtracted once per time a token was generated.
+* ``repetition_penalty`` > 0: tokens in the prompt or generated so far have a positive logit
+                        divided by it, a negative one multiplied by it.
+* ``logit_bias``        {token id: bias}, added to the logits (clamped to [-100, 100], as OpenAI's API).
+* ``allowed_token_ids`` only these tokens can be produced.
+* ``bad_words``         words never produced: the last token of a word's tokens is banned whenever
+                        the tokens before it were just generated (the engine tokenizes the words).
+
+The token ids of ``logit_bias``, ``allowed_token_ids`` and ``logprobs <= vocabulary`` are checked
+against the model's vocabulary when the request is added (``LLMEngine.add_request``), the first
+place that knows it.
+
+Not supported (a clear error rather than silently ignoring the request): ``best_of``.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 
@@ -40,8 +63,16 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Filled in by __post_init__: the stop-token ids as a set for O(1) checks.
     _stop_token_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    # Filled in by the engine (it has the tokenizer): each bad word's token ids, vLLM's name.
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Normalise the "list or single value" fields first, so validation sees one shape.
@@ -54,21 +85,29 @@ class SamplingParams:
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, (tuple, list)):
+            self.bad_words = list(self.bad_words)
+        if isinstance(self.allowed_token_ids, (tuple, list, set, frozenset, range)):
+            self.allowed_token_ids = list(self.allowed_token_ids)
         self._verify()
         self._stop_token_set = frozenset(self.stop_token_ids)
+        if self.logit_bias is not None:
+            # JSON keys arrive as strings; OpenAI's API clamps each bias to [-100, 100] (vLLM does too).
+            self.logit_bias = {int(t): min(100.0, max(-100.0, float(b))) for t, b in self.logit_bias.items()}
 
     def _verify(self) -> None:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        if not is_int(self.n) or self.n != 1:
-            raise ValueError(f"n must be 1 (tinyvllm generates one completion per request), got {self.n!r}.")
+        def is_number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # (NaN != NaN)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n!r}.")
         if self.best_of not in (None, 1):
             raise ValueError(f"best_of is not supported by tinyvllm, got {self.best_of!r}.")
-        if self.logprobs is not None:
-            raise ValueError(f"logprobs is not supported by tinyvllm yet, got {self.logprobs!r}.")
-        if self.prompt_logprobs is not None:
-            raise ValueError(f"prompt_logprobs is not supported by tinyvllm yet, got {self.prompt_logprobs!r}.")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0 or self.temperature != self.temperature:
             raise ValueError(f"temperature must be non-negative, got {self.temperature!r}.")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
@@ -91,6 +130,43 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.")
         if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+        # n, log-probabilities and the logits processors (vLLM's ranges; token ids against the
+        # vocabulary: LLMEngine.add_request).
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be a non-negative int or None, got {self.logprobs!r}.")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs must be a non-negative int or None, got {self.prompt_logprobs!r}.")
+        if not is_number(self.presence_penalty) or not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}.")
+        if not is_number(self.frequency_penalty) or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}.")
+        if not is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(
+                f"repetition_penalty must be a finite number greater than zero, got {self.repetition_penalty!r}."
+            )
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}.")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, (int, str)) or not str(t).strip().lstrip("-").isdigit():
+                    raise ValueError(f"logit_bias keys must be token ids (ints), got {t!r}.")
+                if int(t) < 0:
+                    raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}.")
+                if not is_number(b):
+                    raise ValueError(f"logit_bias values must be numbers, got {b!r} for token {t!r}.")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise ValueError(
+                    f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}."
+                )
+            if any(not is_int(t) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be non-negative ints, got {self.allowed_token_ids!r}.")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list) or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            raise ValueError(f"bad_words must be a string or a list of non-empty strings, got {self.bad_words!r}.")
 
     @property
     def is_greedy(self) -> bool:
@@ -100,10 +176,11 @@ class SamplingParams:
     def stop_token_set(self) -> frozenset:
         return self._stop_token_set
 
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """Each bad word's token ids, once the engine has tokenized ``bad_words`` (else None)."""
+        return self._bad_words_token_ids
+
     def clone(self) -> "SamplingParams":
-        return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            seed=self.seed, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
-            ignore_eos=self.ignore_eos, max_tokens=self.max_tokens, min_tokens=self.min_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-        )
+        """A deep copy (lists and dicts too), with what the engine filled in."""
+        return copy.deepcopy(self)

@@ -9,17 +9,26 @@
 One ``step()`` is nano-vllm's shape:
 
     out = scheduler.schedule()                   # which sequences, how many tokens each
-    token_ids = model_runner.execute(out)        # forward pass + sampling: one id per sequence
-    scheduler.postprocess(out, token_ids)        # progress, token stop checks, free finished blocks
+    result = model_runner.execute(out)           # forward pass + sampling: one id per sequence
+    scheduler.postprocess(out, result.sampled_token_ids)  # progress, token stop checks, free blocks
     for seq in out.seqs:                         # text: incremental detokenization, stop strings,
-        self._update_text(seq)                   # then one RequestOutput per sequence
+        self._update_text(seq)                   # log-probabilities; then one RequestOutput per
+                                                 # request that advanced
+
+A request with ``SamplingParams(n=k)`` is fanned out here into k sequences (vLLM's "parallel
+sampling"): each is scheduled, preempted and finished on its own, under the sequence id
+``f"{i}_{request_id}"`` (vLLM's spelling; ``request_id`` itself when n = 1), with its own copy of
+the params whose ``seed``, when set, is ``seed + i`` (so the k completions differ, and the whole
+set is reproducible). They come back together: one RequestOutput per request, its ``outputs[i]``
+being sequence i (``index`` i), ``finished`` once all are. Aborting the request aborts them all.
 
 The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
 Scheduler owns the sequences' progress and the KV blocks; the ModelRunner owns the device.
 Requests may be added or aborted between any two steps; request ids are the handle, which
 is what an async loop or an OpenAI-compatible server needs.
 
-Host syncs: the only device->host transfer in a step is the list of sampled ids.
+Host syncs: the only device->host transfer in a step is the sampled ids, with the
+log-probabilities any request asked for (tinyvllm/engine/logprobs.py).
 
 Requests that can never run (prompt longer than the model allows, or bigger than
 the whole KV cache, or empty) are not raised as exceptions: they finish at once
@@ -31,14 +40,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.logits_processors import tokenize_bad_words
+from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from tinyvllm.outputs import CompletionOutput, RequestOutput
+from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from tinyvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("tinyvllm")
@@ -60,6 +72,38 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return None, list(prompt)
     raise TypeError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
+
+
+@dataclass
+class RequestState:
+    """One request as the engine tracks it: its ``n`` sequences (``seqs[i]`` is completion i) and
+    the log-probabilities its outputs carry (None where the request did not ask for them)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams  # the request's own (its n, its prompt_logprobs)
+    seqs: list[Sequence] = field(default_factory=list)
+    logprobs: list[SampleLogprobs | None] = field(default_factory=list)  # per sequence
+    cumulative_logprobs: list[float | None] = field(default_factory=list)  # per sequence
+    prompt_logprobs: PromptLogprobs | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.seqs)
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sequence ``index``'s params for a request of ``n > 1`` (vLLM's ParentRequest): n = 1, the
+    seed ``seed + index``; the prompt's log-probabilities are computed by sequence 0 only."""
+    child = params.clone()
+    child.n = 1
+    if params.seed is not None:
+        child.seed = params.seed + index
+    if index > 0:
+        child.prompt_logprobs = None
+    return child
 
 
 class LLMEngine:
@@ -85,12 +129,14 @@ class LLMEngine:
         self.scheduler = Scheduler(config)
         self.block_manager = self.scheduler.block_manager  # (the scheduler's; here for a reader's convenience)
 
-        self.requests: dict[str, Sequence] = {}  # unfinished requests by id
+        self.requests: dict[str, RequestState] = {}  # unfinished requests by id
+        self._owner: dict[int, tuple[RequestState, int]] = {}  # id(seq) -> its request, its index there
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
+        self._token_text: dict[int, str] = {}  # each token alone as text (Logprob.decoded_token)
         self._arrival = itertools.count()
         self.num_steps = 0
         # async scheduling: the step launched last, whose token ids the host has not read yet
-        self._in_flight: tuple[Any, list[tuple[Sequence, int, int]]] | None = None
+        self._in_flight: tuple[Any, Any, list[tuple[int, Sequence, int]]] | None = None
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -135,8 +181,9 @@ class LLMEngine:
     ) -> None:
         """Queue a request. ``prompt`` is text, token ids or a vLLM prompt dict.
 
-        Raises only for caller bugs (duplicate id, wrong types). A prompt that can
-        never run finishes with ``finish_reason="error"`` (see the module docstring).
+        Raises only for caller bugs (duplicate id, wrong types, params the model's vocabulary
+        cannot satisfy: a ValueError naming the field). A prompt that can never run finishes
+        with ``finish_reason="error"`` (see the module docstring).
         """
         request_id = str(request_id)
         if request_id in self.requests:
@@ -144,27 +191,63 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = self._fit_params(params)
         text, ids = parse_prompt(prompt)
         if prompt_token_ids is not None:
             ids = list(prompt_token_ids)
         if ids is None:
             ids = self.tokenizer.encode(text)
-        seq = Sequence(request_id, list(ids), params, arrival_index=next(self._arrival), prompt=text)
-        error = self._validate(seq)
+        n = params.n
+        state = RequestState(request_id, text, list(ids), params, logprobs=[None] * n, cumulative_logprobs=[None] * n)
+        for i in range(n):
+            seq_id, p = (request_id, params) if n == 1 else (f"{i}_{request_id}", child_params(params, i))
+            state.seqs.append(Sequence(seq_id, list(ids), p, arrival_index=next(self._arrival), prompt=text))
+        error = self._validate(state.seqs[0])
         if error is not None:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "error"
-            seq.error = error
+            for seq in state.seqs:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "error"
+                seq.error = error
+            state.error = error
             logger.warning("tinyvllm: request %s failed: %s", request_id, error)
-            self._pending.append(self._make_output(seq))
+            self._pending.append(self._make_output(state))
             return
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.config.device)
-            seq.generator.manual_seed(params.seed)
-        if self.detokenizer_cls is not None:
-            seq.detokenizer = self.detokenizer_cls(self.tokenizer, seq.prompt_token_ids)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        if params.logprobs is not None:
+            state.logprobs, state.cumulative_logprobs = [[] for _ in range(n)], [0.0] * n
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(ids)  # position 0 stays None: nothing comes before it
+        for i, seq in enumerate(state.seqs):
+            if seq.sampling_params.seed is not None:
+                seq.generator = torch.Generator(device=self.config.device)
+                seq.generator.manual_seed(seq.sampling_params.seed)
+            if self.detokenizer_cls is not None:
+                seq.detokenizer = self.detokenizer_cls(self.tokenizer, seq.prompt_token_ids)
+            self._owner[id(seq)] = (state, i)
+            self.scheduler.add(seq)
+        self.requests[request_id] = state
+
+    def _fit_params(self, params: SamplingParams) -> SamplingParams:
+        """Check what only the model's vocabulary can (a ValueError naming the field), and
+        tokenize ``bad_words`` (into a copy of the params, which may serve other requests)."""
+        V = self.vocab_size
+        if V is not None:
+            for name in ("logprobs", "prompt_logprobs"):
+                k = getattr(params, name)
+                if k is not None and k > V:
+                    raise ValueError(f"{name} must be at most the vocabulary size ({V}), got {k}.")
+            for name in ("logit_bias", "allowed_token_ids"):
+                bad = [t for t in getattr(params, name) or () if t >= V]
+                if bad:
+                    raise ValueError(f"{name} has token ids outside the vocabulary (vocab_size={V}): {bad[:8]}.")
+        if params.bad_words and params.bad_words_token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs the engine's tokenizer, and this engine has none.")
+            params = params.clone()
+            params._bad_words_token_ids = tokenize_bad_words(params.bad_words, self.tokenizer)
+            bad = [t for word in params._bad_words_token_ids for t in word if V is not None and t >= V]
+            if bad:
+                raise ValueError(f"bad_words tokenize to ids outside the vocabulary (vocab_size={V}): {bad[:8]}.")
+        return params
 
     def _validate(self, seq: Sequence) -> str | None:
         c = self.config
@@ -188,19 +271,27 @@ class LLMEngine:
         return None
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        """Stop request(s) now and free their blocks; the final output (finish_reason "abort")
-        comes from the next ``step()``. Unknown or finished ids are ignored."""
+        """Stop request(s) now, every one of their sequences, and free their blocks; the final
+        output (finish_reason "abort" for the sequences still running) comes from the next
+        ``step()``. Unknown or finished ids are ignored."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            seq = self.requests.pop(rid, None)
-            if seq is None:
+            state = self.requests.pop(rid, None)
+            if state is None:
                 continue
-            self.scheduler.finish(seq)
-            seq.finish_reason = "abort"
-            self._pending.append(self._make_output(seq))
+            for seq in state.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish_reason = "abort"
+                self._owner.pop(id(seq), None)
+            self._pending.append(self._make_output(state))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending) or self._in_flight is not None
+
+    def has_in_flight_step(self) -> bool:
+        """Async scheduling: a step is launched whose token ids the host has not read yet."""
+        return self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -211,15 +302,17 @@ class LLMEngine:
         that failed or were aborted since the last step). With async scheduling the outputs are
         the previous step's (see :meth:`_step_async`)."""
         outputs, self._pending = self._pending, []
-        if not self.config.async_scheduling:
-            if self.scheduler.has_unfinished():
-                out = self.scheduler.schedule()
-                token_ids = self.model_runner.execute(out)
-                self.scheduler.postprocess(out, token_ids)
-                self.num_steps += 1
-                outputs += self._emit([(seq, seq.num_tokens - 1) for seq in out.seqs])
+        if self.config.async_scheduling:
+            return outputs + self._step_async()
+        if not self.scheduler.has_unfinished():
             return outputs
-        return outputs + self._step_async()
+        out = self.scheduler.schedule()
+        result = self.model_runner.execute(out)
+        num_tokens = [seq.num_tokens for seq in out.seqs]
+        self.scheduler.postprocess(out, result.sampled_token_ids)
+        self.num_steps += 1
+        appended = [(i, seq, seq.num_tokens - 1) for i, seq in enumerate(out.seqs) if seq.num_tokens > num_tokens[i]]
+        return outputs + self._emit(out, result, appended)
 
     def _step_async(self) -> list[RequestOutput]:
         """One step with the host one step behind the GPU (vLLM's async scheduling).
@@ -233,52 +326,93 @@ class LLMEngine:
         that stops at step N-1 was also scheduled in step N: that one extra token is discarded.
         """
         prev, self._in_flight = self._in_flight, None
-        out = sampled = None
+        out = pending = None
         if self.scheduler.has_unfinished():
             out = self.scheduler.schedule()
-            sampled = self.model_runner.execute_async(out)  # step N, launched
+            pending = self.model_runner.execute_async(out)  # step N, launched
         outputs = self._resolve(*prev) if prev is not None else []  # step N-1, learnt while N runs
         if out is not None:
-            placeholders = [PLACEHOLDER - i for i in range(len(out.seqs))]
-            self.scheduler.postprocess(out, placeholders)  # counts, blocks, length stops
+            num_tokens = [seq.num_tokens for seq in out.seqs]
+            self.scheduler.postprocess(out, [PLACEHOLDER - i for i in range(len(out.seqs))])  # counts, length stops
             self.num_steps += 1
-            self._in_flight = (sampled, [(seq, seq.num_tokens - 1, t) for seq, t in zip(out.seqs, placeholders)
-                                         if seq.token_ids and seq.token_ids[-1] == t])
+            appended = [(i, seq, seq.num_tokens - 1) for i, seq in enumerate(out.seqs) if seq.num_tokens > num_tokens[i]]
+            self._in_flight = (out, pending, appended)
         return outputs
 
-    def _resolve(self, sampled: Any, recorded: list[tuple[Sequence, int, int]]) -> list[RequestOutput]:
+    def _resolve(self, out: Any, pending: Any, appended: list[tuple[int, Sequence, int]]) -> list[RequestOutput]:
         """A launched step's real token ids: each replaces its placeholder, then the token stop
-        checks (EOS, stop ids) run on it, then text and outputs (:meth:`_emit`)."""
-        token_ids = sampled.tolist()  # the one host sync, for a copy that is done or nearly
-        resolved = []
-        for seq, pos, placeholder in recorded:
-            if seq.finish_reason == "abort" or pos >= seq.num_tokens or seq.token_ids[pos] != placeholder:
+        checks (EOS, stop ids) run on it, then log-probabilities, text and outputs (:meth:`_emit`)."""
+        result = pending.to_host()  # the one host sync, for a copy that is done or nearly
+        known = []
+        for i, seq, pos in appended:
+            if seq.finish_reason == "abort" or pos >= seq.num_tokens or seq.token_ids[pos] != PLACEHOLDER - i:
                 continue  # aborted while the step ran
-            token = token_ids[PLACEHOLDER - placeholder]
+            token = result.sampled_token_ids[i]
             seq.token_ids[pos] = token
             verdict = self.scheduler.stop_verdict(seq, token, pos + 1)
             if verdict is not None:
                 seq.finish_reason, seq.stop_reason = verdict
-            resolved.append((seq, pos))
-        return self._emit(resolved)
+            known.append((i, seq, pos))
+        return self._emit(out, result, known)
 
-    def has_in_flight_step(self) -> bool:
-        return self._in_flight is not None
-
-    def _emit(self, resolved: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        """Text and outputs for each sequence whose token at ``pos`` is now known: detokenize
-        it and check the stop strings; a sequence that finished drops any later (placeholder)
-        token, leaves the scheduler and the request table."""
-        outputs = []
-        for seq, pos in resolved:
+    def _emit(self, out: Any, result: Any, appended: list[tuple[int, Sequence, int]]) -> list[RequestOutput]:
+        """A step's results on the host: prompt log-probabilities of its sequences; for each
+        sequence ``i`` whose token at ``pos`` is now known, its log-probabilities, its text and
+        the stop strings (a sequence that finished drops any later placeholder token and leaves
+        the scheduler); then one RequestOutput per request that advanced."""
+        advanced: dict[str, RequestState] = {}  # (insertion-ordered: first sequence's place in the batch)
+        for i, seq in enumerate(out.seqs):
+            owner = self._owner.get(id(seq))
+            if owner is None:  # aborted, or finished at an earlier step (async scheduling)
+                continue
+            state = owner[0]
+            if result.prompt_logprobs[i] is not None:
+                self._record_prompt_logprobs(state, result.prompt_logprobs[i])
+            advanced[state.request_id] = state
+        for i, seq, pos in appended:
+            if id(seq) not in self._owner:
+                continue
+            state, index = self._owner[id(seq)]
+            if result.logprobs[i] is not None:
+                self._record_logprobs(state, index, result.logprobs[i])
             self._update_text(seq, pos)
             if seq.finish_reason is not None:
                 del seq.token_ids[pos + 1 :]
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
-                self.requests.pop(seq.request_id, None)
-            outputs.append(self._make_output(seq))
+        outputs = []
+        for state in advanced.values():
+            if state.finished:
+                del self.requests[state.request_id]
+                for seq in state.seqs:
+                    self._owner.pop(id(seq), None)
+            outputs.append(self._make_output(state))
         return outputs
+
+    # ---- log-probabilities --------------------------------------------------------------------
+    def _logprob_dict(self, scored: TokenLogprobs) -> dict[int, Logprob]:
+        """vLLM's per-position dict: the scored token (its own rank) first, then the top k (ranks
+        1..k); a scored token that is also in the top k appears once."""
+        ranks = [scored.rank] + list(range(1, len(scored.token_ids)))
+        return {
+            t: Logprob(lp, r, self._decode_token(t)) for t, lp, r in zip(scored.token_ids, scored.logprobs, ranks)
+        }
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(token_id)
+        if text is None:  # special tokens spelled out, as vLLM's decoded_token
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _record_logprobs(self, state: RequestState, index: int, scored: TokenLogprobs) -> None:
+        state.logprobs[index].append(self._logprob_dict(scored))
+        state.cumulative_logprobs[index] += scored.logprobs[0]
+
+    def _record_prompt_logprobs(self, state: RequestState, chunk: PromptLogprobsChunk) -> None:
+        for j, scored in enumerate(chunk.positions):
+            state.prompt_logprobs[chunk.start + j] = self._logprob_dict(scored)
 
     def _update_text(self, seq: Sequence, pos: int) -> None:
         """Detokenize the token at ``pos`` (the one just known), then check the stop strings.
@@ -306,23 +440,29 @@ class LLMEngine:
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     break
 
-    def _make_output(self, seq: Sequence) -> RequestOutput:
-        text = seq.output_text
-        p = seq.sampling_params
-        if seq.finish_reason is None and p.stop and not p.include_stop_str_in_output:
-            # While running, hold back a tail that could be the start of a stop string,
-            # so a streamed text never shows characters that a later stop would cut.
-            hold = max(len(s) for s in p.stop) - 1
-            if hold > 0:
-                text = text[: max(0, len(text) - hold)]
-        token_ids = seq.output_token_ids
-        while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
-            token_ids.pop()
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=token_ids,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-        )
+    def _make_output(self, state: RequestState) -> RequestOutput:
+        completions = []
+        for index, seq in enumerate(state.seqs):
+            text = seq.output_text
+            p = seq.sampling_params
+            if seq.finish_reason is None and p.stop and not p.include_stop_str_in_output:
+                # While running, hold back a tail that could be the start of a stop string,
+                # so a streamed text never shows characters that a later stop would cut.
+                hold = max(len(s) for s in p.stop) - 1
+                if hold > 0:
+                    text = text[: max(0, len(text) - hold)]
+            logprobs = state.logprobs[index]
+            token_ids = seq.output_token_ids
+            while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
+                token_ids.pop()
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=token_ids,
+                cumulative_logprob=state.cumulative_logprobs[index],
+                logprobs=None if logprobs is None else list(logprobs),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))  # fmt: skip
         return RequestOutput(
-            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
-            outputs=[completion], finished=seq.finish_reason is not None, error=seq.error,
+            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=list(state.prompt_token_ids),
+            outputs=completions, finished=state.finished, error=state.error,
+            prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs),
         )

@@ -15,12 +15,17 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    and sends all of those integers to the device in ONE host-to-device copy from a
    pinned buffer (small copies cost ~10 us each, and a decode step is ~1 ms);
 2. runs the model, and the lm_head only on each sequence's last token (a prompt of
-   1,000 tokens needs one row of logits, not 1,000 x 128,256 floats);
-3. samples one token per sequence and copies the ids to the host: the step's only
-   device->host transfer; then reads the kernels' error flags, which that copy has
-   already waited for (``tinyvllm.ops.check_kernel_errors``).
+   1,000 tokens needs one row of logits, not 1,000 x 128,256 floats), plus every prompt
+   position of the sequences that asked for ``prompt_logprobs`` (such a step always takes
+   the prefill path);
+3. samples one token per sequence and copies the ids (with any log-probabilities) to the
+   host: the step's only device->host transfer, started at once and waited for by
+   ``PendingOutput.to_host()`` (one step later with async scheduling, whose placeholder
+   ids the next step's inputs take from the device); then reads the kernels' error flags,
+   which that copy has already waited for (``tinyvllm.ops.check_kernel_errors``).
 
-It only reads the sequences (``token_ids``, ``num_computed_tokens``, ``block_table``);
+It only reads the sequences (``token_ids``, ``num_computed_tokens``, ``block_table``, and
+the SamplingParams for sampling and ``prompt_logprobs``);
 the Scheduler allocates blocks and records the progress. At construction it completes
 the EngineConfig with what only it can measure: the cache size (``num_kv_blocks``, when
 not given) and, on a GPU, ``decode_longest_first_min_seqs``.
@@ -39,6 +44,7 @@ from tinyvllm import ops
 from tinyvllm.config import ModelConfig
 from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.logprobs import ModelRunnerOutput, PromptSpan, SamplerOutput, prompt_logprob_spans
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.engine.sequence import PLACEHOLDER
 from tinyvllm.model.attention_metadata import AttentionMetadata
@@ -135,20 +141,30 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
     return slots
 
 
-class SampledTokens:
-    """A step's sampled ids on their way to the host: ``tolist()`` waits for the copy (the
-    step's one device->host transfer), then reads the kernels' error flags, which that wait
-    made final (``tinyvllm.ops.check_kernel_errors``: an index the kernels refused to follow)."""
+class PendingOutput:
+    """A launched step's sampler output on its way to the host: ``to_host()`` waits for the
+    copy (the step's one device->host transfer), then reads the kernels' error flags, which
+    that wait made final (``tinyvllm.ops.check_kernel_errors``: an index the kernels refused to
+    follow, a bug in the inputs built here)."""
 
-    def __init__(self, ids: torch.Tensor, done: "torch.cuda.Event | None") -> None:
-        self._ids, self._done = ids, done
+    def __init__(self, sampled: SamplerOutput, pinned: bool) -> None:
+        self._sampled = sampled
+        packed = sampled.pack()
+        self._done: torch.cuda.Event | None = None
+        if pinned:  # start the copy now; the host's caching allocator keeps the pinned buffer
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = packed
 
-    def tolist(self) -> list[int]:
+    def to_host(self) -> ModelRunnerOutput:
         if self._done is not None:
             self._done.synchronize()
-        ids = self._ids.tolist()
+        result = self._sampled.unpack(self._host.cpu())
         ops.check_kernel_errors(synchronize=False)
-        return ids
+        return result
 
 
 class ModelRunner:
@@ -193,12 +209,8 @@ class ModelRunner:
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)
         self._copy_done: torch.cuda.Event | None = None
-        # The sampled ids: the last step's stay on the device for the next step's inputs, and
-        # come to the host through two pinned buffers taken in turn (one step in flight, one read).
+        # The last step's sampled ids, left on the device for the next step's inputs.
         self._last_sampled: torch.Tensor | None = None
-        self._num_launched = 0
-        if self._pinned:
-            self._host_ids = [torch.empty(config.max_num_seqs, dtype=torch.int64).pin_memory() for _ in range(2)]
         # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -219,34 +231,35 @@ class ModelRunner:
 
     # ---- the step -----------------------------------------------------------------------
 
-    def execute(self, out: "SchedulerOutput") -> list[int]:
-        """Run the scheduled tokens of ``out.seqs`` and return one sampled token id per sequence."""
-        return self.execute_async(out).tolist()
+    def execute(self, out: "SchedulerOutput") -> ModelRunnerOutput:
+        """Run the scheduled tokens of ``out.seqs``; return one sampled token id per sequence
+        (``.sampled_token_ids``) and the log-probabilities they asked for."""
+        return self.execute_async(out).to_host()
 
-    def execute_async(self, out: "SchedulerOutput") -> "SampledTokens":
+    def execute_async(self, out: "SchedulerOutput") -> "PendingOutput":
         """Launch the step and return at once: the sampled ids stay on the device (the next
         step's inputs may read them, see :meth:`_fill_placeholders`) while a non-blocking copy
-        brings them to a pinned host buffer; ``.tolist()`` waits for that copy only."""
+        brings them, with any log-probabilities, to pinned host memory; ``.to_host()`` waits
+        for that copy only."""
         logits = self.compute_logits(out)
-        ids = self.sampler(logits, out.seqs)
-        self._last_sampled = ids
-        if not self._pinned:
-            return SampledTokens(ids, None)
-        self._num_launched += 1
-        host = self._host_ids[self._num_launched % 2][: ids.numel()]  # two: one step in flight, one read
-        host.copy_(ids, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return SampledTokens(host, done)
+        S = len(out.seqs)
+        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
+        sampled = self.sampler(logits[:S], out.seqs, logits[S:], spans)
+        self._last_sampled = sampled.sampled_token_ids
+        return PendingOutput(sampled, pinned=self._pinned)
 
     @torch.no_grad()
     def compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
         """Run ``num_scheduled_tokens[i]`` new tokens of each ``seqs[i]`` (from its
         ``num_computed_tokens`` on) through the model, writing their k/v into the cache; return the
-        logits of each sequence's last scheduled token, float32 [len(seqs), vocab]."""
+        logits of each sequence's last scheduled token, float32 [len(seqs), vocab], followed by the
+        rows of its ``prompt_logprob_spans`` (none unless a sequence asked for prompt_logprobs)."""
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
-        if all(n == 1 for n in out.num_scheduled_tokens):
+        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
+        if spans:
+            input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens, spans)
+        elif all(n == 1 for n in out.num_scheduled_tokens):
             columns = self._decode_columns(out.seqs)
             if self.graphs is not None:
                 fill = self._fill_placeholders if min(columns[0]) < 0 else None
@@ -322,14 +335,17 @@ class ModelRunner:
         return ids, positions, slots, seq_lens, [seq.block_table for seq in seqs]
 
     def prepare_prefill(
-        self, seqs: SequenceLike["Sequence"], num_scheduled_tokens: SequenceLike[int]
+        self,
+        seqs: SequenceLike["Sequence"],
+        num_scheduled_tokens: SequenceLike[int],
+        prompt_spans: SequenceLike[PromptSpan] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Any number of new tokens per sequence: (input_ids [T], positions [T], AttentionMetadata).
 
         Sequence s owns query rows ``cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1`` and attends over its
         cached prefix plus those rows (causally); only its last row's logits are computed
-        (``logits_indices``). One copy: [ids | positions | slots | seq_lens | cu_seqlens_q |
-        logits_indices | block_tables].
+        (``logits_indices``), then the rows of ``prompt_spans`` (prompt logprobs). One copy:
+        [ids | positions | slots | seq_lens | cu_seqlens_q | logits_indices | block_tables].
         """
         input_ids: list[int] = []
         positions: list[int] = []
@@ -345,6 +361,7 @@ class ModelRunner:
             seq_lens.append(end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
         logits_indices = [c - 1 for c in cu_seqlens_q[1:]]
+        logits_indices += [r for span in prompt_spans for r in range(span.row, span.row + span.count)]
         block_tables, max_blocks = self._block_tables(seqs)
         d_ids, d_pos, d_slots, d_lens, d_cu, d_last, d_bt = self._to_device(
             input_ids, positions, slots, seq_lens, cu_seqlens_q, logits_indices, block_tables

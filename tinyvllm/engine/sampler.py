@@ -1,15 +1,20 @@
-"""Sampler: turns a batch of logits into one next token per sequence.
+"""Sampler: turns a batch of logits into one next token per sequence (and their log-probabilities).
 
 Everything runs on the logits' device, vectorised over the batch: each row has
 its own temperature / top-k / top-p / min-p, held in small per-row tensors, so a
 batch mixing greedy and random requests is one set of kernels, not a Python
-loop over requests. The only device->host transfer of a step is the final
-``.tolist()`` of the chosen ids, which the ModelRunner does.
+loop over requests. The only device->host transfer of a step is the copy of the
+chosen ids (with any log-probabilities: :meth:`SamplerOutput.to_host`), which the
+ModelRunner does.
 
 The pipeline, per row (the order vLLM's v1 sampler uses):
 
-1. ``min_tokens`` suppression: while a request has produced fewer than
-   ``min_tokens`` tokens, its EOS and stop-token logits are set to -inf.
+0. log-probabilities, for the rows that asked (``SamplingParams.logprobs``): ``log_softmax``
+   of these raw logits, before anything below changes them (tinyvllm/engine/logprobs.py).
+1. logits processors (tinyvllm/engine/logits_processors.py): ``allowed_token_ids``,
+   ``bad_words``, ``min_tokens`` (while a request has produced fewer than ``min_tokens``
+   tokens, its EOS and stop-token logits are set to -inf), ``logit_bias``, then the
+   presence / frequency / repetition penalties. Skipped when no row uses them.
 2. greedy rows (temperature 0) take ``argmax`` of these logits; the rest go on.
 3. temperature: ``logits / T``.
 4. min-p: drop tokens whose probability is below ``min_p * max_prob``.
@@ -22,6 +27,8 @@ The pipeline, per row (the order vLLM's v1 sampler uses):
    A request with ``seed`` draws its ``E`` from its own ``torch.Generator``, so its
    tokens do not depend on which other requests share the batch; the others share
    the Sampler's own generator (seeded by ``LLM(seed=...)``).
+8. the log-probabilities of the chosen tokens (their rank, and each row's top k) are
+   gathered from step 0's; prompt log-probabilities likewise, from the prompt rows' logits.
 """
 
 from __future__ import annotations
@@ -30,14 +37,9 @@ from typing import Iterable
 
 import torch
 
+from tinyvllm.engine.logits_processors import apply_logits_processors, to_device as _to_device
+from tinyvllm.engine.logprobs import PromptSpan, SamplerOutput, compute_logprobs, gather_logprobs
 from tinyvllm.engine.sequence import Sequence
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -87,22 +89,16 @@ def sample(
     min_p: list[float] | None = None,
     generators: list[torch.Generator | None] | None = None,
     default_generator: torch.Generator | None = None,
-    banned: list[list[int]] | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [B, V]; returns a [B] long tensor on the logits' device.
+    """Pick one token per row of ``logits`` [B, V] (already processed: see
+    :func:`~tinyvllm.engine.logits_processors.apply_logits_processors`); returns a [B] long
+    tensor on the logits' device.
 
     ``top_k``/``top_p``/``min_p`` may be None when no row uses them (skips the work).
-    ``banned[i]`` lists token ids row i may not produce this step (min_tokens).
     """
     B = logits.shape[0]
     device = logits.device
     logits = logits.float()
-    if banned is not None and any(banned):
-        rows = [i for i, ids in enumerate(banned) for _ in ids]
-        cols = [t for ids in banned for t in ids]
-        logits = logits.clone()
-        logits[_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)] = float("-inf")
-
     greedy = [t == 0.0 for t in temperature]
     greedy_ids = logits.argmax(dim=-1)
     if all(greedy):
@@ -128,7 +124,8 @@ def sample(
 
 
 class Sampler:
-    """Per-step glue: reads each sequence's SamplingParams and calls :func:`sample`.
+    """Per-step glue: reads each sequence's SamplingParams, computes the log-probabilities the
+    rows asked for, applies the logits processors and calls :func:`sample`.
 
     ``eos_token_ids`` are banned (with each request's stop token ids) while a request has fewer
     than ``min_tokens`` outputs. Unseeded requests draw from this sampler's generator, seeded
@@ -140,21 +137,54 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0 if seed is None else seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        prompt_logits: torch.Tensor | None = None,
+        prompt_spans: list[PromptSpan] = (),
+    ) -> SamplerOutput:
+        """``logits`` [B, V]: row i is ``seqs[i]``'s next-token logits. ``prompt_logits`` [P, V]:
+        the rows of the ``prompt_spans`` (tinyvllm.engine.logprobs.prompt_logprob_spans), in order.
+        Returns the sampled ids and the log-probabilities, still on the device."""
         params = [s.sampling_params for s in seqs]
-        banned = []
-        for s, p in zip(seqs, params):
-            ids: list[int] = []
-            if s.num_output_tokens < p.min_tokens:
-                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-            banned.append(ids)
-        return sample(
-            logits,
+        logits = logits.float()
+        device = logits.device
+        # 0. raw log-probabilities, before any processing (only the rows that asked).
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = None
+        if lp_rows:
+            whole = len(lp_rows) == len(seqs)
+            d_rows = None if whole else _to_device(lp_rows, torch.long, device)
+            raw_logprobs = compute_logprobs(logits if whole else logits.index_select(0, d_rows))
+        # 1-7. processors, then greedy or random.
+        processed = apply_logits_processors(logits, seqs, self.eos_token_ids)
+        token_ids = sample(
+            processed,
             temperature=[float(p.temperature) for p in params],
             top_k=[p.top_k for p in params],
             top_p=[float(p.top_p) for p in params],
             min_p=[float(p.min_p) for p in params],
             generators=[s.generator for s in seqs],
             default_generator=self.generator,
-            banned=banned,
         )
+        out = SamplerOutput(token_ids)
+        # 8. the chosen tokens' log-probabilities; the prompt tokens'.
+        if lp_rows:
+            chosen = token_ids if d_rows is None else token_ids.index_select(0, d_rows)
+            out.num_logprobs = [params[i].logprobs for i in lp_rows]
+            out.logprobs = gather_logprobs(raw_logprobs, chosen, max(out.num_logprobs))
+            out.logprob_rows = lp_rows
+        if prompt_spans:
+            targets = [  # position p scores prompt token p + 1
+                t for sp in prompt_spans for t in seqs[sp.seq_index].token_ids[sp.first + 1 : sp.first + sp.count + 1]
+            ]
+            if prompt_logits is None or prompt_logits.shape[0] != len(targets):
+                raise ValueError(f"prompt logprobs: {len(targets)} prompt rows expected, got "
+                                 f"{None if prompt_logits is None else prompt_logits.shape[0]}")
+            out.prompt_num_logprobs = [params[sp.seq_index].prompt_logprobs for sp in prompt_spans]
+            out.prompt_logprobs = gather_logprobs(
+                compute_logprobs(prompt_logits), _to_device(targets, torch.long, device), max(out.prompt_num_logprobs)
+            )
+            out.prompt_spans = list(prompt_spans)
+        return out

@@ -8,6 +8,8 @@
 ``generate`` adds every prompt to an :class:`~tinyvllm.engine.llm_engine.LLMEngine`
 and steps it until all are done; continuous batching happens inside the engine.
 
+``SamplingParams(n=k)`` gives each prompt's RequestOutput k completions (``outputs[i].index == i``).
+
 A prompt that can never run (longer than ``max_model_len - 1`` tokens, bigger than
 the KV cache, empty, or with out-of-vocabulary ids) does not fail the call: its
 RequestOutput comes back in its place with ``finished=True``, an empty completion
@@ -15,7 +17,8 @@ with ``finish_reason="error"``, and ``error`` holding the message (also logged a
 a warning). The other prompts run normally. (vLLM raises a ValueError for the whole
 call instead; tinyvllm's choice keeps a batch job's other results.)
 Invalid *arguments* (bad SamplingParams, a params list of the wrong length, a
-prompt of the wrong type) still raise before anything runs.
+prompt of the wrong type, token ids outside the model's vocabulary in ``logit_bias`` or
+``allowed_token_ids``) still raise, and nothing of the call runs.
 """
 
 from __future__ import annotations
@@ -135,19 +138,19 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
-        ids = []
-        for prompt, p in zip(prompts, params):
-            rid = str(next(self._request_counter))
-            engine.add_request(rid, prompt, p)
-            ids.append(rid)
-        wanted = set(ids)
+        ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
+            for prompt, p in zip(prompts, params):  # (a request the engine refuses undoes the ones before it)
+                rid = str(next(self._request_counter))
+                engine.add_request(rid, prompt, p)
+                ids.append(rid)
+            wanted = set(ids)
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
             while len(final) < len(ids):
                 if not engine.has_unfinished_requests():
                     raise RuntimeError("engine stopped before every request finished")

@@ -32,7 +32,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [S] int32: cached tokens per sequence, INCLUDING this step's
     max_seqlen_q: int  # longest run of new tokens (1 for decode): a launch-size hint
     cu_seqlens_q: torch.Tensor | None = None  # [S+1] int32: sequence s owns rows cu[s]..cu[s+1]-1 (prefill)
-    logits_indices: torch.Tensor | None = None  # [S] int64: row of each sequence's last token (prefill)
+    # [S (+P)] int64 (prefill): the row of each sequence's last token, then any prompt-logprob rows
+    logits_indices: torch.Tensor | None = None
     sum_seq_lens: int | None = None  # sum of seq_lens, known on the host: a hint for the decode kernel's plan
 
     @property
