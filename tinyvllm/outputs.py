@@ -1,4 +1,5 @@
-"""What a request returns: RequestOutput holding one CompletionOutput (vLLM's shapes).
+"""What a request returns: RequestOutput holding one CompletionOutput and its RequestMetrics
+(vLLM's shapes).
 
 ``finish_reason`` is ``None`` while the request runs, then one of:
 
@@ -16,6 +17,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    """A request's timeline, in ``time.time()`` seconds (vLLM's names).
+
+    ``arrival_time``: ``add_request``; ``first_scheduled_time``: the first step that ran
+    it; ``first_token_time`` / ``last_token_time``: when its first / latest token was
+    sampled (time to first token = ``first_token_time - arrival_time``);
+    ``finished_time``: when it finished. ``num_cached_tokens``: prompt tokens its first
+    step found in the prefix cache instead of computing them (also on RequestOutput).
+    """
+
+    arrival_time: float
+    last_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None  # first_scheduled_time - arrival_time
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -47,6 +68,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # set when finish_reason == "error"
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
 
     def __repr__(self) -> str:
         err = f", error={self.error!r}" if self.error else ""

@@ -10,9 +10,11 @@ One ``step()`` is nano-vllm's shape:
 
     out = scheduler.schedule()                   # which sequences, how many tokens each
     token_ids = model_runner.execute(out)        # forward pass + sampling: one id per sequence
-    scheduler.postprocess(out, token_ids)        # progress, token stop checks, free finished blocks
-    for seq in out.seqs:                         # text: incremental detokenization, stop strings,
-        self._update_text(seq)                   # then one RequestOutput per sequence
+    sampled = scheduler.postprocess(out, token_ids)  # progress, token stop checks, free finished blocks
+    for seq in sampled:                          # (a prompt chunk short of its end has no token)
+        self._update_text(seq)                   # text: incremental detokenization, stop strings,
+                                                 # then one RequestOutput per sequence
+    self.stats.on_step(sampled)                  # counters; the stats line every few seconds
 
 The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
 Scheduler owns the sequences' progress and the KV blocks; the ModelRunner owns the device.
@@ -20,6 +22,10 @@ Requests may be added or aborted between any two steps; request ids are the hand
 is what an async loop or an OpenAI-compatible server needs.
 
 Host syncs: the only device->host transfer in a step is the list of sampled ids.
+
+Each RequestOutput carries the request's RequestMetrics (arrival, first scheduled, first and
+last token times, prompt tokens served from the prefix cache); ``get_metrics()`` returns the
+engine's counters and gauges (tinyvllm/engine/stats.py), which also feed the stats line.
 
 Requests that can never run (prompt longer than the model allows, or bigger than
 the whole KV cache, or empty) are not raised as exceptions: they finish at once
@@ -29,8 +35,10 @@ next ``step()``, so that one bad request never fails the others of a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 from typing import Any
 
 import torch
@@ -38,6 +46,7 @@ import torch
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence, SequenceStatus
+from tinyvllm.engine.stats import EngineStats, Metric
 from tinyvllm.outputs import CompletionOutput, RequestOutput
 from tinyvllm.sampling_params import SamplingParams
 
@@ -84,6 +93,7 @@ class LLMEngine:
         self.detokenizer_cls = detokenizer_cls
         self.scheduler = Scheduler(config)
         self.block_manager = self.scheduler.block_manager  # (the scheduler's; here for a reader's convenience)
+        self.stats = EngineStats(self.scheduler, log_stats=not config.disable_log_stats)
 
         self.requests: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
@@ -153,6 +163,8 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "error"
             seq.error = error
+            seq.metrics.finished_time = time.time()
+            self.stats.on_finished(seq)
             logger.warning("tinyvllm: request %s failed: %s", request_id, error)
             self._pending.append(self._make_output(seq))
             return
@@ -195,6 +207,8 @@ class LLMEngine:
                 continue
             self.scheduler.finish(seq)
             seq.finish_reason = "abort"
+            seq.metrics.finished_time = time.time()
+            self.stats.on_finished(seq)
             self._pending.append(self._make_output(seq))
 
     def has_unfinished_requests(self) -> bool:
@@ -202,6 +216,10 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges under vLLM's names (tinyvllm/engine/stats.py)."""
+        return self.stats.get_metrics()
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -212,13 +230,21 @@ class LLMEngine:
             return outputs
         out = self.scheduler.schedule()
         token_ids = self.model_runner.execute(out)
-        self.scheduler.postprocess(out, token_ids)
+        sampled = self.scheduler.postprocess(out, token_ids)
         self.num_steps += 1
-        for seq in out.seqs:
+        now = time.time()
+        for seq in sampled:
+            m = seq.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
             self._update_text(seq)
             if seq.finish_reason is not None:
                 del self.requests[seq.request_id]
+                m.finished_time = now
+                self.stats.on_finished(seq)
             outputs.append(self._make_output(seq))
+        self.stats.on_step(sampled)
         return outputs
 
     def _update_text(self, seq: Sequence) -> None:
@@ -265,4 +291,5 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
             outputs=[completion], finished=seq.finish_reason is not None, error=seq.error,
+            metrics=dataclasses.replace(seq.metrics), num_cached_tokens=seq.metrics.num_cached_tokens,
         )

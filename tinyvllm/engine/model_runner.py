@@ -175,12 +175,23 @@ class ModelRunner:
     # ---- the step -----------------------------------------------------------------------
 
     def execute(self, out: "SchedulerOutput") -> list[int]:
-        """Run the scheduled tokens of ``out.seqs`` and return one sampled token id per sequence."""
+        """Run the scheduled tokens of ``out.seqs`` and return one sampled token id per sequence
+        (-1 for a prompt chunk that stops short of its sequence's end: it samples nothing, so
+        that a seeded request draws the same random numbers whether its prompt is chunked or not)."""
         logits = self.compute_logits(out)
-        token_ids = self.sampler(logits, out.seqs).tolist()  # the step's one device->host transfer
+        ends = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_scheduled_tokens)]
+        if all(ends):
+            token_ids = self.sampler(logits, out.seqs).tolist()  # the step's one device->host transfer
+        else:
+            rows = [i for i, end in enumerate(ends) if end]
+            sampled = self.sampler(logits[rows], [out.seqs[i] for i in rows]).tolist() if rows else []
+            token_ids = [-1] * len(ends)
+            for i, t in zip(rows, sampled):
+                token_ids[i] = t
         # The kernels' flags for indices they refused to follow (a bug in the inputs built
-        # here): host memory, already final once the copy above has waited for the step.
-        ops.check_kernel_errors(synchronize=False)
+        # here): host memory, already final once the copy above has waited for the step
+        # (a step that samples nothing waits here).
+        ops.check_kernel_errors(synchronize=not any(ends))
         return token_ids
 
     @torch.no_grad()
