@@ -5,9 +5,10 @@
 
 The engine's parts read their settings from this one object instead of passing a dozen
 keyword arguments down to each other: the Scheduler (``max_num_seqs``, ``max_num_batched_tokens``,
-``max_seq_len``, ``eos_token_ids``, ``decode_longest_first_min_seqs``), the ModelRunner
+``max_seq_len``, ``eos_token_ids``, ``decode_longest_first_min_seqs``, ``enable_chunked_prefill``,
+``enable_prefix_caching``), the ModelRunner
 (``dtype``, ``device``, ``block_size``, ``num_kv_blocks``, ``seed``) and the LLMEngine
-(the limits it checks each request against).
+(the limits it checks each request against, ``disable_log_stats``).
 
 Some settings can only be known later, so the config is completed in three steps, each of
 which checks what it adds:

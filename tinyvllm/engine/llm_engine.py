@@ -10,10 +10,9 @@ One ``step()`` is nano-vllm's shape:
 
     out = scheduler.schedule()                   # which sequences, how many tokens each
     token_ids = model_runner.execute(out)        # forward pass + sampling: one id per sequence
-    sampled = scheduler.postprocess(out, token_ids)  # progress, token stop checks, free finished blocks
-    for seq in sampled:                          # (a prompt chunk short of its end has no token)
-        self._update_text(seq)                   # text: incremental detokenization, stop strings,
-                                                 # then one RequestOutput per sequence
+    sampled = scheduler.postprocess(out, token_ids)   # progress, stop checks, free finished blocks;
+    for seq in sampled:                          # the sequences that got a token (not prompt chunks):
+        self._update_text(seq)                   # detokenization, stop strings, RequestOutput
     self.stats.on_step(sampled)                  # counters; the stats line every few seconds
 
 The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
