@@ -179,15 +179,16 @@ class BlockManager:
         """Publish ``seq``'s full blocks among its first ``num_tokens`` tokens (computed, or
         being computed by the step now scheduled). A block whose hash is already cached by
         another block (two sequences computed the same prefix at once) stays private."""
-        if not self.enable_prefix_caching:
-            return
+        num_full = num_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_published_blocks:
+            return  # (most decode steps fill no block)
         hashes = self.block_hashes(seq)
-        for i in range(seq.num_published_blocks, num_tokens // self.block_size):
+        for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None and hashes[i] not in self.cached:
                 block.block_hash = hashes[i]
                 self.cached[hashes[i]] = block.block_id
-        seq.num_published_blocks = max(seq.num_published_blocks, num_tokens // self.block_size)
+        seq.num_published_blocks = num_full
 
     # ---- allocation ----------------------------------------------------------------------------
     def can_allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: SequenceLike[int] = ()) -> bool:
@@ -203,6 +204,8 @@ class BlockManager:
         :meth:`get_computed_blocks`: they start its table, shared, and ``num_new_tokens``
         count from their end. Returns False, changing nothing, when the free blocks do not
         suffice; the caller then waits or preempts."""
+        if not computed_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # the table already covers them (most decode steps)
         if computed_blocks and seq.block_table:
             raise ValueError(f"{seq.request_id}: cached blocks can only start an empty block table")
         if not self.can_allocate_slots(seq, num_new_tokens, computed_blocks):

@@ -16,7 +16,8 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    pinned buffer (small copies cost ~10 us each, and a decode step is ~1 ms);
 2. runs the model, and the lm_head only on each sequence's last token (a prompt of
    1,000 tokens needs one row of logits, not 1,000 x 128,256 floats);
-3. samples one token per sequence and copies the ids to the host: the step's only
+3. samples one token per sequence (except a prompt chunk that stops short of its
+   sequence's end: -1, nothing drawn) and copies the ids to the host: the step's only
    device->host transfer; then reads the kernels' error flags, which that copy has
    already waited for (``tinyvllm.ops.check_kernel_errors``).
 

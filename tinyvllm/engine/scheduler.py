@@ -172,8 +172,11 @@ class Scheduler:
             self.prefix_cache_requests += 1
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += num_cached
-        if seq.metrics.first_scheduled_time is None:
-            seq.metrics.num_cached_tokens = num_cached
+        m = seq.metrics
+        if m.first_scheduled_time is None:  # (a preempted sequence comes back here too)
+            m.first_scheduled_time = time.time()
+            m.time_in_queue = m.first_scheduled_time - m.arrival_time
+            m.num_cached_tokens = num_cached
         bm.cache_full_blocks(seq, num_cached + n)  # a later admission in this step may share them
         out.add(seq, n)
         return n
@@ -193,37 +196,34 @@ class Scheduler:
             )
         if not out.is_prefill:
             self._order_decodes(out)
-        now = time.time()
-        for seq in out.seqs:
-            m = seq.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
-                m.time_in_queue = now - m.arrival_time
         return out
 
     def _schedule_chunked(self) -> SchedulerOutput:
         """Decodes first, then running prompts' next chunks, then new prompts, under the budget."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            (decodes if seq.num_tokens - seq.num_computed_tokens == 1 else prefills).append(seq)
+        allocate_slots = self.block_manager.allocate_slots
         for seq in decodes + prefills:  # each group oldest first
             if seq.status != SequenceStatus.RUNNING:  # preempted while making room for an older one
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, budget)
             if n == 0:
                 break
-            num_preempted = len(out.preempted)
+            if allocate_slots(seq, n):  # (the common case: no preemption)
+                out.add(seq, n)
+                out.is_prefill |= left > 1
+                budget -= n
+                continue
             if self._reserve(seq, n, out):
                 out.add(seq, n)
-                out.is_prefill |= seq.num_uncomputed_tokens > 1
-            if len(out.preempted) > num_preempted:  # a preempted sequence may give back its tokens
-                budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-            else:
-                budget -= n
-        # Publish the blocks this step fills only now: a sequence preempted above computes nothing.
-        for seq, n in zip(out.seqs, out.num_scheduled_tokens):
-            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + n)
+                out.is_prefill |= left > 1
+            budget = self.config.max_num_batched_tokens - out.num_batched_tokens  # a preempted one gave back
+        self._publish(out)
         if out.preempted:  # memory is short: admitting now would only preempt again
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -254,9 +254,19 @@ class Scheduler:
                 continue
             if self._reserve(seq, 1, out):
                 out.add(seq, 1)
-        for seq in out.seqs:
-            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + 1)
+        self._publish(out)
         return out
+
+    def _publish(self, out: SchedulerOutput) -> None:
+        """Offer the prefix cache the blocks the running sequences of this step fill. Only once
+        the step's preemptions are decided: a sequence preempted in it computes nothing."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return
+        bs = bm.block_size
+        for seq, n in zip(out.seqs, out.num_scheduled_tokens):
+            if (seq.num_computed_tokens + n) // bs > seq.num_published_blocks:  # (a block filled)
+                bm.cache_full_blocks(seq, seq.num_computed_tokens + n)
 
     def _order_decodes(self, out: SchedulerOutput) -> None:
         """Longest first, for pure decode batches of at least config.decode_longest_first_min_seqs
@@ -289,7 +299,7 @@ class Scheduler:
         sampled = []
         for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, token_ids):
             seq.num_computed_tokens += num_tokens
-            if seq.num_computed_tokens < seq.num_tokens:  # a prompt chunk: more of it next step
+            if seq.num_computed_tokens < len(seq.token_ids):  # a prompt chunk: more of it next step
                 continue
             seq.append_token(token_id)
             self._check_stop(seq, token_id)
