@@ -45,13 +45,17 @@ class FakeRunner(ModelRunner):
         rows = []
         self.batches.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_scheduled_tokens)])
         for s, n in zip(out.seqs, out.num_scheduled_tokens):
-            assert n >= 1 and s.num_computed_tokens + n == s.num_tokens, "the whole uncomputed span is scheduled"
-            assert len(s.block_table) * bs >= s.num_tokens, "block table does not cover the sequence"
+            end = s.num_computed_tokens + n
+            assert n >= 1 and end <= s.num_tokens, "a span of uncomputed tokens is scheduled"
+            assert len(s.block_table) * bs >= end, "block table does not cover the span"
             assert len(set(s.block_table)) == len(s.block_table)
-            for pos in range(s.num_computed_tokens, s.num_tokens):
+            for pos in range(s.num_computed_tokens, end):
                 self.cache[s.block_table[pos // bs] * bs + pos % bs] = self._token(s, pos)
-        for s in out.seqs:
-            history = [self.cache[s.block_table[p // bs] * bs + p % bs] for p in range(s.num_tokens)]
+        # Every token of the step is written before any history is read back: like the model,
+        # whose every layer writes the whole batch's k/v before its attention reads the cache.
+        for s, n in zip(out.seqs, out.num_scheduled_tokens):
+            end = s.num_computed_tokens + n
+            history = [self.cache[s.block_table[p // bs] * bs + p % bs] for p in range(end)]
             rows.append(toy_logits(history, self.vocab_size, self.peaked))
         return torch.stack(rows).float()
 
@@ -90,12 +94,12 @@ class FakeDetokenizer:
 
 
 def fake_config(*, num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=None,
-                seed=0, eos=(1,), longest_first=None, async_scheduling=False) -> EngineConfig:
-    """A complete EngineConfig for the toy runner (CPU; no model to fit)."""
+                seed=0, eos=(1,), longest_first=None, async_scheduling=False, **kw) -> EngineConfig:
+    """A complete EngineConfig for the toy runner (CPU; no model to fit); ``kw``: more EngineConfig fields."""
     return EngineConfig(
         block_size=block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, seed=seed, device="cpu", eos_token_ids=tuple(eos),
-        decode_longest_first_min_seqs=longest_first, async_scheduling=async_scheduling,
+        decode_longest_first_min_seqs=longest_first, async_scheduling=async_scheduling, **kw,
     )
 
 

@@ -99,15 +99,19 @@ def test_engine_does_not_import_ops():
     assert "ops" not in vars(llm_engine)
 
 
-def test_requests_join_while_others_decode_and_blocks_free_at_once():
-    eng = make_fake_engine(num_blocks=16, block_size=4)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_requests_join_while_others_decode_and_blocks_free_at_once(chunked):
+    eng = make_fake_engine(num_blocks=16, block_size=4, enable_chunked_prefill=chunked)
     eng.add_request("long", [3] * 8, SamplingParams(max_tokens=30, **GREEDY))
     eng.step()  # prefill long
     eng.step()  # decode long
     used = eng.block_manager.num_used_blocks
     eng.add_request("short", [4] * 5, SamplingParams(max_tokens=2, **GREEDY))
-    outs = eng.step()  # prefill of the newcomer runs alone (prefill step), long waits one step
-    assert [o.request_id for o in outs] == ["short"]
+    outs = eng.step()
+    if chunked:  # one step: long's next token and short's whole prompt
+        assert sorted(o.request_id for o in outs) == ["long", "short"]
+    else:  # a prefill step: the newcomer runs alone, long waits one step
+        assert [o.request_id for o in outs] == ["short"]
     outs = eng.step()  # decode both
     assert sorted(o.request_id for o in outs) == ["long", "short"]
     short = next(o for o in outs if o.request_id == "short")

@@ -30,6 +30,7 @@ def test_llm_arguments_are_the_config_fields():
     assert [p.name for p in params] == [
         "model", "dtype", "max_model_len", "max_num_seqs", "block_size", "seed", "device",
         "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks", "enforce_eager",
+        "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats",
         "async_scheduling",
     ]  # fmt: skip
 
@@ -41,6 +42,8 @@ def test_llm_arguments_are_the_config_fields():
         ("block_size", 0), ("block_size", True), ("max_num_batched_tokens", -1), ("num_kv_blocks", 0),
         ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("seed", "1"),
         ("dtype", "int8"), ("dtype", torch.int32), ("device", "tpu"), ("device", "not a device"), ("model", 3),
+        ("enable_prefix_caching", 1), ("enable_chunked_prefill", "yes"), ("disable_log_stats", None),
+        ("max_num_batched_tokens", 100),  # with chunked prefill: fewer than max_num_seqs (256)
     ],
 )  # fmt: skip
 def test_each_field_is_validated_by_name(field, value):
@@ -65,11 +68,11 @@ def test_device_and_dtype_are_resolved():
 
 
 def test_fit_model_defaults_or_checks_max_model_len_and_merges_eos():
-    c = EngineConfig(**CPU)
+    c = EngineConfig(enable_chunked_prefill=False, **CPU)
     assert c.max_model_len is None and c.max_num_batched_tokens is None and c.max_seq_len is None
     c.fit_model(model(max_position_embeddings=100_000, eos=2), eos_token_ids=[7, 2])
     assert c.max_model_len == CPU_DEFAULT_MAX_MODEL_LEN  # capped on CPU
-    assert c.max_num_batched_tokens == 8192  # the default budget: max(8192, max_model_len)
+    assert c.max_num_batched_tokens == 8192  # the unchunked default budget: max(8192, max_model_len)
     assert c.eos_token_ids == (7, 2)  # the tokenizer's first, no repeats
     c = EngineConfig(max_model_len=64, **CPU)
     c.fit_model(model(256))
@@ -77,7 +80,9 @@ def test_fit_model_defaults_or_checks_max_model_len_and_merges_eos():
     with pytest.raises(ValueError, match=r"max_model_len \(300\) is larger than the model's max_position_embeddings \(256\)"):
         EngineConfig(max_model_len=300, **CPU).fit_model(model(256))
     c = EngineConfig(max_model_len=20_000, **CPU)
-    assert c.max_num_batched_tokens == 20_000  # a prompt must fit one step
+    assert c.max_num_batched_tokens == 8192  # chunked prefill: a long prompt takes several steps
+    c = EngineConfig(max_model_len=20_000, enable_chunked_prefill=False, **CPU)
+    assert c.max_num_batched_tokens == 20_000  # without it, a prompt must fit one step
 
 
 def test_max_seq_len_is_capped_by_the_cache():
@@ -88,12 +93,16 @@ def test_max_seq_len_is_capped_by_the_cache():
     assert c.max_seq_len == 64 and c.max_num_batched_tokens == 8192
 
 
-def test_token_budget_must_hold_the_longest_sequence():
+def test_without_chunked_prefill_the_token_budget_must_hold_the_longest_sequence():
+    UNCHUNKED = dict(enable_chunked_prefill=False, max_num_seqs=8, **CPU)
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(100\) is smaller than the longest sequence \(160 tokens\)"):
-        EngineConfig(max_model_len=256, num_kv_blocks=10, max_num_batched_tokens=100, **CPU)
+        EngineConfig(max_model_len=256, num_kv_blocks=10, max_num_batched_tokens=100, **UNCHUNKED)
     # Capped by a small cache, the same budget is enough.
-    c = EngineConfig(max_model_len=256, num_kv_blocks=6, max_num_batched_tokens=100, **CPU)
+    c = EngineConfig(max_model_len=256, num_kv_blocks=6, max_num_batched_tokens=100, **UNCHUNKED)
     assert c.max_seq_len == 96
-    c = EngineConfig(max_model_len=256, max_num_batched_tokens=100, **CPU)
+    c = EngineConfig(max_model_len=256, max_num_batched_tokens=100, **UNCHUNKED)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         c.fit_cache(10)  # the runner's cache makes the longest sequence 160 tokens
+    # With chunked prefill (the default) a prompt may be longer than the budget.
+    c = EngineConfig(max_model_len=256, num_kv_blocks=10, max_num_batched_tokens=100, max_num_seqs=8, **CPU)
+    assert (c.max_seq_len, c.max_num_batched_tokens) == (160, 100)

@@ -10,12 +10,16 @@ def mk(rid, n, **params):
     return Sequence(rid, list(range(n)), SamplingParams(**params))
 
 
-def make(num_blocks, block_size, *, max_num_seqs=10, max_num_batched_tokens=1000, longest_first=None, **kw):
-    """A Scheduler and its BlockManager (max_model_len: the token budget, so the budget check passes)."""
+def make(num_blocks, block_size, *, max_num_seqs=10, max_num_batched_tokens=1000, longest_first=None,
+         chunked=False, caching=False, **kw):
+    """A Scheduler and its BlockManager (max_model_len: the token budget, so the budget check passes).
+    Without ``chunked`` the "prefill or decode" policy; ``caching``: prefix caching (the
+    sequences of ``mk`` all share their first tokens)."""
     config = EngineConfig(
         num_kv_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs, device="cpu",
         max_num_batched_tokens=max_num_batched_tokens, max_model_len=kw.pop("max_model_len", max_num_batched_tokens),
-        decode_longest_first_min_seqs=longest_first, **kw,
+        decode_longest_first_min_seqs=longest_first, enable_chunked_prefill=chunked, enable_prefix_caching=caching,
+        **kw,
     )
     sch = Scheduler(config)
     return sch, sch.block_manager
@@ -206,3 +210,122 @@ def test_postprocess_finishes_and_frees_the_blocks(params, token, reason, stop_r
     bm.check_invariants()
     sch.add(b := mk("b", 7))
     assert sch.schedule().seqs == [b]  # the whole cache is free for the next request
+
+
+# ---- chunked prefill: decodes first, then prompt chunks, under the token budget -------------------
+def ids(out):
+    return [(s.request_id, n) for s, n in zip(out.seqs, out.num_scheduled_tokens)]
+
+
+def test_chunked_prompt_is_split_at_the_budget_and_samples_only_at_its_end():
+    sch, bm = make(100, 4, max_num_batched_tokens=8, max_model_len=64, chunked=True, max_num_seqs=4)
+    a = mk("a", 19)
+    sch.add(a)
+    for expect_done in (8, 16):
+        out = sch.schedule()
+        assert ids(out) == [("a", 8)] and out.is_prefill
+        assert sch.postprocess(out, [-1]) == [] and a.num_output_tokens == 0  # a chunk samples nothing
+        assert a.num_computed_tokens == expect_done and len(a.block_table) * 4 >= expect_done
+    out = sch.schedule()
+    assert ids(out) == [("a", 3)]
+    assert sch.postprocess(out, [40]) == [a] and a.output_token_ids == [40]
+    out = sch.schedule()
+    assert ids(out) == [("a", 1)] and not out.is_prefill
+
+
+def test_chunked_step_runs_decodes_first_then_running_prompts_then_new_ones():
+    sch, bm = make(100, 4, max_num_batched_tokens=10, max_model_len=64, chunked=True, max_num_seqs=6)
+    d1, d2 = mk("d1", 3), mk("d2", 2)
+    sch.add(d1)
+    sch.add(d2)
+    fake_step(sch, sch.schedule())  # both prompts in one step (5 tokens); both decode from now on
+    long1, long2 = mk("long1", 30), mk("long2", 30)
+    sch.add(long1)
+    out = sch.schedule()
+    assert ids(out) == [("d1", 1), ("d2", 1), ("long1", 8)] and out.num_batched_tokens == 10
+    fake_step(sch, out)
+    sch.add(long2)
+    out = sch.schedule()  # long1 (running, part-way) goes before long2 (waiting); long2 gets nothing left
+    assert ids(out) == [("d1", 1), ("d2", 1), ("long1", 8)]
+    fake_step(sch, out)
+    sch.finish(d2)
+    out = sch.schedule()
+    assert ids(out) == [("d1", 1), ("long1", 9)]
+    fake_step(sch, out)
+    out = sch.schedule()  # long1 has 5 left: the rest of the budget starts long2
+    assert ids(out) == [("d1", 1), ("long1", 5), ("long2", 4)]
+    fake_step(sch, out)
+    assert long1.num_output_tokens == 1 and long2.num_output_tokens == 0 and long2.num_computed_tokens == 4
+
+
+def test_chunked_preemption_takes_the_newest_and_admits_nobody_in_that_step():
+    sch, bm = make(4, 4, max_num_batched_tokens=8, max_model_len=16, chunked=True, max_num_seqs=4)
+    a, b = mk("a", 4), mk("b", 4)
+    sch.add(a)
+    sch.add(b)
+    for _ in range(5):  # the prompts, then 4 decodes: 8 tokens computed each, 2 blocks each: the cache is full
+        fake_step(sch, sch.schedule())
+    assert a.num_computed_tokens == b.num_computed_tokens == 8 and bm.num_free_blocks == 0
+    sch.add(late := mk("late", 2))
+    out = sch.schedule()
+    # a (oldest) needs a 3rd block: b, the newest, is preempted. A block is free again, but
+    # nobody is admitted in a step that preempted.
+    assert ids(out) == [("a", 1)] and out.preempted == [b] and list(sch.waiting) == [b, late]
+    assert b.num_computed_tokens == 0 and b.block_table == [] and sch.num_preemptions == 1
+    assert bm.num_free_blocks == 1
+    bm.check_invariants()
+
+
+def test_chunked_preempting_a_sequence_already_in_the_step_gives_back_its_tokens():
+    """Decodes are scheduled before running prompts; if an older running prompt then needs a block
+    and the newest sequence is a decode already in the step, it leaves the step (its token too)."""
+    sch, bm = make(5, 4, max_num_batched_tokens=8, max_model_len=20, chunked=True, max_num_seqs=4)
+    old, new = mk("old", 20), mk("new", 5)
+    for seq, computed in ((old, 8), (new, 4)):  # old: part-way through its prompt; new: decoding
+        assert bm.allocate_slots(seq, computed)
+        seq.num_computed_tokens = computed
+        seq.status = SequenceStatus.RUNNING
+        sch.running.append(seq)
+    out = sch.schedule()
+    assert ids(out) == [("old", 7)] and out.preempted == [new] and list(sch.waiting) == [new]
+    assert new.block_table == [] and len(old.block_table) == 4 and bm.num_free_blocks == 1
+    bm.check_invariants()
+
+
+def test_chunked_budget_must_hold_every_decode():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be at least max_num_seqs \(10\)"):
+        make(100, 4, max_num_batched_tokens=8, max_model_len=64, chunked=True, max_num_seqs=10)
+    make(100, 4, max_num_batched_tokens=8, max_model_len=8, chunked=False, max_num_seqs=10)  # decode steps: no budget
+
+
+# ---- prefix caching in the scheduler ----------------------------------------------------------------
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_shared_prefix_admitted_in_the_same_step_is_computed_once(chunked):
+    sch, bm = make(100, 4, max_num_batched_tokens=100, max_model_len=100, chunked=chunked, caching=True)
+    a = Sequence("a", list(range(10)) + [50, 51], SamplingParams())
+    b = Sequence("b", list(range(10)) + [60], SamplingParams())
+    sch.add(a)
+    sch.add(b)
+    out = sch.schedule()
+    # b finds a's first two blocks (published when a was scheduled) and computes 3 tokens.
+    assert ids(out) == [("a", 12), ("b", 3)] and b.num_computed_tokens == 8
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert b.metrics.num_cached_tokens == 8 and a.metrics.num_cached_tokens == 0
+    assert (sch.prefix_cache_queries, sch.prefix_cache_hits, sch.prefix_cache_requests) == (23, 8, 2)
+
+
+def test_a_preempted_sequence_comes_back_through_its_cached_blocks():
+    sch, bm = make(5, 4, max_num_batched_tokens=20, max_model_len=20, caching=True)
+    a, b = mk("a", 8), Sequence("b", [9] * 8, SamplingParams())
+    sch.add(a)
+    sch.add(b)
+    fake_step(sch, sch.schedule())  # 2 blocks each, 1 free; both need a 3rd block to decode
+    out = sch.schedule()  # a takes the free block; b must preempt itself
+    assert out.seqs == [a] and out.preempted == [b] and bm.num_cached_blocks == 4  # b's full blocks stay cached
+    fake_step(sch, out)
+    sch.finish(a)
+    out = sch.schedule()
+    # b is recomputed from its cached prefix: 8 of its 9 tokens are found, 1 is computed.
+    assert ids(out) == [("b", 1)] and b.num_computed_tokens == 8
+    assert b.metrics.num_cached_tokens == 0  # (the request's first admission found nothing)
+    bm.check_invariants()

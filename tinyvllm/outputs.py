@@ -15,6 +15,9 @@ Log-probabilities (vLLM's shapes), when the request asked for them:
 The log-probabilities are the model's own ("raw"): ``log_softmax`` of the logits before
 temperature, penalties or any other processing, as vLLM returns by default.
 
+Every RequestOutput carries its RequestMetrics (the request's timeline) and the number of
+prompt tokens served from the prefix cache.
+
 ``finish_reason`` is ``None`` while the request runs, then one of:
 
 * ``"stop"``   an EOS token, a ``stop_token_ids`` token or a ``stop`` string ended it.
@@ -49,6 +52,26 @@ PromptLogprobs = list[dict[int, Logprob] | None]  # one per prompt token; None f
 
 
 @dataclass
+class RequestMetrics:
+    """A request's timeline, in ``time.time()`` seconds (vLLM's names).
+
+    ``arrival_time``: ``add_request``; ``first_scheduled_time``: the first step that ran
+    it; ``first_token_time`` / ``last_token_time``: when its first / latest token was
+    sampled (time to first token = ``first_token_time - arrival_time``);
+    ``finished_time``: when it finished. ``num_cached_tokens``: prompt tokens its first
+    step found in the prefix cache instead of computing them (also on RequestOutput).
+    """
+
+    arrival_time: float
+    last_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None  # first_scheduled_time - arrival_time
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -78,6 +101,8 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None  # set when finish_reason == "error"
     prompt_logprobs: PromptLogprobs | None = None
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
 
     def __repr__(self) -> str:
         err = f", error={self.error!r}" if self.error else ""

@@ -5,9 +5,10 @@
 
 The engine's parts read their settings from this one object instead of passing a dozen
 keyword arguments down to each other: the Scheduler (``max_num_seqs``, ``max_num_batched_tokens``,
-``max_seq_len``, ``eos_token_ids``, ``decode_longest_first_min_seqs``), the ModelRunner
+``max_seq_len``, ``eos_token_ids``, ``decode_longest_first_min_seqs``, ``enable_chunked_prefill``,
+``enable_prefix_caching``), the ModelRunner
 (``dtype``, ``device``, ``block_size``, ``num_kv_blocks``, ``seed``) and the LLMEngine
-(the limits it checks each request against).
+(the limits it checks each request against, ``disable_log_stats``).
 
 Some settings can only be known later, so the config is completed in three steps, each of
 which checks what it adds:
@@ -22,6 +23,11 @@ which checks what it adds:
 The derived values (the default ``max_num_batched_tokens``, and ``max_seq_len``: a sequence's
 length capped by the cache) are computed in one place, :meth:`_derive`, as soon as what they
 derive from is known.
+
+The token budget ``max_num_batched_tokens`` caps the tokens of one step. With chunked prefill
+(the default, as in vLLM) a prompt longer than the budget is split across steps, so the budget
+only trades a step's latency for its throughput (default 8192). Without it a prompt must fit
+one step, so the budget must hold the longest sequence (default ``max(8192, max_model_len)``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ if TYPE_CHECKING:
 
 # The reference ops are slow on CPU; the runner's CPU cache holds a few sequences of this length.
 CPU_DEFAULT_MAX_MODEL_LEN = 4096
-# Without chunked prefill a prompt must fit one step, so the default budget is at least max_model_len.
+# The default token budget of a step (without chunked prefill: at least max_model_len, since a
+# prompt must then fit one step).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 _DTYPES = {
@@ -88,7 +95,7 @@ def _check_int(name: str, value: object, *, optional: bool = False) -> None:
 
 @dataclass
 class EngineConfig:
-    """The engine's settings; the first twelve are ``LLM(...)``'s arguments, with vLLM's names."""
+    """The engine's settings; the first fifteen are ``LLM(...)``'s arguments, with vLLM's names."""
 
     model: str | None = None  # local dir, .gguf file or Hugging Face repo id; None: SmolLM2-135M-Instruct
     dtype: str | torch.dtype = "auto"  # resolved to a torch.dtype
@@ -98,9 +105,12 @@ class EngineConfig:
     seed: int | None = 0  # the sampler's seed (requests with their own seed use that)
     device: str | torch.device | None = None  # resolved to a torch.device; None: cuda if available
     gpu_memory_utilization: float = 0.9  # share of the free GPU memory the engine may use
-    max_num_batched_tokens: int | None = None  # tokens in one step at most; None: max(8192, max_model_len)
+    max_num_batched_tokens: int | None = None  # tokens in one step at most; None: 8192 (see the docstring)
     num_kv_blocks: int | None = None  # KV-cache blocks; None: sized by the ModelRunner from memory
     enforce_eager: bool = False  # True: no CUDA graphs, every decode step launched op by op
+    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (block_manager.py)
+    enable_chunked_prefill: bool = True  # split long prompts across steps, decodes first (scheduler.py)
+    disable_log_stats: bool = False  # True: no stats line in the log (LLM.get_metrics() still counts)
     async_scheduling: bool | None = None  # overlap the host's work with the GPU's step; None: on a GPU
 
     # ---- completed while the engine is built (see the module docstring) ----
@@ -120,8 +130,9 @@ class EngineConfig:
         _check_int("block_size", self.block_size)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
         _check_int("num_kv_blocks", self.num_kv_blocks, optional=True)
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}.")
+        for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.async_scheduling is None:
             self.async_scheduling = self.device.type == "cuda"
         if not isinstance(self.async_scheduling, bool):
@@ -162,6 +173,16 @@ class EngineConfig:
 
     def _derive(self) -> None:
         """The values that follow from others; each is set here, as soon as its inputs are known."""
+        if self.enable_chunked_prefill:
+            if self.max_num_batched_tokens is None:
+                self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            # Every running sequence decodes one token per step, inside the budget (vLLM's rule).
+            if self.max_num_batched_tokens < self.max_num_seqs:
+                raise ValueError(
+                    f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                    f"({self.max_num_seqs}): with chunked prefill every running sequence's next token is in "
+                    "the step's budget."
+                )
         if self.max_model_len is None:
             return
         if self.max_num_batched_tokens is None:
@@ -171,9 +192,9 @@ class EngineConfig:
         # One sequence must always fit in the cache on its own (that is what makes preemption
         # deadlock-free), so a sequence's length is capped by the capacity too.
         self.max_seq_len = min(self.max_model_len, self.cache_capacity)
-        if self.max_num_batched_tokens < self.max_seq_len:
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_seq_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than the longest sequence "
                 f"({self.max_seq_len} tokens): without chunked prefill a prompt must fit one step. "
-                "Raise max_num_batched_tokens or lower max_model_len."
+                "Raise max_num_batched_tokens, lower max_model_len or enable_chunked_prefill."
             )

@@ -10,10 +10,13 @@ One ``step()`` is nano-vllm's shape:
 
     out = scheduler.schedule()                   # which sequences, how many tokens each
     result = model_runner.execute(out)           # forward pass + sampling: one id per sequence
-    scheduler.postprocess(out, result.sampled_token_ids)  # progress, token stop checks, free blocks
-    for seq in out.seqs:                         # text: incremental detokenization, stop strings,
-        self._update_text(seq)                   # log-probabilities; then one RequestOutput per
-                                                 # request that advanced
+    scheduler.postprocess(out, result.sampled_token_ids)  # progress, stop checks, free finished blocks
+    for each sequence that got a token:          # (not a prompt chunk that stopped short)
+        self._update_text(seq, pos)              # detokenization, stop strings, log-probabilities;
+    self.stats.on_step(sampled)                  # then one RequestOutput per request that advanced
+
+With async scheduling (``EngineConfig.async_scheduling``, on by default on a GPU) the same
+work is split around the GPU's step: see :meth:`LLMEngine._step_async`.
 
 A request with ``SamplingParams(n=k)`` is fanned out here into k sequences (vLLM's "parallel
 sampling"): each is scheduled, preempted and finished on its own, under the sequence id
@@ -30,6 +33,10 @@ is what an async loop or an OpenAI-compatible server needs.
 Host syncs: the only device->host transfer in a step is the sampled ids, with the
 log-probabilities any request asked for (tinyvllm/engine/logprobs.py).
 
+Each RequestOutput carries the request's RequestMetrics (arrival, first scheduled, first and
+last token times, prompt tokens served from the prefix cache); ``get_metrics()`` returns the
+engine's counters and gauges (tinyvllm/engine/stats.py), which also feed the stats line.
+
 Requests that can never run (prompt longer than the model allows, or bigger than
 the whole KV cache, or empty) are not raised as exceptions: they finish at once
 with ``finish_reason="error"`` and ``RequestOutput.error`` set, returned by the
@@ -38,8 +45,10 @@ next ``step()``, so that one bad request never fails the others of a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +59,7 @@ from tinyvllm.engine.logits_processors import tokenize_bad_words
 from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from tinyvllm.engine.stats import EngineStats, Metric
 from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from tinyvllm.sampling_params import SamplingParams
 
@@ -128,6 +138,7 @@ class LLMEngine:
         self.detokenizer_cls = detokenizer_cls
         self.scheduler = Scheduler(config)
         self.block_manager = self.scheduler.block_manager  # (the scheduler's; here for a reader's convenience)
+        self.stats = EngineStats(self.scheduler, log_stats=not config.disable_log_stats)
 
         self.requests: dict[str, RequestState] = {}  # unfinished requests by id
         self._owner: dict[int, tuple[RequestState, int]] = {}  # id(seq) -> its request, its index there
@@ -208,6 +219,8 @@ class LLMEngine:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "error"
                 seq.error = error
+                seq.metrics.finished_time = time.time()
+                self.stats.on_finished(seq)
             state.error = error
             logger.warning("tinyvllm: request %s failed: %s", request_id, error)
             self._pending.append(self._make_output(state))
@@ -283,6 +296,8 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
                     seq.finish_reason = "abort"
+                    seq.metrics.finished_time = time.time()
+                    self.stats.on_finished(seq)
                 self._owner.pop(id(seq), None)
             self._pending.append(self._make_output(state))
 
@@ -295,6 +310,10 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges under vLLM's names (tinyvllm/engine/stats.py)."""
+        return self.stats.get_metrics()
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -357,29 +376,37 @@ class LLMEngine:
 
     def _emit(self, out: Any, result: Any, appended: list[tuple[int, Sequence, int]]) -> list[RequestOutput]:
         """A step's results on the host: prompt log-probabilities of its sequences; for each
-        sequence ``i`` whose token at ``pos`` is now known, its log-probabilities, its text and
-        the stop strings (a sequence that finished drops any later placeholder token and leaves
-        the scheduler); then one RequestOutput per request that advanced."""
+        sequence ``i`` whose token at ``pos`` is now known, its log-probabilities, its metrics,
+        its text and the stop strings (a sequence that finished drops any later placeholder
+        token and leaves the scheduler); the stats; then one RequestOutput per request whose
+        sequences got a token."""
         advanced: dict[str, RequestState] = {}  # (insertion-ordered: first sequence's place in the batch)
         for i, seq in enumerate(out.seqs):
             owner = self._owner.get(id(seq))
-            if owner is None:  # aborted, or finished at an earlier step (async scheduling)
-                continue
-            state = owner[0]
-            if result.prompt_logprobs[i] is not None:
-                self._record_prompt_logprobs(state, result.prompt_logprobs[i])
-            advanced[state.request_id] = state
+            if owner is not None and result.prompt_logprobs[i] is not None:
+                self._record_prompt_logprobs(owner[0], result.prompt_logprobs[i])
+        now = time.time()
+        sampled = []
         for i, seq, pos in appended:
-            if id(seq) not in self._owner:
+            if id(seq) not in self._owner:  # aborted, or finished at an earlier step (async scheduling)
                 continue
             state, index = self._owner[id(seq)]
+            advanced[state.request_id] = state
+            sampled.append(seq)
             if result.logprobs[i] is not None:
                 self._record_logprobs(state, index, result.logprobs[i])
+            m = seq.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
             self._update_text(seq, pos)
             if seq.finish_reason is not None:
                 del seq.token_ids[pos + 1 :]
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
+                m.finished_time = now
+                self.stats.on_finished(seq)
+        self.stats.on_step(sampled)
         outputs = []
         for state in advanced.values():
             if state.finished:
@@ -465,4 +492,5 @@ class LLMEngine:
             request_id=state.request_id, prompt=state.prompt, prompt_token_ids=list(state.prompt_token_ids),
             outputs=completions, finished=state.finished, error=state.error,
             prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs),
+            metrics=dataclasses.replace(state.seqs[0].metrics), num_cached_tokens=state.seqs[0].metrics.num_cached_tokens,
         )

@@ -18,7 +18,8 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    1,000 tokens needs one row of logits, not 1,000 x 128,256 floats), plus every prompt
    position of the sequences that asked for ``prompt_logprobs`` (such a step always takes
    the prefill path);
-3. samples one token per sequence and copies the ids (with any log-probabilities) to the
+3. samples one token per sequence (a prompt chunk that stops short of its sequence's end
+   draws nothing and its id is ignored) and copies the ids (with any log-probabilities) to the
    host: the step's only device->host transfer, started at once and waited for by
    ``PendingOutput.to_host()`` (one step later with async scheduling, whose placeholder
    ids the next step's inputs take from the device); then reads the kernels' error flags,
@@ -244,7 +245,11 @@ class ModelRunner:
         logits = self.compute_logits(out)
         S = len(out.seqs)
         spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
-        sampled = self.sampler(logits[:S], out.seqs, logits[S:], spans)
+        # A prompt chunk that stops short of its sequence's end keeps no token (the scheduler
+        # appends none): it draws no random number, so that a seeded request gets the same
+        # tokens whether its prompt is chunked or not.
+        ends = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(out.seqs, out.num_scheduled_tokens)]
+        sampled = self.sampler(logits[:S], out.seqs, logits[S:], spans, draws=None if all(ends) else ends)
         self._last_sampled = sampled.sampled_token_ids
         return PendingOutput(sampled, pinned=self._pinned)
 

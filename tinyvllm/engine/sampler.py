@@ -143,10 +143,13 @@ class Sampler:
         seqs: list[Sequence],
         prompt_logits: torch.Tensor | None = None,
         prompt_spans: list[PromptSpan] = (),
+        draws: list[bool] | None = None,
     ) -> SamplerOutput:
         """``logits`` [B, V]: row i is ``seqs[i]``'s next-token logits. ``prompt_logits`` [P, V]:
         the rows of the ``prompt_spans`` (tinyvllm.engine.logprobs.prompt_logprob_spans), in order.
-        Returns the sampled ids and the log-probabilities, still on the device."""
+        ``draws[i]`` False: row i's token will be dropped (a prompt chunk), so its own seeded
+        generator is left as it is. Returns the sampled ids and the log-probabilities, still on
+        the device."""
         params = [s.sampling_params for s in seqs]
         logits = logits.float()
         device = logits.device
@@ -165,7 +168,7 @@ class Sampler:
             top_k=[p.top_k for p in params],
             top_p=[float(p.top_p) for p in params],
             min_p=[float(p.min_p) for p in params],
-            generators=[s.generator for s in seqs],
+            generators=[s.generator if draws is None or draws[i] else None for i, s in enumerate(seqs)],
             default_generator=self.generator,
         )
         out = SamplerOutput(token_ids)

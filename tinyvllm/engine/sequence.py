@@ -1,11 +1,13 @@
-"""A Sequence: one request's tokens and where its KV cache lives."""
+"""A Sequence: one request's tokens, where its KV cache lives, and its timeline (RequestMetrics)."""
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinyvllm.outputs import RequestMetrics
 from tinyvllm.sampling_params import SamplingParams
 
 
@@ -29,7 +31,9 @@ class Sequence:
     ``num_computed_tokens`` counts the tokens whose k/v are already in the cache:
     the model's next step computes ``token_ids[num_computed_tokens:]``.
     ``block_table[i]`` is the physical KV block that holds tokens
-    ``i*block_size .. (i+1)*block_size - 1``.
+    ``i*block_size .. (i+1)*block_size - 1``. ``block_hashes[i]`` is the prefix-cache hash
+    of full block ``i`` (the BlockManager extends it as the sequence grows);
+    ``num_published_blocks`` of the table's leading blocks have been offered to the cache.
     """
 
     request_id: str
@@ -49,6 +53,9 @@ class Sequence:
     output_text: str = ""  # detokenized text of the generated tokens (stop string already cut)
     error: str | None = None  # why the request failed (finish_reason == "error")
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_published_blocks: int = 0
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()), repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -76,15 +83,17 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens the next step must run through the model (a whole prompt, or one when decoding)."""
+        """Tokens not yet in the KV cache (a prompt or what is left of it, or one when decoding)."""
         return self.num_tokens - self.num_computed_tokens
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
     def reset_for_recompute(self) -> None:
-        """Preemption by recomputation: drop the KV cache; the next prefill recomputes every token."""
+        """Preemption by recomputation: drop the KV cache (the BlockManager has freed the blocks);
+        the next prefill recomputes every token its prefix-cache hits do not cover."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_published_blocks = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

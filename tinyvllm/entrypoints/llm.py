@@ -31,6 +31,7 @@ import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
+from tinyvllm.engine.stats import Metric
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import SamplingParams
 
@@ -53,6 +54,9 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         num_kv_blocks: int | None = None,
         enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        disable_log_stats: bool = False,
         async_scheduling: bool | None = None,
     ) -> None:
         """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
@@ -61,6 +65,8 @@ class LLM:
             model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             block_size=block_size, seed=seed, device=device, gpu_memory_utilization=gpu_memory_utilization,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            disable_log_stats=disable_log_stats,
             async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine.from_config(config)
@@ -68,6 +74,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges, as vLLM's ``LLM.get_metrics()``: a list of
+        ``Counter`` / ``Gauge`` with vLLM's names (``vllm:prompt_tokens``,
+        ``vllm:prefix_cache_hits``, ``vllm:kv_cache_usage_perc``...; tinyvllm/engine/stats.py)."""
+        return self.llm_engine.get_metrics()
 
     # ---- generate -------------------------------------------------------------------------------
     def generate(
