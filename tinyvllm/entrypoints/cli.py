@@ -39,13 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete prompts")
     _add_common(gen)
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
-    chat = sub.add_parser("chat", help="reply to messages with the chat template (generate --chat)")
-    _add_common(chat)
+    _add_subcommands(sub)
     return parser
+
+
+def _add_subcommands(sub) -> None:
+    """The subcommands that live in their own modules; each sets ``func`` (main calls it)."""
+    from tinyvllm.benchmarks.serve import add_bench_parser
+    from tinyvllm.entrypoints.cli_chat import add_chat_parser
+    from tinyvllm.entrypoints.openai.cli_args import add_serve_parser
+
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+    add_bench_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     from tinyvllm import LLM, SamplingParams
 
     try:
