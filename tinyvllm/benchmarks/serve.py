@@ -124,7 +124,8 @@ async def run_benchmark(args: argparse.Namespace, requests: list[SampleRequest],
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return compute_metrics(results, duration, args.metric_percentiles) | {
-        "request_rate": rate if rate != float("inf") else "inf",  # JSON has no infinity "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+        "request_rate": rate if rate != float("inf") else "inf",  # JSON has no infinity
+        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
     }  # fmt: skip
 
 
