@@ -50,3 +50,9 @@ def test_chat_shape_has_bytes_and_its_own_top_list():
     assert [t.token for t in last.top_logprobs] == ["é", "e"]
     assert [t.token for t in chat.content[1].top_logprobs] == [",", "."]  # top-k only, best first
     assert completion_logprobs(CompletionOutput(0, "x", [1]), 0, 2, Tok(), 0) is None  # none asked: None
+
+
+def test_two_ids_with_the_same_text_keep_the_better_logprob():
+    steps = [{5: Logprob(-0.1, 1, "\ufffd"), 6: Logprob(-1.0, 2, "\ufffd"), 7: Logprob(-2.0, 3, "x")}]
+    lp = completion_logprobs(CompletionOutput(0, "", [5], logprobs=steps), 0, 3, Tok(), 0)
+    assert lp.top_logprobs == [{"\ufffd": -0.1, "x": -2.0}]

@@ -169,7 +169,8 @@ def test_completion_logprobs_match_transformers(client, llm, tiny_llama_dir):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert lp.token_logprobs == pytest.approx(want.tolist(), abs=1e-3)
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert 3 <= len(top) <= 4 and top[token] == pytest.approx(logprob) and logprob == pytest.approx(max(top.values()))
+        # (at most 3 + the sampled token; fewer when two ids decode to the same text, e.g. lone bytes)
+        assert 1 <= len(top) <= 4 and logprob == pytest.approx(max(top.values())) and top[token] == pytest.approx(logprob)
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
     content = chat.choices[0].logprobs.content

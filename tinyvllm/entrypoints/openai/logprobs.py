@@ -36,7 +36,9 @@ def completion_logprobs(output: Any, start: int, num: int, tokenizer: Any, text_
         token = _decoded(token_id, step[token_id], tokenizer)
         result.tokens.append(token)
         result.token_logprobs.append(step[token_id].logprob)
-        top = {_decoded(t, lp, tokenizer): lp.logprob for t, lp in _top(step, num)}
+        top: dict[str, float] = {}
+        for t, lp in _top(step, num):  # best first; two ids with the same text keep the better one
+            top.setdefault(_decoded(t, lp, tokenizer), lp.logprob)
         top.setdefault(token, step[token_id].logprob)  # the sampled token is always listed (vLLM)
         result.top_logprobs.append(top)
         result.text_offset.append(text_offset)
