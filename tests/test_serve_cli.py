@@ -80,7 +80,7 @@ def test_chat_page_stop_button_aborts_the_reply_on_the_server(page, server):
     before = server.wait_idle()
     page.click("#clear")
     page.fill("#max-tokens", "3000")
-    page.fill("#input", "Tell me a long story")
+    page.fill("#input", "Tell me a story")  # its greedy reply runs past 1500 tokens (no early EOS)
     page.click("#send")
     page.wait_for_function(
         "document.querySelector('.msg.assistant') && document.querySelector('.msg.assistant').textContent.length > 3"
@@ -173,3 +173,14 @@ def test_sigterm_ends_running_requests_with_an_error_and_exits(server):
     error = json.loads(events[-2])["error"]
     assert error["code"] == 503 and "shutting down" in error["message"]
     assert server.proc.returncode in (0, -15)
+
+
+def test_random_dataset_lengths_and_distinct_prompts():
+    from tinyvllm.benchmarks.datasets import random_requests
+
+    words = lambda text: [len(w) for w in text.split()]  # a stand-in tokenizer: one id per word
+    reqs = random_requests(words, 20, 30, 7, range_ratio=0.5, seed=1)
+    assert all(15 <= r.prompt_len <= 45 and len(r.prompt) == r.prompt_len and 3 <= r.expected_output_len <= 10 for r in reqs)
+    by_vocab = random_requests(words, 20, 30, 7, seed=1, vocab_size=100)
+    assert all(len(r.prompt) == 30 and all(0 <= t < 100 for t in r.prompt) for r in by_vocab)
+    assert len({tuple(r.prompt) for r in by_vocab}) == 20

@@ -4,8 +4,8 @@ Both follow vLLM's benchmark datasets. Token counts come from the server under t
 /tokenize endpoint), so the client needs no model files and counts exactly as the server does.
 
 * ``random``: each prompt is ``input_len`` token ids, cut at a random offset from one long
-  tokenized text of random words (no two prompts share a prefix), each asking for ``output_len``
-  tokens; ``range_ratio`` r draws each length uniformly from [len * (1 - r), len * (1 + r)].
+  tokenized text of random words (no two prompts share a prefix), or drawn uniformly from
+  ``[0, --random-vocab-size)``, each asking for ``output_len`` tokens; ``range_ratio`` r draws each length uniformly from [len * (1 - r), len * (1 + r)].
 * ``sharegpt``: a JSON list of ``{"conversations": [{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}, ...]}``; the first turn is the prompt and the second's token count
   is the output length (or ``--sharegpt-output-len``). As vLLM, conversations are shuffled with the
@@ -34,12 +34,17 @@ def _lengths(rng: random.Random, length: int, ratio: float, n: int) -> list[int]
 
 
 def random_requests(tokenize: Callable[[str], list[int]], num_prompts: int, input_len: int, output_len: int,
-                    range_ratio: float = 0.0, seed: int = 0) -> list[SampleRequest]:  # fmt: skip
+                    range_ratio: float = 0.0, seed: int = 0, vocab_size: int | None = None) -> list[SampleRequest]:  # fmt: skip
+    """``vocab_size``: draw each prompt id uniformly from [0, vocab_size) instead (perf.md's workloads
+    draw from [0, 10000)); for a model whose tokenizer turns random words into one unknown token."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"random_range_ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
     input_lens = _lengths(rng, input_len, range_ratio, num_prompts)
     output_lens = _lengths(rng, output_len, range_ratio, num_prompts)
+    if vocab_size is not None:
+        return [SampleRequest([rng.randrange(vocab_size) for _ in range(n_in)], n_in, n_out)
+                for n_in, n_out in zip(input_lens, output_lens)]  # fmt: skip
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(max(input_lens) + 256))
     pool = tokenize(words)

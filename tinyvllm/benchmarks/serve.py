@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -210,7 +211,8 @@ def bench_serve_main(args: argparse.Namespace) -> int:
 
         if args.dataset_name == "random":
             requests = random_requests(lambda t: tokenize(t, False), args.num_prompts, args.random_input_len,
-                                       args.random_output_len, args.random_range_ratio, args.seed)  # fmt: skip
+                                       args.random_output_len, args.random_range_ratio, args.seed,
+                                       args.random_vocab_size)  # fmt: skip
         else:
             if not args.dataset_path:
                 raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
@@ -248,13 +250,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", default=None, help="the served model name (default: the server's first)")
-    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
     p.add_argument("--dataset-name", choices=["random", "sharegpt"], default="random")
     p.add_argument("--dataset-path", default=None, help="a ShareGPT-format JSON file (--dataset-name sharegpt)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--random-vocab-size", type=int, default=None,
+                   help="draw random prompt ids from [0, N) (perf.md: 10000) instead of tokenizing random words")
     p.add_argument("--sharegpt-output-len", type=int, default=None, help="override each conversation's output length")
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                    help="requests/s (Poisson arrivals); several values run one after another; inf = all at once")

@@ -38,7 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="local dir, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--model", default=None, help="the same as MODEL")
     group = parser.add_argument_group("engine")
+    known = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
     for flags, dest, kw in _ENGINE_FLAGS:
+        if dest not in known:
+            kw = dict(kw, help=kw["help"] + " (not in this build yet: refused)")
         group.add_argument(*flags, dest=dest, **kw)
     return parser
 
