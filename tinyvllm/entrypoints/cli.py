@@ -2,7 +2,9 @@
 
     tinyvllm generate "The capital of France is" --max-tokens 16
     tinyvllm generate "What is 2+2?" --chat --temperature 0
-    tinyvllm chat "What is the capital of France?"        # = generate --chat
+    tinyvllm chat                                         # an interactive chat (cli_chat.py)
+    tinyvllm serve                                        # the OpenAI-compatible server
+    tinyvllm bench serve --request-rate 4                 # measure a running server
     python -m tinyvllm generate "Hello" --model path/or/owner/name
 
 Prints the generated text of each prompt (one prompt per positional argument).
@@ -36,16 +38,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyvllm", description="tinyvllm: a small, readable LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete prompts")
+    gen = sub.add_parser(
+        "generate", help="complete prompts (or reply to them with --chat)",
+        description="Complete each prompt as plain text. Instruct models (the default SmolLM2-135M-Instruct "
+                    "among them) ship a chat template: --chat applies it, so each prompt is sent as a user "
+                    "message and the model replies as an assistant would.",
+        epilog="examples:\n  tinyvllm generate \"The capital of France is\" --max-tokens 16\n"
+               "  tinyvllm generate --chat \"What is the capital of France?\" --temperature 0\n"
+               "  tinyvllm generate \"def fib(n):\" --model path/to/model --temperature 0.8 --seed 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     _add_common(gen)
-    gen.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
-    chat = sub.add_parser("chat", help="reply to messages with the chat template (generate --chat)")
-    _add_common(chat)
+    gen.add_argument("--chat", action="store_true",
+                     help="apply the model's chat template to each prompt (a user message; see --system)")
+    _add_subcommands(sub)
     return parser
+
+
+def _add_subcommands(sub) -> None:
+    """The subcommands that live in their own modules; each sets ``func`` (main calls it)."""
+    from tinyvllm.benchmarks.serve import add_bench_parser
+    from tinyvllm.entrypoints.cli_chat import add_chat_parser
+    from tinyvllm.entrypoints.openai.cli_args import add_serve_parser
+
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+    add_bench_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     from tinyvllm import LLM, SamplingParams
 
     try:
@@ -76,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinyvllm: error: {out.error}", file=sys.stderr)
             rc = 1
             continue
-        print(out.outputs[0].text, flush=True)
+        completion = out.outputs[0]
+        if completion.text == "":  # say so, rather than print nothing
+            print(f"tinyvllm: empty completion (finish_reason={completion.finish_reason})", file=sys.stderr)
+        print(completion.text, flush=True)
+    if not use_chat and llm.get_tokenizer().chat_template is not None:
+        print("tinyvllm: note: this model has a chat template; add --chat to send the prompts as chat messages",
+              file=sys.stderr)  # fmt: skip
     return rc
 
 

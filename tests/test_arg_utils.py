@@ -1,0 +1,49 @@
+"""The engine's command-line flags (vLLM's spellings) shared by `serve` and `chat`, and the help of
+the new subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from tinyvllm.engine.arg_utils import add_engine_args, engine_config_from_args
+from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.entrypoints.cli import build_parser
+
+
+def parse(*argv):
+    return add_engine_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_flags_become_engine_config_fields():
+    c = engine_config_from_args(parse("some/model", "--max-model-len", "512", "--max-num-seqs", "8", "--block-size", "32",
+                                      "--num-gpu-blocks-override", "64", "--dtype", "float32", "--device", "cpu",
+                                      "--enforce-eager", "--seed", "3"))  # fmt: skip
+    assert (c.model, c.max_model_len, c.max_num_seqs, c.block_size, c.num_kv_blocks, c.enforce_eager, c.seed) == \
+        ("some/model", 512, 8, 32, 64, True, 3)  # fmt: skip
+    assert engine_config_from_args(parse("--model", "m", "--device", "cpu")).model == "m"
+
+
+def test_two_models_or_a_bad_value_is_a_value_error():
+    with pytest.raises(ValueError, match="two models"):
+        engine_config_from_args(parse("a", "--model", "b"))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine_config_from_args(parse("--max-num-seqs", "0", "--device", "cpu"))
+
+
+@pytest.mark.skipif("enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)},
+                    reason="this build has prefix caching")  # fmt: skip
+def test_a_flag_this_build_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match="--enable-prefix-caching is not supported by this build"):
+        engine_config_from_args(parse("--enable-prefix-caching", "--device", "cpu"))
+    engine_config_from_args(parse("--device", "cpu"))  # unset: fine
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["chat"], ["serve"], ["bench", "serve"]])
+def test_every_subcommand_help_has_examples(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out

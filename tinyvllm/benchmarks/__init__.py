@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (`tinyvllm bench ...`): serve.py measures a running server."""

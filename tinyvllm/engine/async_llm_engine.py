@@ -1,0 +1,267 @@
+"""AsyncLLMEngine: the LLMEngine driven by one background task, for a server's many clients.
+
+    engine = AsyncLLMEngine.from_config(EngineConfig(max_model_len=2048))
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=8), request_id="r0"):
+        print(out.outputs[0].text)          # the text so far; out.finished on the last one
+
+Every client coroutine calls :meth:`generate` and gets its own stream of RequestOutputs. One
+background task, the *engine loop*, owns the LLMEngine:
+
+    while there is work:
+        take the requests that arrived and the aborts that were asked for since the last step
+        in the engine thread: add_request(...) each, abort_request(...) each, then step()
+        hand each RequestOutput to its request's queue (a finished one closes the stream)
+    then sleep until a request arrives
+
+So requests join the running batch at the next step (continuous batching does the rest), and a
+request that is aborted (its client disconnected: the generator is closed or cancelled) leaves
+the batch, with its KV blocks freed, before the next step runs.
+
+Why a thread: ``LLMEngine.step()`` ends with the one device->host copy of the sampled ids, which
+waits for the GPU. Called on the event loop it would freeze every connection for the whole step,
+so it runs in one dedicated worker thread (always the same one: a CUDA context and the
+engine's state are touched from one thread only) while the event loop keeps accepting requests,
+streaming chunks and noticing disconnects. The loop touches the LLMEngine only from that thread,
+and only one step is ever in flight.
+
+An exception from a step fails the requests that were in the engine (each stream raises
+:class:`EngineError`), frees their blocks, and the loop keeps serving new requests.
+:meth:`shutdown` ends every open stream with :class:`EngineShutdownError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.llm_engine import LLMEngine, PromptType
+from tinyvllm.outputs import RequestOutput
+from tinyvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("tinyvllm")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while this request was in it (a server answers 500)."""
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine is shutting down; the request was ended (a server answers 503)."""
+
+
+@dataclass
+class _NewRequest:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass
+class _Work:
+    """What the engine thread does before its next step (filled on the event loop)."""
+
+    new: list[_NewRequest] = field(default_factory=list)
+    aborts: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.aborts)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}  # open requests: their output queues
+        self._work = _Work()
+        self._wake: asyncio.Event | None = None  # set when work arrives (made on the running loop)
+        self._loop_task: asyncio.Task | None = None
+        self._shutdown = False
+        # One thread, always the same: the LLMEngine (and the CUDA context) is touched from it only.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyvllm-engine")
+        self.num_steps = 0
+        self._lock = threading.Lock()  # guards the stats snapshot, written by the engine thread
+        self._stats = self._read_stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_config(config))
+
+    @classmethod
+    def from_model(cls, model: str | None = None, **kwargs: Any) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_model(model, **kwargs))
+
+    # ---- the clients' side (event loop) ------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def start(self) -> None:
+        """Start the engine loop on the running event loop (``generate`` does it on first use)."""
+        if self._shutdown:
+            raise EngineShutdownError("the engine has been shut down")
+        if not self.is_running:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_engine_loop(), name="tinyvllm-engine-loop")
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        prompt_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's RequestOutputs as the engine makes progress; the last is finished.
+
+        Closing the generator early (``break``, the consuming task cancelled: a client that went
+        away) aborts the request. A request the engine refuses raises ValueError/TypeError from the
+        first ``__anext__``; an engine failure raises :class:`EngineError`.
+        """
+        self.start()
+        request_id = str(request_id)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._work.new.append(_NewRequest(request_id, prompt, sampling_params, prompt_token_ids))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: it leaves the batch (blocks freed) before the next step. Unknown ids are ignored."""
+        if self._streams.pop(request_id, None) is not None:
+            self._work.aborts.add(request_id)
+            if self._wake is not None:
+                self._wake.set()
+
+    def get_stats(self) -> dict[str, int]:
+        """A snapshot for /metrics: requests waiting and running, KV blocks total and free."""
+        with self._lock:
+            return dict(self._stats)
+
+    def _read_stats(self) -> dict[str, int]:
+        s = self.engine.scheduler
+        bm = self.engine.block_manager
+        return {
+            "num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
+            "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
+            "num_open_streams": len(self._streams), "num_steps": self.num_steps,
+        }  # fmt: skip
+
+    async def shutdown(self) -> None:
+        """End every open stream with EngineShutdownError, abort its request, stop the loop."""
+        if self._shutdown:
+            return
+        self._shutdown = True
+        err = EngineShutdownError("the server is shutting down; the request was ended")
+        for rid, queue in list(self._streams.items()):
+            queue.put_nowait(err)
+            self._work.aborts.add(rid)
+        self._streams.clear()
+        if self._wake is not None:
+            self._wake.set()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout=10.0)
+            except (asyncio.TimeoutError, Exception):  # a stuck step: do not hang the shutdown
+                logger.warning("tinyvllm: the engine loop did not stop within 10 s")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the engine loop (one task) and the engine thread ------------------------------------
+    async def _run_engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._work and not self.engine.has_unfinished_requests():
+                if self._shutdown:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            work, self._work = self._work, _Work()
+            try:
+                outputs, refused = await loop.run_in_executor(self._executor, self._engine_step, work)
+            except Exception as e:  # noqa: BLE001 - an engine bug must fail requests, not the server
+                logger.exception("tinyvllm: engine step failed")
+                await self._fail_all(loop, e, work)
+                continue
+            self.num_steps += 1
+            for request_id, exc in refused:
+                queue = self._streams.pop(request_id, None)
+                if queue is not None:
+                    queue.put_nowait(exc)
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is None:
+                    continue  # aborted meanwhile: nobody is listening
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+            if self._shutdown and not self.engine.has_unfinished_requests() and not self._work:
+                return
+
+    def _engine_step(self, work: _Work) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
+        """In the engine thread: add the new requests, apply the aborts, run one step."""
+        engine = self.engine
+        refused = []
+        for r in work.new:
+            if r.request_id in work.aborts:
+                continue  # its client left before it was even added
+            try:
+                engine.add_request(r.request_id, r.prompt, r.params, prompt_token_ids=r.prompt_token_ids)
+            except (ValueError, TypeError) as e:
+                refused.append((r.request_id, e))
+        if work.aborts:
+            engine.abort_request(list(work.aborts))
+        outputs = engine.step()
+        with self._lock:
+            self._stats = self._read_stats()
+        return outputs, refused
+
+    async def _fail_all(self, loop: asyncio.AbstractEventLoop, exc: Exception, work: _Work) -> None:
+        """A step raised: the requests in the engine (and those this step was adding) fail with
+        EngineError and their blocks are freed. Requests that arrived during the step are kept."""
+        err = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        failed = set(self.engine.requests) | {r.request_id for r in work.new}
+        for rid in failed:
+            queue = self._streams.pop(rid, None)
+            if queue is not None:
+                queue.put_nowait(err)
+
+        def clean() -> None:
+            engine = self.engine
+            engine.abort_request(list(engine.requests))
+            engine._pending.clear()  # the abort outputs: their streams already have the error
+            with self._lock:
+                self._stats = self._read_stats()
+
+        try:
+            await loop.run_in_executor(self._executor, clean)
+        except Exception:  # noqa: BLE001
+            logger.exception("tinyvllm: could not clean up after the failed step")

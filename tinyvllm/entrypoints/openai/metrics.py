@@ -1,0 +1,96 @@
+"""The server's Prometheus metrics (GET /metrics), with vLLM's names under ``tinyvllm:``.
+
+Counted per request as its stream passes through :meth:`ServerMetrics.track`:
+
+    tinyvllm:prompt_tokens_total, tinyvllm:generation_tokens_total
+    tinyvllm:request_success_total{finished_reason="stop|length|abort|error"}
+    tinyvllm:time_to_first_token_seconds      arrival -> the first output that carries tokens
+    tinyvllm:inter_token_latency_seconds      the gap between two outputs that carry tokens
+    tinyvllm:e2e_request_latency_seconds      arrival -> the last output
+
+Read from the engine at each scrape (the engine thread's snapshot after its latest step):
+
+    tinyvllm:num_requests_running, tinyvllm:num_requests_waiting
+    tinyvllm:num_kv_blocks, tinyvllm:num_free_kv_blocks, tinyvllm:kv_cache_usage_perc (0..1)
+
+Each server has its own registry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from tinyvllm.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)  # fmt: skip
+
+
+class _EngineCollector:
+    """Gauges computed at scrape time from the engine's stats snapshot."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.get_stats()
+        for name, doc, value in [
+            ("num_requests_running", "Requests in the running batch.", s["num_requests_running"]),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", s["num_requests_waiting"]),
+            ("num_kv_blocks", "KV-cache blocks in all.", s["num_kv_blocks"]),
+            ("num_free_kv_blocks", "KV-cache blocks free.", s["num_free_kv_blocks"]),
+            ("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).",
+             1.0 - s["num_free_kv_blocks"] / max(1, s["num_kv_blocks"])),
+        ]:  # fmt: skip
+            yield GaugeMetricFamily(f"tinyvllm:{name}", doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("tinyvllm:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("tinyvllm:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter("tinyvllm:request_success", "Requests finished, by finish reason.",
+                                       ["finished_reason"], registry=r)  # fmt: skip
+        self.ttft = Histogram("tinyvllm:time_to_first_token_seconds", "Time to the first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.itl = Histogram("tinyvllm:inter_token_latency_seconds", "Time between two outputs of a request.",
+                             buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.e2e = Histogram("tinyvllm:e2e_request_latency_seconds", "Arrival to the last output.",
+                             buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(self, stream: AsyncIterator[RequestOutput], num_prompt_tokens: int) -> AsyncIterator[RequestOutput]:
+        """Pass ``stream`` through, recording its timings and token counts."""
+        arrival = last = time.perf_counter()
+        num_tokens = 0
+        finished_reason = "abort"  # unless the stream ends properly
+        try:
+            async with aclosing(stream) as s:
+                async for out in s:
+                    now = time.perf_counter()
+                    total = sum(len(c.token_ids) for c in out.outputs)
+                    if total > num_tokens:
+                        (self.ttft if num_tokens == 0 else self.itl).observe(now - (arrival if num_tokens == 0 else last))
+                        self.generation_tokens.inc(total - num_tokens)
+                        num_tokens, last = total, now
+                    if out.finished:
+                        reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
+                        finished_reason = "error" if out.error else (reasons[0] if reasons else "abort")
+                    yield out
+        except Exception:
+            finished_reason = "error"
+            raise
+        finally:
+            self.prompt_tokens.inc(num_prompt_tokens)
+            self.request_success.labels(finished_reason=finished_reason).inc()
+            self.e2e.observe(time.perf_counter() - arrival)

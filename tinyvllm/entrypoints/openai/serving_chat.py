@@ -1,0 +1,136 @@
+"""POST /v1/chat/completions: a conversation in, the assistant's reply out, whole or streamed.
+
+The messages are rendered with the model's chat template (tinyvllm.tokenizer, the same Jinja
+sandbox transformers uses) and tokenized without adding special tokens (the template writes BOS),
+exactly as ``LLM.chat`` does, so the server and the offline API give the same reply. A streamed
+reply opens each choice with ``delta: {"role": "assistant", "content": ""}``, then sends the new
+text of each step, then a chunk with the ``finish_reason``; with ``stream_options.include_usage``
+a last chunk holds the usage; ``data: [DONE]`` ends the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from tinyvllm.entrypoints.openai.logprobs import chat_logprobs
+from tinyvllm.entrypoints.openai.protocol import (
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
+    ChatStreamChoice, DeltaMessage, UsageInfo,
+)  # fmt: skip
+from tinyvllm.entrypoints.openai.serving_engine import (
+    OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
+)  # fmt: skip
+
+
+def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the {"role", "content"} dicts a chat template reads; text parts are joined."""
+    if not messages:
+        raise OpenAIError(400, "messages must be a non-empty list.", param="messages")
+    result = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(400, f"content parts of type {part.type!r} are not supported (text only).",
+                                      param="messages")  # fmt: skip
+                texts.append(part.text)
+            content = "\n".join(texts)
+        msg = {"role": m.role, "content": content if content is not None else ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        result.append(msg)
+    return result
+
+
+class OpenAIServingChat(OpenAIServing):
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               chat_template_kwargs: dict | None = None) -> tuple[str, list[int]]:  # fmt: skip
+        """The prompt text and ids of a conversation (400 if the template refuses it)."""
+        import jinja2
+
+        dicts = messages_to_dicts(messages)
+        try:
+            text = self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                                      **(chat_template_kwargs or {}))  # fmt: skip
+        except (ValueError, jinja2.TemplateError) as e:
+            raise OpenAIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Any = None):
+        self.check_model(request.model)
+        if request.tools:
+            raise OpenAIError(400, "tools are not supported by tinyvllm.", param="tools")
+        if request.response_format and request.response_format.get("type", "text") != "text":
+            raise OpenAIError(400, "response_format other than text is not supported by tinyvllm.", param="response_format")
+        if request.continue_final_message:
+            raise OpenAIError(400, "continue_final_message is not supported by tinyvllm.", param="continue_final_message")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        text, ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        self.check_prompt(ids, max_tokens, what="messages")
+        num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens=max_tokens, logprobs=num_logprobs)
+        request_id = new_request_id("chatcmpl")
+        merged = merge_async_iterators([self.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)])
+        if request.stream:
+            return StreamingResponse(self._stream(merged, request, request_id, len(ids), num_logprobs),
+                                     media_type="text/event-stream")  # fmt: skip
+        with raise_as_openai_error():
+            (final,) = await last_items(merged, raw_request, 1)
+        if final.error:
+            raise OpenAIError(400, final.error, param="messages")
+        choices = [
+            ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                       stop_reason=c.stop_reason,
+                       logprobs=chat_logprobs(c, 0, num_logprobs, self.tokenizer) if num_logprobs is not None else None)
+            for c in final.outputs
+        ]  # fmt: skip
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens, total_tokens=len(ids) + completion_tokens)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _stream(self, merged: AsyncIterator, request: ChatCompletionRequest, request_id: str,
+                      num_prompt_tokens: int, num_logprobs: int | None) -> AsyncIterator[str]:  # fmt: skip
+        created = int(time.time())
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage))
+
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finished: set[int] = set()
+        try:
+            async with aclosing(merged) as stream:
+                async for _, out in stream:
+                    if out.error:
+                        raise OpenAIError(400, out.error, param="messages")
+                    for c in out.outputs:
+                        i = c.index
+                        if i in finished:
+                            continue
+                        if i not in sent_text:  # the first chunk of a choice names the role
+                            sent_text[i], sent_tokens[i] = 0, 0
+                            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                        delta = c.text[sent_text[i]:]
+                        if not delta and c.finish_reason is None:
+                            continue
+                        logprobs = chat_logprobs(c, sent_tokens[i], num_logprobs, self.tokenizer) if num_logprobs is not None else None
+                        sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                        if c.finish_reason is not None:
+                            finished.add(i)
+                        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])  # fmt: skip
+            if request.stream_options and request.stream_options.include_usage:
+                completion_tokens = sum(sent_tokens.values())
+                yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                                          total_tokens=num_prompt_tokens + completion_tokens))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the status line is gone: the error travels as an event
+            yield error_event(e)
+        yield sse("[DONE]")

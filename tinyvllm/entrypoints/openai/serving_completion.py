@@ -1,0 +1,108 @@
+"""POST /v1/completions: prompts in, completions out, whole or streamed as server-sent events.
+
+    prompt: "text" | ["text", ...] | [token ids] | [[token ids], ...]
+
+Each prompt is one engine request (with ``n`` completions each); choice ``index`` is
+``prompt_index * n + completion_index``, as in vLLM. A streamed choice's chunks carry exactly the
+text the engine added since the previous chunk: the engine's text never splits a UTF-8
+character (incremental detokenization) and holds back what could be the start of a stop string,
+so the chunks joined are the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from tinyvllm.entrypoints.openai.logprobs import completion_logprobs
+from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from tinyvllm.entrypoints.openai.serving_engine import (
+    OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
+)  # fmt: skip
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, request: CompletionRequest, raw_request: Any = None):
+        self.check_model(request.model)
+        if request.suffix:
+            raise OpenAIError(400, "suffix is not supported by tinyvllm.", param="suffix")
+        if request.echo:
+            raise OpenAIError(400, "echo is not supported by tinyvllm.", param="echo")
+        prompts = await self._prompts(request)
+        params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+        request_id = new_request_id("cmpl")
+        streams = [self.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+        merged = merge_async_iterators(streams)
+        num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        if request.stream:
+            body = self._stream(merged, request, request_id, params.n, num_prompt_tokens)
+            return StreamingResponse(body, media_type="text/event-stream")
+        with raise_as_openai_error():
+            finals = await last_items(merged, raw_request, len(prompts))
+        choices = []
+        for i, out in enumerate(finals):
+            if out.error:
+                raise OpenAIError(400, out.error, param="prompt")
+            for c in out.outputs:
+                logprobs = completion_logprobs(c, 0, request.logprobs or 0, self.tokenizer, 0)
+                choices.append(CompletionChoice(index=i * params.n + c.index, text=c.text, logprobs=logprobs,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))  # fmt: skip
+        completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                  usage=_usage(num_prompt_tokens, completion_tokens))  # fmt: skip
+
+    async def _prompts(self, request: CompletionRequest) -> list[dict]:
+        """Every prompt as {"prompt": text or None, "prompt_token_ids": ids}, each checked."""
+        p = request.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+            p = [p]
+        if not p:
+            raise OpenAIError(400, "prompt must not be empty.", param="prompt")
+        prompts = []
+        for item in p:
+            text, ids = (item, await self.encode(item)) if isinstance(item, str) else (None, list(item))
+            self.check_prompt(ids, request.max_tokens)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return prompts
+
+    async def _stream(self, merged: AsyncIterator, request: CompletionRequest, request_id: str, n: int,
+                      num_prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
+        created = int(time.time())
+        sent_text: dict[int, int] = {}  # choice index -> characters sent
+        sent_tokens: dict[int, int] = {}  # choice index -> tokens sent
+        finished: set[int] = set()
+        num_logprobs = request.logprobs or 0
+        try:
+            async with aclosing(merged) as stream:
+                async for i, out in stream:
+                    if out.error:
+                        raise OpenAIError(400, out.error, param="prompt")
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        if index in finished:
+                            continue
+                        t0, k0 = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                        delta = c.text[t0:]
+                        if not delta and c.finish_reason is None:
+                            continue  # nothing new to show yet (a held-back character or stop-string prefix)
+                        logprobs = completion_logprobs(c, k0, num_logprobs, self.tokenizer, t0) if num_logprobs else None
+                        sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                        if c.finish_reason is not None:
+                            finished.add(index)
+                        choice = CompletionChoice(index=index, text=delta, logprobs=logprobs,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)  # fmt: skip
+                        yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[choice]))
+            if request.stream_options and request.stream_options.include_usage:
+                usage = _usage(num_prompt_tokens, sum(sent_tokens.values()))
+                yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[], usage=usage))
+        except Exception as e:  # noqa: BLE001 - the status line is gone: the error travels as an event
+            yield error_event(e)
+        yield sse("[DONE]")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)  # fmt: skip

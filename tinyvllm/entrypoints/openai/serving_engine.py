@@ -1,0 +1,263 @@
+"""What the completion and chat endpoints share: the model check, the request -> SamplingParams
+mapping, the prompt checks, errors, and the plumbing of streams (vLLM's serving_engine.py).
+
+Request fields -> SamplingParams. The mapping names every field SamplingParams may have, vLLM's
+names included (``n``, ``logprobs``, ``presence_penalty``, ``frequency_penalty``,
+``repetition_penalty``, ``logit_bias``). It passes only the fields that this build's SamplingParams
+has (read from its dataclass fields): a request that asks for one it lacks gets a 400 saying
+so, unless it asks for the neutral value (``presence_penalty=0``), which changes nothing. A value
+SamplingParams refuses becomes a 400 naming the field (its ValueError's first word).
+
+Every failure is an :class:`OpenAIError` with its HTTP status; api_server.py turns it into
+OpenAI's error object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from contextlib import aclosing, contextmanager
+from typing import Any, AsyncIterator
+
+from tinyvllm.engine.async_llm_engine import AsyncLLMEngine, EngineError, EngineShutdownError
+from tinyvllm.entrypoints.openai.metrics import ServerMetrics
+from tinyvllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, random_id
+from tinyvllm.outputs import RequestOutput
+from tinyvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("tinyvllm")
+
+# A field a request may set although SamplingParams lacks it, as long as it asks for this value.
+_NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+            "logit_bias": {}, "logprobs": None, "prompt_logprobs": None, "best_of": 1}  # fmt: skip
+
+
+class OpenAIError(Exception):
+    """A request that fails with ``status``; ``param`` names the field at fault."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.status))
+
+
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 500: "internal_server_error",
+                503: "service_unavailable_error"}  # fmt: skip
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its non-streamed response was ready; the request was aborted."""
+
+
+def sampling_params_fields() -> set[str]:
+    """The fields this build's SamplingParams accepts."""
+    return {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+
+
+def make_sampling_params(**fields: Any) -> SamplingParams:
+    """SamplingParams from request fields (None = not given); OpenAIError(400) naming a bad field."""
+    known = sampling_params_fields()
+    kwargs = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name not in known:
+            if name in _NEUTRAL and value == _NEUTRAL[name]:
+                continue
+            raise OpenAIError(400, f"{name} is not supported by this build of tinyvllm (got {value!r}).", param=name)
+        kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        first = message.split(" ", 1)[0]
+        raise OpenAIError(400, message, param=first if first in known else None) from e
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.metrics = metrics
+        self.max_model_len = engine.config.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
+
+    def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams (OpenAI's defaults: temperature 1, top_p 1)."""
+        logit_bias = None
+        if request.logit_bias:
+            try:
+                logit_bias = {int(k): float(v) for k, v in request.logit_bias.items()}
+            except ValueError as e:
+                raise OpenAIError(400, f"logit_bias keys must be token ids, got {list(request.logit_bias)!r}.",
+                                  param="logit_bias") from e
+        return make_sampling_params(
+            n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            min_p=request.min_p, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty, logit_bias=logit_bias, best_of=request.best_of,
+        )  # fmt: skip
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, what: str = "prompt") -> None:
+        """The checks the engine would fail the request on, made here so they answer 400 up front."""
+        n = len(prompt_ids)
+        config = self.engine.config
+        if n == 0:
+            raise OpenAIError(400, f"The {what} is empty.", param=what)
+        vocab = getattr(self.engine.engine, "vocab_size", None)
+        if vocab is not None:
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise OpenAIError(400, f"Token id {bad[0]} is out of vocabulary (vocab_size={vocab}).", param=what)
+        if n + (max_tokens or 1) > self.max_model_len:
+            asked = f"{n + max_tokens} tokens ({n} in the {what}, {max_tokens} in the completion)" if max_tokens \
+                else f"{n} tokens in the {what} and none left for the completion"
+            raise OpenAIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{asked}. Please reduce the length of the {what} or completion.", param="max_tokens" if max_tokens and n < self.max_model_len else what,
+            )  # fmt: skip
+        if n + 1 > config.max_seq_len:
+            raise OpenAIError(400, f"The {what} ({n} tokens) does not fit in the KV cache, which holds "
+                              f"{config.max_seq_len} tokens.", param=what)  # fmt: skip
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize off the event loop (a long prompt takes milliseconds)."""
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's stream for one prompt, with the server's metrics recorded along the way."""
+        return self.metrics.track(self.engine.generate(prompt, params, request_id), len(prompt["prompt_token_ids"]))
+
+
+# ---- streams -----------------------------------------------------------------------------------
+async def merge_async_iterators(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Yield ``(i, item)`` from several async iterators as items arrive; closing this closes them all
+    (so every request of a multi-prompt completion is aborted when its client leaves)."""
+    if len(iterators) == 1:
+        async with aclosing(iterators[0]) as it:
+            async for item in it:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator) -> None:
+        try:
+            async with aclosing(it):
+                async for item in it:
+                    await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def last_items(stream: AsyncIterator[tuple[int, RequestOutput]], raw_request: Any, count: int) -> list[RequestOutput]:
+    """The final output of each of ``count`` merged requests; if the client disconnects first, the
+    requests are aborted and ClientDisconnected is raised."""
+
+    async def consume() -> list[RequestOutput]:
+        final: list[RequestOutput | None] = [None] * count
+        async with aclosing(stream) as s:
+            async for i, out in s:
+                final[i] = out
+        return final
+
+    work = asyncio.ensure_future(consume())
+    watch = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()  # runs the generators' finally blocks: the requests are aborted
+            await asyncio.gather(work, return_exceptions=True)
+            raise ClientDisconnected()
+        watch.cancel()
+    return work.result()
+
+
+async def _wait_for_disconnect(raw_request: Any) -> None:
+    if raw_request is None:
+        await asyncio.Event().wait()
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying ``data`` (a pydantic model, a dict or "[DONE]")."""
+    if hasattr(data, "model_dump_json"):
+        data = data.model_dump_json()
+    elif not isinstance(data, str):
+        data = json.dumps(data)
+    return f"data: {data}\n\n"
+
+
+def as_openai_error(e: Exception) -> OpenAIError:
+    """What a failure during generation answers: the engine failed (500), it is shutting down (503),
+    it refused the request (400)."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, EngineShutdownError):
+        return OpenAIError(503, str(e))
+    if isinstance(e, EngineError):
+        return OpenAIError(500, str(e))
+    if isinstance(e, (ValueError, TypeError)):
+        return OpenAIError(400, str(e))
+    logger.exception("tinyvllm: request failed", exc_info=e)
+    return OpenAIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+@contextmanager
+def raise_as_openai_error():
+    try:
+        yield
+    except (ClientDisconnected, OpenAIError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise as_openai_error(e) from e
+
+
+def error_event(e: Exception) -> str:
+    """An error inside a stream that has already sent its status line: an event with the error object."""
+    return sse(as_openai_error(e).response())
+
+
+def new_request_id(prefix: str) -> str:
+    return random_id(prefix)
