@@ -17,10 +17,10 @@ Engines, one after the other in this process, on the same checkpoint:
   tinyvllm         as users get it (decode steps replayed as CUDA graphs): every workload
   tinyvllm eager   enforce_eager=True: latency
   transformers     Hugging Face generate: latency at batch 1
-  torch.compile    a gpt-fast-style static-cache Llama (bench/static_llama.py) under
-                   torch.compile(mode="reduce-overhead"): latency at every batch; nano as one
-                   static batch of all 256 requests (bench/static_batch.py), the engine's
-                   max_num_seqs, i.e. at equal batch
+  torch.compile    a gpt-fast-style static-cache Llama (bench/static_llama.py, with a position
+                   per row in bench/static_batch.py) under torch.compile(mode="reduce-overhead"):
+                   latency at every batch; nano as one static batch of all 256 requests, the
+                   engine's max_num_seqs, i.e. at equal batch
 The ceilings (copy bandwidth, matmul rate) are measured at the start of the same run.
 
 Output: a printed table, JSON (rewritten after every part, so a run cut short keeps what it

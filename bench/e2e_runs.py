@@ -184,25 +184,31 @@ def transformers_latency(path: str, rc: RunConfig) -> dict:
 
 
 def compile_latency(path: str, rc: RunConfig) -> dict:
-    """The gpt-fast-style peer (bench/static_llama.py) at each latency batch: decode ms per step.
+    """The gpt-fast-style peer at each latency batch: decode ms per step (greedy).
 
-    One static cache of ``max(batches)`` rows x (prompt + decode tokens) positions; a batch runs
-    on its first rows. A batch where the peer fails records its error and the others go on."""
-    from static_llama import StaticLlama
+    bench/static_batch.py's StaticBatchLlama (bench/static_llama.py's weights and layers, its
+    grouped-query attention) with one static cache of ``max(batches)`` rows x (prompt + decode
+    tokens) positions; a batch runs on its first rows. Compiled once at batch 1 and once more
+    for the other batch sizes (dynamic batch); one CUDA graph per batch size. A batch where the
+    peer fails records its error and the others go on."""
+    from static_batch import StaticBatchLlama, run_static_batch, warm_up
 
     spec = rc.latency
     positions = spec.prompt_len + spec.decode_tokens
-    model = StaticLlama(path, max_batch=max(spec.batches), max_seq_len=positions, device=rc.device, dtype=rc.dtype)
-    if not rc.compile:
-        model.decode = model.forward
+    model = StaticBatchLlama(path, max_batch=max(spec.batches), max_seq_len=positions, device=rc.device,
+                             dtype=rc.dtype, compile=rc.compile)
     out: dict = {"compiled": rc.compile, "static_cache_positions": positions, "batches": {}}
     for b in spec.batches:
         try:
-            prompt = torch.tensor(latency_prompts(b, spec.prompt_len, rc.vocab_size), device=rc.device)
-            model.generate(prompt, 8)  # compile (a new batch size recompiles once) and capture, untimed
-            model.generate(prompt, 8)
-            t1 = min(timed(lambda: model.generate(prompt, 1), rc.sync) for _ in range(rc.repeats))
-            tn = min(timed(lambda: model.generate(prompt, spec.decode_tokens + 1), rc.sync) for _ in range(rc.repeats))
+            prompts = latency_prompts(b, spec.prompt_len, rc.vocab_size)
+
+            def run(n: int) -> float:
+                return run_static_batch(model, prompts, [n] * b, temperature=0, sync=rc.sync)["seconds"]
+
+            warm_up(model, b)  # compile (a new batch size recompiles once) and capture, untimed
+            run(8)
+            t1 = min(run(1) for _ in range(rc.repeats))
+            tn = min(run(spec.decode_tokens + 1) for _ in range(rc.repeats))
             out["batches"][str(b)] = {"decode_step_ms": (tn - t1) / spec.decode_tokens * 1e3}
         except Exception as e:  # noqa: BLE001 - a peer's failure at one batch is a result, not the end of the run
             out["batches"][str(b)] = {"error": f"{type(e).__name__}: {e}"[:500]}

@@ -103,7 +103,7 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     recorder = ScheduleRecorder(engine.scheduler)
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=args.steps), acc_events=True,
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=args.steps, repeat=1), acc_events=True,
                  on_trace_ready=lambda p: p.export_chrome_trace(trace_path)) as prof:
         for i in range(args.steps + 1):
             with record_function(f"decode_step_{i}"):
@@ -124,6 +124,10 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
         cuda_graphs=graphs is not None and graphs.shape_for(batch, 1) is not None,
         trace=trace_path,
     )
+    if result["cuda_graphs"] and result.get("events_per_step", 0) < 30:
+        result["warning"] = ("few GPU events per step for a graph-replayed decode step (about 150 kernels): the "
+                             "profiler may not have traced the graph's kernels (CUPTI); read the trace")
+        print(f"WARNING batch {batch}: {result['warning']}", flush=True)
     return result
 
 

@@ -8,7 +8,8 @@ cache. It is what a good PyTorch user without an engine would run:
 
 * every request of the workload is one row of ONE batch (the engine's ``max_num_seqs`` is 256,
   nano has 256 requests: equal batch);
-* each prompt is prefilled on its own (eager, one forward per row);
+* each prompt is prefilled on its own (eager, one forward per row; prompts of one length, as in
+  the latency workload, in one forward);
 * then every row decodes until the longest output is done (static batching: a finished row
   keeps computing, its extra tokens are not counted), through ``forward_rows`` under
   ``torch.compile(mode="reduce-overhead")`` (one CUDA graph per step);
@@ -16,7 +17,9 @@ cache. It is what a good PyTorch user without an engine would run:
 
 The static cache holds ``max(prompt) + max(output)`` positions per row and every step reads all
 of them (masked), as gpt-fast does: at nano's 256 x 2048 that is 17 GB per step against the
-engine's paged cache, which reads only what each sequence holds.
+engine's paged cache, which reads only what each sequence holds. Grouped-query attention runs
+as Hk heads of G query rows (no copy of k/v per query head, see ``forward_rows``). The
+latency workload runs on the same class: its rows share one position, a special case.
 
     peer = StaticBatchLlama(path, max_batch=256, max_seq_len=2048)
     seconds, useful_tokens = run_static_batch(peer, prompts, max_tokens, temperature=0.6)
@@ -48,9 +51,12 @@ class StaticBatchLlama(StaticLlama):
         [B, vocab] float32. Row b uses (and writes) cache row ``row0 + b``."""
         b, t = ids.shape
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        g = hq // hk
         x = F.embedding(ids, self.embed)
         keys = torch.arange(self.cos.shape[0], device=ids.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: a token sees positions <= its own
+        if t > 1:
+            mask = mask.repeat(1, 1, g, 1)  # [B, 1, G*T, S]: the query rows are (group member, token) pairs
         rows = torch.arange(b, device=ids.device)[:, None]  # [B, 1], broadcast against pos [B, T]
         rope_pos = pos[:, None, :]  # [B, 1, T]: cos/sin [B, 1, T, D] broadcast over the heads
         for lw in self.layers:
@@ -62,8 +68,11 @@ class StaticBatchLlama(StaticLlama):
             # kc[rows, :, pos] is [B, T, Hk, D] (the indexed dims first): row b, position pos[b, j].
             kc[rows, :, pos] = k.transpose(1, 2)
             vc[rows, :, pos] = v.view(b, t, hk, d)
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
-            x = x + a.transpose(1, 2).reshape(b, t, hq * d) @ lw.wo.t()
+            # Grouped-query attention as Hk heads of G*T query rows each (query head h reads kv
+            # head h // G): SDPA's enable_gqa=True with a mask falls back to its math kernel, which
+            # copies every kv head G times; this way the efficient kernel reads each once.
+            a = F.scaled_dot_product_attention(q.reshape(b, hk, g * t, d), kc, vc, attn_mask=mask)
+            x = x + a.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d) @ lw.wo.t()
             gate, up = (self._rms(x, lw.ln2) @ lw.w13.t()).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ lw.w2.t()
         return (self._rms(x[:, -1], self.norm) @ self.lm_head.t()).float()
@@ -98,17 +107,19 @@ def run_static_batch(model: StaticBatchLlama, prompts: list[list[int]], max_toke
     n = len(prompts)
     if n > model.max_batch:
         raise ValueError(f"{n} requests do not fit the static batch of {model.max_batch}")
-    longest = max(len(p) + m for p, m in zip(prompts, max_tokens))
+    longest = max(len(p) + m - 1 for p, m in zip(prompts, max_tokens))  # the last token is never cached
     if longest > model.max_seq_len:
         raise ValueError(f"a request needs {longest} positions, the static cache holds {model.max_seq_len}")
     dev = model.embed.device
     sync()
     t0 = time.perf_counter()
-    first = []
-    for row, p in enumerate(prompts):  # prefill each prompt into its own row
-        ids = torch.tensor([p], device=dev)
-        first.append(sample(model.forward_rows(ids, torch.arange(len(p), device=dev)[None], row0=row), temperature))
-    tok = torch.cat(first)[:, None]
+    if len({len(p) for p in prompts}) == 1:  # equal lengths (the latency workload): one prefill
+        ids = torch.tensor(prompts, device=dev)
+        pos = torch.arange(ids.shape[1], device=dev).expand(n, -1)
+        tok = sample(model.forward_rows(ids, pos), temperature)[:, None]
+    else:  # ragged: each prompt into its own row
+        tok = torch.cat([sample(model.forward_rows(torch.tensor([p], device=dev), torch.arange(len(p), device=dev)[None],
+                                                   row0=row), temperature) for row, p in enumerate(prompts)])[:, None]
     pos = torch.tensor([[len(p)] for p in prompts], device=dev)
     sync()
     prefill_s = time.perf_counter() - t0
