@@ -118,8 +118,8 @@ def tinyvllm_latency(llm, rc: RunConfig) -> dict:
     for b in spec.batches:
         prompts = latency_prompts(b, spec.prompt_len, rc.vocab_size)
         run(prompts, 4)  # warm-up at this batch
-        t1 = min(timed(lambda: run(prompts, 1), rc.sync) for _ in range(rc.repeats))
-        tn = min(timed(lambda: run(prompts, spec.decode_tokens + 1), rc.sync) for _ in range(rc.repeats))
+        t1 = min(timed(lambda p=prompts: run(p, 1), rc.sync) for _ in range(rc.repeats))
+        tn = min(timed(lambda p=prompts: run(p, spec.decode_tokens + 1), rc.sync) for _ in range(rc.repeats))
         out["batches"][str(b)] = {"decode_step_ms": (tn - t1) / spec.decode_tokens * 1e3, "ttft_ms": t1 * 1e3}
     out["ttft_long_ms"] = min(timed(lambda: run(long, 1), rc.sync) for _ in range(rc.repeats)) * 1e3
     return out
@@ -168,7 +168,7 @@ def transformers_latency(path: str, rc: RunConfig) -> dict:
     ids = torch.tensor(latency_prompts(1, spec.prompt_len, rc.vocab_size), device=rc.device)
     long = torch.tensor(latency_prompts(1, spec.ttft_prompt_len, rc.vocab_size, seed=2), device=rc.device)
 
-    def gen(x: torch.Tensor, n: int) -> None:
+    def gen(x: torch.Tensor, n: int, model=model) -> None:
         with torch.inference_mode():
             model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
@@ -202,7 +202,7 @@ def compile_latency(path: str, rc: RunConfig) -> dict:
         try:
             prompts = latency_prompts(b, spec.prompt_len, rc.vocab_size)
 
-            def run(n: int) -> float:
+            def run(n: int, model=model, prompts=prompts, b=b) -> float:
                 return run_static_batch(model, prompts, [n] * b, temperature=0, sync=rc.sync)["seconds"]
 
             warm_up(model, b)  # compile (a new batch size recompiles once) and capture, untimed

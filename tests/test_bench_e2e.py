@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
 
 import bench_e2e  # noqa: E402
+import e2e_report  # noqa: E402
 from bounds import ModelShape, latency_steps, schedule_bound  # noqa: E402
 from random_llama import TINY_LLAMA  # noqa: E402
 from workloads import TINY_LATENCY, nano_requests, token_counts  # noqa: E402
@@ -83,7 +84,7 @@ def test_throughput_runs_the_whole_workload_and_its_recorded_schedule_is_the_ide
 
 def test_tables_print_every_engine(tiny_run, capsys):
     _, r = tiny_run
-    bench_e2e.print_tables(r)
+    e2e_report.print_tables(r)
     out = capsys.readouterr().out
     for name in ("floor", "tinyvllm eager", "transformers", "torch.compile", "nano", "random"):
         assert name in out
@@ -92,7 +93,7 @@ def test_tables_print_every_engine(tiny_run, capsys):
 def test_chart_draws_decode_step_against_batch(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, r = tiny_run
-    bench_e2e.plot(r, str(tmp_path / "e2e.png"))
+    e2e_report.plot(r, str(tmp_path / "e2e.png"))
     assert (tmp_path / "e2e.png").stat().st_size > 0
 
 
