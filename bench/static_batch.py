@@ -22,7 +22,8 @@ as Hk heads of G query rows (no copy of k/v per query head, see ``forward_rows``
 latency workload runs on the same class: its rows share one position, a special case.
 
     peer = StaticBatchLlama(path, max_batch=256, max_seq_len=2048)
-    seconds, useful_tokens = run_static_batch(peer, prompts, max_tokens, temperature=0.6)
+    warm_up(peer, batch=256)                        # compile and capture, untimed
+    res = run_static_batch(peer, prompts, max_tokens, temperature=0.6)   # res["seconds"], ...
 """
 
 from __future__ import annotations
@@ -107,9 +108,12 @@ def run_static_batch(model: StaticBatchLlama, prompts: list[list[int]], max_toke
     n = len(prompts)
     if n > model.max_batch:
         raise ValueError(f"{n} requests do not fit the static batch of {model.max_batch}")
-    longest = max(len(p) + m - 1 for p, m in zip(prompts, max_tokens))  # the last token is never cached
-    if longest > model.max_seq_len:
-        raise ValueError(f"a request needs {longest} positions, the static cache holds {model.max_seq_len}")
+    # Every row decodes until the longest output is done, so the longest prompt runs that many
+    # steps too (its last token is never written to the cache).
+    needed = max(map(len, prompts)) + max(max_tokens) - 1
+    if needed > model.max_seq_len:
+        raise ValueError(f"the static batch needs {needed} positions (longest prompt + longest output - 1), "
+                         f"the static cache holds {model.max_seq_len}")
     dev = model.embed.device
     sync()
     t0 = time.perf_counter()
