@@ -4,10 +4,18 @@
 # dev/cuda programs (each checks itself and times its versions), the benchmarks, and
 # print a short table last.
 #
-#   bash scripts/gpu_check.sh [build] [test] [sanitize] [dev] [bench] [e2e]   (default: all)
+#   bash scripts/gpu_check.sh [build] [test] [sanitize] [dev] [bench] [e2e] [profile]   (default: all)
 #   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
 #   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
 #   bash scripts/gpu_check.sh build gemm          (the skinny GEMM: its tests, memcheck, dev program, benchmark)
+#   bash scripts/gpu_check.sh build e2e profile   (end to end, then the decode-step anatomy)
+#   E2E_ARGS="--skip-compile --workloads latency,nano" bash scripts/gpu_check.sh build e2e
+#       (bench/bench_e2e.py's options: --skip-hf, --skip-compile, --skip-eager, --workloads,
+#        --random-requests N; it prints the expected seconds of each part first. The whole e2e
+#        phase is about 7 minutes on an H100, the torch.compile peer 4 of them.)
+#   PROFILE_ARGS="--batches 1,64,256 --prompt-len 512" bash scripts/gpu_check.sh build profile
+#       (the Chrome traces go to /tmp/tinyvllm_traces, since the device tool brings back at most
+#        8 files; PROFILE_TRACE_DIR=$OUT/traces brings them back, one per batch size)
 #
 # Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
 set -uo pipefail
@@ -16,7 +24,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-phases=${*:-build test sanitize dev bench e2e}
+phases=${*:-build test sanitize dev bench e2e profile}
 ATTN_TESTS="tests/test_decode_attention.py tests/test_decode_plan.py tests/test_decode_graphs.py tests/test_prefill_attention.py tests/test_prefill_tiles.py tests/test_read_floor.py"
 summary=()
 note() { summary+=("$1"); echo ">>> $1"; }
@@ -113,9 +121,15 @@ if has ragged; then  # decode batches of unequal lengths (the engine's order and
   note "bench_attention --ragged-only rc=${PIPESTATUS[0]}"
 fi
 
-if has e2e; then
-  python3 bench/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log"
-  note "bench_e2e rc=${PIPESTATUS[0]}"
+if has e2e; then  # e2e.json, e2e.png; a part that fails is in the JSON's "errors" (rc=1), the others still run
+  python3 bench/bench_e2e.py --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log"
+  note "bench_e2e rc=${PIPESTATUS[0]} ($(grep -m1 -E '^tinyvllm ' "$OUT/bench_e2e.log" | tr -s ' '))"
+fi
+
+if has profile; then  # step_anatomy.json/.md: graph-replayed decode steps, kernels by kind and GPU idle time (about 1 minute)
+  python3 bench/profile_step.py --out "$OUT/step_anatomy.json" --trace-dir "${PROFILE_TRACE_DIR:-/tmp/tinyvllm_traces}" ${PROFILE_ARGS:-} 2>&1 \
+    | tee "$OUT/profile_step.log"
+  note "profile_step rc=${PIPESTATUS[0]} (step_anatomy.md)"
 fi
 
 echo
