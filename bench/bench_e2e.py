@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench/results/e2e.json")
     ap.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of latency,nano,random")
+    ap.add_argument("--engine-args", default="{}",
+                    help='more LLM(...) arguments for tinyvllm, as JSON, e.g. \'{"async_scheduling": false}\'')
     ap.add_argument("--batches", default=None, help="latency batch sizes (default 1,8,32,128)")
     ap.add_argument("--skip-hf", action="store_true", help="do not time transformers")
     ap.add_argument("--skip-compile", action="store_true", help="do not run the torch.compile peer (its compiles are the slowest part)")
@@ -208,7 +210,8 @@ def run_all(args: argparse.Namespace) -> int:
                           ttft_prompt_len=spec.ttft_prompt_len)
     rc = runs.RunConfig(device="cpu" if args.tiny else "cuda", dtype=torch.float32 if args.tiny else torch.bfloat16,
                         max_model_len=256 if args.tiny else 4096, repeats=args.repeats or (1 if args.tiny else 3),
-                        latency=spec, vocab_size=cfg["vocab_size"], compile=not args.tiny)
+                        latency=spec, vocab_size=cfg["vocab_size"], compile=not args.tiny,
+                        engine_kwargs=json.loads(args.engine_args))
     shape = ModelShape.from_config(cfg, dtype_bytes=4 if args.tiny else 2)
     estimates = estimate_seconds(args)
     print("expected seconds per part (H100, rough): " + ", ".join(f"{k} {v}" for k, v in estimates.items())

@@ -35,6 +35,7 @@ class RunConfig:
     latency: LatencySpec = field(default_factory=lambda: LATENCY)
     vocab_size: int | None = None  # prompt ids stay below it (and below 10000)
     compile: bool = True  # the peer under torch.compile (False on CPU: eager, same code)
+    engine_kwargs: dict = field(default_factory=dict)  # more LLM(...) arguments (--engine-args)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -97,7 +98,7 @@ def tinyvllm_engine(path: str, rc: RunConfig, enforce_eager: bool):
 
     t0 = time.perf_counter()
     llm = LLM(model=path, dtype=rc.dtype, device=rc.device, max_model_len=rc.max_model_len, seed=0,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, **rc.engine_kwargs)
     return llm, time.perf_counter() - t0
 
 

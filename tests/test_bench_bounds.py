@@ -124,8 +124,9 @@ def test_the_engines_recorded_schedule_is_the_ideal_one_when_the_cache_is_large_
 
     from tinyvllm import SamplingParams
 
+    # (the ideal schedule knows no prefix cache and no chunks: the same prompts would share blocks)
     engine = make_fake_engine(num_blocks=256, block_size=4, max_model_len=20, max_num_seqs=3,
-                              max_num_batched_tokens=20)
+                              max_num_batched_tokens=20, enable_prefix_caching=False, enable_chunked_prefill=False)
     reqs = [(7, 5), (9, 2), (4, 6), (12, 3), (3, 4)]  # (prompt length, output tokens)
     recorder = ScheduleRecorder(engine.scheduler)
     run_to_completion(engine, {0: [(f"r{i}", [3] * p, SamplingParams(max_tokens=o, ignore_eos=True))
