@@ -127,7 +127,7 @@ def bench_chunked(path: str, w: dict, chunked: bool, budget: int, llm_kw: dict) 
     greedy = dict(temperature=0, ignore_eos=True)
 
     def run_until_first_token(rid: str) -> None:
-        while not engine.requests[rid].num_output_tokens:
+        while not engine.requests[rid].seqs[0].num_output_tokens:
             engine.step()
 
     # Warm-up: one long prompt (the first prefill of a size allocates and tunes), then gone.

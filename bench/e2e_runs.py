@@ -135,8 +135,11 @@ def tinyvllm_throughput(llm, requests: list[Request], rc: RunConfig) -> tuple[di
 
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=r.temperature, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
-    llm.generate(prompts[:2], [SamplingParams(temperature=r.temperature, max_tokens=4, ignore_eos=True)
-                               for r in requests[:2]], use_tqdm=False)  # warm-up (sampling kernels)
+    # Warm-up (the sampling kernels) on prompts no request starts with, so that the prefix cache
+    # holds nothing the timed run could reuse.
+    llm.generate([{"prompt_token_ids": [1] * 8}] * 2, [SamplingParams(temperature=r.temperature, max_tokens=4,
+                                                                      ignore_eos=True) for r in requests[:2]],
+                 use_tqdm=False)
     engine = llm.llm_engine
     preempted = engine.scheduler.num_preemptions
     recorder = ScheduleRecorder(engine.scheduler)

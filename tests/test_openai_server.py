@@ -136,19 +136,24 @@ def test_models_tokenize_detokenize(server, llm):
 # ---- n and logprobs (need the features branch; skip until then) ------------------------------------
 @needs_n
 def test_n_2_returns_two_choices_streamed_and_not(client, llm):
-    want = offline(llm, "xy", 6).text
-    r = client.completions.create(model="tiny", prompt="xy", max_tokens=6, temperature=0, n=2,
-                                  extra_body={"ignore_eos": True})  # fmt: skip
-    assert sorted(c.index for c in r.choices) == [0, 1] and all(c.text == want for c in r.choices)
+    """n = 2 with a seed (n > 1 needs sampling, as in vLLM): two choices, the same two streamed and
+    not, each the offline engine's completion of the same request."""
+    from tinyvllm import SamplingParams
+
+    kw = dict(model="tiny", prompt="xy", max_tokens=6, temperature=1.0, seed=3, n=2)
+    want = [c.text for c in llm.generate(["xy"], SamplingParams(n=2, seed=3, temperature=1.0, max_tokens=6,
+                                                                ignore_eos=True), use_tqdm=False)[0].outputs]
+    r = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == want
     assert r.usage.completion_tokens == 12
     texts = {0: "", 1: ""}
-    for chunk in client.completions.create(model="tiny", prompt="xy", max_tokens=6, temperature=0, n=2, stream=True,
-                                           extra_body={"ignore_eos": True}):  # fmt: skip
+    for chunk in client.completions.create(**kw, stream=True, extra_body={"ignore_eos": True}):
         for c in chunk.choices:
             texts[c.index] += c.text
-    assert texts == {0: want, 1: want}
+    assert [texts[0], texts[1]] == want
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
-                                          max_tokens=4, temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+                                          max_tokens=4, temperature=1.0, seed=1, extra_body={"ignore_eos": True})  # fmt: skip
     assert sorted(c.index for c in chat.choices) == [0, 1]
 
 
