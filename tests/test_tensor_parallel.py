@@ -260,3 +260,14 @@ def test_loader_reads_each_ranks_slice_and_the_slices_make_the_whole(tiny_llama)
         dim = 1 if ("o_proj" in name or "down_proj" in name) else 0
         assert r0[name].shape[dim] + r1[name].shape[dim] == w.shape[dim], name
         assert torch.equal(torch.cat([r0[name], r1[name]], dim=dim), w), name
+
+
+def test_the_serve_flag_sets_tensor_parallel_size():
+    import argparse
+
+    from tinyvllm.engine.arg_utils import add_engine_args, engine_config_from_args
+
+    parser = add_engine_args(argparse.ArgumentParser())
+    config = engine_config_from_args(parser.parse_args(["--tensor-parallel-size", "2", "--device", "cpu"]))
+    assert config.tensor_parallel_size == 2
+    assert engine_config_from_args(parser.parse_args(["--device", "cpu"])).tensor_parallel_size == 1
