@@ -299,11 +299,14 @@ class ModelRunner:
             raise ValueError("execute() needs at least one sequence")
         if self.executor is not None:  # rank 0 of several: a dead rank is an error naming it, not a hang
             self.executor.check_health()
+            self.executor.in_step = True  # the workers are mid-step until all its collectives are issued
             try:
-                return self._compute_logits(out)
+                logits = self._compute_logits(out)
             except Exception as e:
                 self.executor.raise_if_dead(e)
                 raise
+            self.executor.in_step = False
+            return logits
         return self._compute_logits(out)
 
     def _compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:

@@ -17,7 +17,7 @@ rank 0 blocked on the GPU (a collective waiting for a peer that is gone) is rele
 waiting for the timeout. Every collective also has the group's timeout (DEFAULT_TIMEOUT_S).
 
 Stopping (``shutdown``, the finalizer at garbage collection or at exit): a STOP step if every
-worker is alive and the runner was built, then join, then terminate/kill whatever remains, then
+worker is alive and waits for a step (not after a step that Ctrl-C cut short), then join, then terminate/kill whatever remains, then
 leave the group. The workers also exit by themselves when this process is gone.
 """
 
@@ -56,6 +56,7 @@ class _Workers:
     def __init__(self) -> None:
         self.procs: list[tuple[int, mp.Process, multiprocessing.connection.Connection]] = []
         self.ready = False  # every rank built its runner: the workers wait for step headers
+        self.in_step = False  # rank 0 left a step part-way (Ctrl-C, an error): the workers are inside it
         self.closed = False
         self.backend = "gloo"
 
@@ -79,7 +80,9 @@ class _Workers:
         from tinyvllm.distributed import broadcast_step_header, destroy_distributed_environment
         from tinyvllm.engine.model_runner import STEP_STOP
 
-        if self.ready and self.dead() is None:
+        # STOP only to workers that wait for a header: to one inside a step it would pair with that
+        # step's collectives and hang; those are terminated below.
+        if self.ready and not self.in_step and self.dead() is None:
             try:
                 broadcast_step_header([STEP_STOP])
             except Exception:  # a worker died meanwhile: it is terminated below
@@ -150,6 +153,14 @@ class MultiprocExecutor:
                 _abort_process_group()
             except Exception:  # older torch, or already torn down: the group's timeout still holds
                 pass
+
+    @property
+    def in_step(self) -> bool:
+        return self._workers.in_step
+
+    @in_step.setter
+    def in_step(self, value: bool) -> None:
+        self._workers.in_step = value
 
     def mark_ready(self) -> None:
         """Every rank built its runner: from now on the workers wait for step headers."""
