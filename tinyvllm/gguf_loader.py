@@ -161,9 +161,12 @@ def dequantize(tensor) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`})."""
-    path = Path(path)
+def gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file, without dequantizing its tensors."""
+    return _open_with_config(Path(path))[0]
+
+
+def _open_with_config(path: Path):
     reader = open_gguf(path)
     meta = gguf_metadata(reader, skip_arrays=("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))
     tensors = {t.name: t for t in reader.tensors}
@@ -172,6 +175,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
         config = config_from_gguf(meta, tensors, rope_freqs)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+    return config, tensors
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`})."""
+    path = Path(path)
+    config, tensors = _open_with_config(path)
 
     weights: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

@@ -11,6 +11,11 @@ Two on-disk formats end up in the same place:
 Every expected tensor is checked by name and shape against the config before the model sees it
 (`tinyvllm.checkpoint`, shared with the GGUF reader), so a wrong or damaged checkpoint fails here,
 naming the file and the tensor (`CheckpointError`), not deep inside a GEMM.
+
+Tensor parallelism: ``load_checkpoint(path, dtype, tp_rank=r, tp_size=N)`` returns rank r's slice
+of each tensor (tinyvllm/model/weight_sharding.py). From safetensors only that slice is read
+(``safe_open(...).get_slice``), so no rank ever holds the whole model; the shapes are checked
+against the config from the files' headers first.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import torch
 
 from tinyvllm.checkpoint import CheckpointError, validate_weights
 from tinyvllm.config import ModelConfig, load_config
-from tinyvllm.gguf_loader import load_gguf
+from tinyvllm.distributed.utils import check_tensor_parallel
+from tinyvllm.gguf_loader import gguf_config, load_gguf
+from tinyvllm.model.weight_sharding import shard_spec, slice_tensor
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -33,24 +40,54 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a checkpoint directory or a .gguf file into (config, {HF name: CPU tensor in `dtype`})."""
+def load_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tp_rank: int = 0, tp_size: int = 1
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint directory or a .gguf file into (config, {HF name: CPU tensor in `dtype`});
+    with ``tp_size`` > 1, rank ``tp_rank``'s slice of each tensor (see the module docstring)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        config, weights = load_gguf(path, dtype)
+        if tp_size > 1:
+            # GGUF blocks are quantized along rows, so a rank's slice is cut after dequantizing the
+            # whole tensor: NOT zero-copy, each rank reads (and briefly holds) every tensor once.
+            check_tensor_parallel(config, tp_size)
+            weights = {n: slice_tensor(w, shard_spec(n, config, tp_rank, tp_size)).clone() for n, w in weights.items()}
+        return config, weights
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
     config = load_config(path)
+    check_tensor_parallel(config, tp_size)
     files = _safetensors_files(path)
     weights: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     for file, names in files.items():
-        for name, tensor in _read_safetensors(file, names).items():
+        for name, tensor in _read_safetensors(file, names, lambda n: shard_spec(n, config, tp_rank, tp_size)).items():
             if name in weights:
                 raise CheckpointError(f"{file}: tensor {name!r} is also in {sources[name]}")
-            weights[name] = tensor.to(dtype)
+            weights[name] = tensor
             sources[name] = str(file)
-    return config, validate_weights(config, weights, sources)
+    # Shapes are checked on the whole tensors (meta tensors: no memory), before slices are used.
+    full = {n: torch.empty(t.full_shape, device="meta") for n, t in weights.items()}
+    kept = validate_weights(config, full, sources)
+    return config, {n: weights[n].tensor.to(dtype) for n in kept}
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory or .gguf file, without reading its weights."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_config(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
+    return load_config(path)
+
+
+class _Read:
+    """A tensor as read (maybe a slice) and the whole tensor's shape, for the config check."""
+
+    def __init__(self, tensor: torch.Tensor, full_shape: list[int]) -> None:
+        self.tensor, self.full_shape = tensor, full_shape
 
 
 def _safetensors_files(directory: Path) -> dict[Path, list[str] | None]:
@@ -74,8 +111,9 @@ def _safetensors_files(directory: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
 
 
-def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
-    """All tensors of one file; with `names`, check the file holds exactly what the index says."""
+def _read_safetensors(file: Path, names: list[str] | None, spec=lambda name: None) -> dict[str, _Read]:
+    """All tensors of one file (``spec(name)``: the slice to read, None: all of it); with `names`,
+    check the file holds exactly what the index says."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -91,7 +129,12 @@ def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Te
             out = {}
             for key in keys:
                 try:
-                    out[key] = f.get_tensor(key)
+                    part = f.get_slice(key)
+                    shape = list(part.get_shape())
+                    s = spec(key) if len(shape) >= 1 else None
+                    if s is not None and s[0] >= len(shape):  # a mis-shaped tensor: read whole, reported later
+                        s = None
+                    out[key] = _Read(slice_tensor(part, s) if s is not None else f.get_tensor(key), shape)
                 except SafetensorError as e:
                     raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from e
             return out

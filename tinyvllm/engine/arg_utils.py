@@ -28,6 +28,7 @@ _ENGINE_FLAGS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--num-kv-blocks", "--num-gpu-blocks-override"), "num_kv_blocks", dict(type=int, default=None, help="KV-cache blocks (default: sized from memory)")),
     (("--enforce-eager",), "enforce_eager", dict(action="store_true", help="no CUDA graphs: every decode step launched op by op")),
     (("--enable-prefix-caching",), "enable_prefix_caching", dict(action="store_true", help="reuse the KV blocks of shared prompt prefixes")),
+    (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", dict(type=int, default=1, help="split the model across this many GPUs (one process each)")),
     (("--seed",), "seed", dict(type=int, default=0, help="the engine's sampling seed")),
 ]  # fmt: skip
 

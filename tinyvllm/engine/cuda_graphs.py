@@ -141,13 +141,16 @@ class DecodeGraphs:
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]], copy_in: Callable[[list[int], torch.Tensor], None],
-            fill_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
+            fill_ids: Callable[[torch.Tensor], None] | None = None,
+            on_inputs: Callable[[torch.Tensor, int, int, int], None] | None = None) -> torch.Tensor | None:
         """One decode step through the graph of the smallest shape that holds it: logits
         [len(ids), vocab] float32, or None if no graph holds the batch (the caller runs it eagerly).
 
         ``copy_in(values, dest)`` copies a list of ints into a device tensor (the runner's one
         pinned host-to-device copy); ``fill_ids(ids)``, if given, then fixes the static ids in place
-        (the runner's placeholders for the previous step's tokens, still on the device)."""
+        (the runner's placeholders for the previous step's tokens, still on the device);
+        ``on_inputs(inputs, bs, width, n)``, if given, then sees the final static inputs (tensor
+        parallelism: rank 0 sends them to the other ranks, which :meth:`replay` the same graph)."""
         n = len(ids)
         shape = self.shape_for(n, max(len(t) for t in tables))
         if shape is None:
@@ -159,5 +162,12 @@ class DecodeGraphs:
                 self.inputs[: bs * (4 + width)])
         if fill_ids is not None:
             fill_ids(self.inputs[:n])
-        self.steps[shape]()
+        if on_inputs is not None:
+            on_inputs(self.inputs[: bs * (4 + width)], bs, width, n)
+        return self.replay(bs, width, n)
+
+    def replay(self, bs: int, width: int, n: int) -> torch.Tensor | None:
+        """Replay the (bs, width) graph over the static inputs as they are; the logits of the first
+        ``n`` rows (None on a tensor-parallel rank other than 0, whose logits went to rank 0)."""
+        self.steps[(bs, width)]()
         return self.model.compute_logits(self.hidden[:n])

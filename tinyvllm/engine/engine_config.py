@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from tinyvllm.distributed.utils import check_devices, check_tensor_parallel
+
 if TYPE_CHECKING:
     from tinyvllm.config import ModelConfig
 
@@ -95,7 +97,7 @@ def _check_int(name: str, value: object, *, optional: bool = False) -> None:
 
 @dataclass
 class EngineConfig:
-    """The engine's settings; the first fifteen are ``LLM(...)``'s arguments, with vLLM's names."""
+    """The engine's settings; the first sixteen are ``LLM(...)``'s arguments, with vLLM's names."""
 
     model: str | None = None  # local dir, .gguf file or Hugging Face repo id; None: SmolLM2-135M-Instruct
     dtype: str | torch.dtype = "auto"  # resolved to a torch.dtype
@@ -112,6 +114,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # split long prompts across steps, decodes first (scheduler.py)
     disable_log_stats: bool = False  # True: no stats line in the log (LLM.get_metrics() still counts)
     async_scheduling: bool | None = None  # overlap the host's work with the GPU's step; None: on a GPU
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split across (Megatron-style)
 
     # ---- completed while the engine is built (see the module docstring) ----
     eos_token_ids: tuple[int, ...] = ()  # the tokenizer's and config.json's end-of-sequence ids
@@ -130,6 +133,8 @@ class EngineConfig:
         _check_int("block_size", self.block_size)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
         _check_int("num_kv_blocks", self.num_kv_blocks, optional=True)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size)
+        check_devices(self.tensor_parallel_size, self.device)  # one GPU per rank
         for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -148,6 +153,7 @@ class EngineConfig:
     def fit_model(self, model_config: "ModelConfig", eos_token_ids: Iterable[int] = ()) -> None:
         """Step 2: the settings that depend on the checkpoint. ``eos_token_ids``: the tokenizer's,
         merged (first) with config.json's."""
+        check_tensor_parallel(model_config, self.tensor_parallel_size)  # the heads split evenly
         limit = model_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = min(limit, CPU_DEFAULT_MAX_MODEL_LEN) if self.device.type == "cpu" else limit

@@ -163,14 +163,17 @@ class LLMEngine:
         from tinyvllm.tokenizer import Tokenizer
 
         path = resolve_model(config.model)
-        model_config, weights = load_checkpoint(path, config.dtype)
-        tokenizer = Tokenizer.from_pretrained(path)
-        config.fit_model(model_config, tokenizer.eos_token_ids)
-        # With num_kv_blocks=None the runner sizes the cache after the weights are on the device
-        # (GPU: free memory x gpu_memory_utilization minus an activation reserve; CPU: a few
-        # full-length sequences, capped at 1 GiB). It refuses a cache smaller than max_model_len.
-        runner = ModelRunner(config, model_config, weights)
-        del weights
+        if config.tensor_parallel_size > 1:
+            model_config, tokenizer, runner = cls._build_tensor_parallel(config, path)
+        else:
+            model_config, weights = load_checkpoint(path, config.dtype)
+            tokenizer = Tokenizer.from_pretrained(path)
+            config.fit_model(model_config, tokenizer.eos_token_ids)
+            # With num_kv_blocks=None the runner sizes the cache after the weights are on the device
+            # (GPU: free memory x gpu_memory_utilization minus an activation reserve; CPU: a few
+            # full-length sequences, capped at 1 GiB). It refuses a cache smaller than max_model_len.
+            runner = ModelRunner(config, model_config, weights)
+            del weights
         if config.cache_capacity < config.max_model_len:
             logger.warning(
                 "tinyvllm: the KV cache holds %d tokens (%d blocks of %d), less than max_model_len=%d; "
@@ -180,6 +183,41 @@ class LLMEngine:
         engine = cls(config, runner, tokenizer, vocab_size=model_config.vocab_size)
         engine.model_config = model_config
         return engine
+
+    @staticmethod
+    def _build_tensor_parallel(config: EngineConfig, path: str) -> tuple[Any, Any, Any]:
+        """Tensor parallelism: check the model splits (before any process starts), start ranks
+        1..N-1 (tinyvllm/engine/multiproc_executor.py), then build rank 0's runner here, over
+        rank 0's slice of the weights. The scheduler, tokenizer and sampler stay in this process."""
+        from tinyvllm.engine.model_runner import ModelRunner
+        from tinyvllm.engine.multiproc_executor import MultiprocExecutor
+        from tinyvllm.loader import load_checkpoint, load_model_config
+        from tinyvllm.tokenizer import Tokenizer
+
+        n = config.tensor_parallel_size
+        model_config = load_model_config(path)
+        tokenizer = Tokenizer.from_pretrained(path)
+        config.fit_model(model_config, tokenizer.eos_token_ids)  # a ValueError if N does not split the heads
+        executor = MultiprocExecutor(config, path)
+        try:
+            _, weights = load_checkpoint(path, config.dtype, tp_rank=0, tp_size=n)
+            runner = ModelRunner(config, model_config, weights, tp_rank=0, tp_size=n)
+            del weights
+        except BaseException as e:
+            try:
+                executor.raise_if_dead(e, wait_s=1.0)  # a worker's own error explains this one
+            finally:
+                executor.shutdown()
+            raise
+        runner.executor = executor
+        executor.mark_ready()
+        return model_config, tokenizer, runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
+        executor = getattr(self.model_runner, "executor", None)
+        if executor is not None:
+            executor.shutdown()
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(

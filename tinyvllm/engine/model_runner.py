@@ -30,11 +30,17 @@ the SamplingParams for sampling and ``prompt_logprobs``);
 the Scheduler allocates blocks and records the progress. At construction it completes
 the EngineConfig with what only it can measure: the cache size (``num_kv_blocks``, when
 not given) and, on a GPU, ``decode_longest_first_min_seqs``.
+
+Tensor parallelism (``tp_size`` > 1): every rank has a runner over its slice of the model and
+its own KV cache (its KV heads; the same number of blocks everywhere, the smallest any rank can
+hold, so the block tables are the same on every rank). Rank 0's runner is the engine's: after
+building a step's packed inputs it broadcasts them (a header of host ints, then the one packed
+int64 tensor, see :meth:`_send_step`), and the other ranks' runners replay the same step
+(tinyvllm/engine/tp_worker.py); the logits are gathered to rank 0, which alone samples.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from typing import TYPE_CHECKING, Sequence as SequenceLike
@@ -43,6 +49,7 @@ import torch
 
 from tinyvllm import ops
 from tinyvllm.config import ModelConfig
+from tinyvllm.distributed.utils import num_kv_heads_per_rank
 from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.logprobs import ModelRunnerOutput, PromptSpan, SamplerOutput, prompt_logprob_spans
@@ -62,12 +69,16 @@ logger = logging.getLogger("tinyvllm")
 CPU_KV_CACHE_BYTES = 1 << 30
 CPU_MAX_SEQS = 4
 
+# The kinds of step rank 0 announces to the other ranks (the first int of the step header).
+STEP_STOP, STEP_DECODE, STEP_PREFILL, STEP_GRAPH = 0, 1, 2, 3
 
-def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block of KV cache across all layers (keys and values)."""
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of one block of KV cache across all layers (keys and values), on one rank of ``tp_size``."""
     head_dim = config.head_dim  # ModelConfig resolves an implied head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * head_dim * itemsize
+    kv_heads = num_kv_heads_per_rank(config.num_key_value_heads, tp_size)
+    return 2 * config.num_hidden_layers * kv_heads * block_size * head_dim * itemsize
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int) -> int:
@@ -89,7 +100,7 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, max_num_batched_to
     return 2 * (max_num_batched_tokens * per_token + logits)
 
 
-def determine_num_blocks(model_config: ModelConfig, config: EngineConfig) -> int:
+def determine_num_blocks(model_config: ModelConfig, config: EngineConfig, tp_size: int = 1) -> int:
     """How many KV-cache blocks to allocate for ``config`` (its max_model_len must be known).
 
     GPU: call this AFTER the weights are on the device. The budget is
@@ -99,7 +110,7 @@ def determine_num_blocks(model_config: ModelConfig, config: EngineConfig) -> int
     CPU_KV_CACHE_BYTES.
     """
     block_size, max_model_len = config.block_size, config.max_model_len
-    per_block = kv_cache_bytes_per_block(model_config, block_size, config.dtype)
+    per_block = kv_cache_bytes_per_block(model_config, block_size, config.dtype, tp_size)
     if config.device.type == "cuda":
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(config.device)
@@ -121,6 +132,17 @@ def determine_num_blocks(model_config: ModelConfig, config: EngineConfig) -> int
 def _allocated(device: torch.device) -> int:
     """Bytes the caching allocator has handed out on ``device`` (0 on CPU)."""
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _min_over_ranks(value: int) -> int:
+    """The smallest ``value`` any tensor-parallel rank has (an all-reduce on the CPU group)."""
+    import torch.distributed as dist
+
+    from tinyvllm.distributed.parallel_state import get_tp_group
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
+    return int(t.item())
 
 
 def decode_longest_first_min_seqs(num_kv_heads: int, num_sms: int) -> int:
@@ -171,22 +193,31 @@ class PendingOutput:
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler; ``execute(out)`` runs one step."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor], *,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
         """``config`` must know max_model_len (:meth:`EngineConfig.fit_model`). With
         ``config.num_kv_blocks=None`` the cache is sized from memory (:func:`determine_num_blocks`)
-        and the result written back with :meth:`EngineConfig.fit_cache`."""
+        and the result written back with :meth:`EngineConfig.fit_cache`. With ``tp_size`` > 1
+        every rank builds its runner at the same time (the constructor's collectives pair up),
+        ``weights`` are this rank's slices and ``config.device`` this rank's device."""
         if config.max_model_len is None:
             raise ValueError("the ModelRunner needs config.max_model_len: call EngineConfig.fit_model first")
         self.config = config
         self.device = config.device
         self.block_size = config.block_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.executor = None  # rank 0 of tp_size > 1: the MultiprocExecutor holding the other ranks
         max_position = max(config.max_model_len, model_config.max_position_embeddings)
         mem0 = _allocated(self.device)
-        self.model = LlamaForCausalLM(model_config, weights, config.dtype, self.device, max_position=max_position)
+        self.model = LlamaForCausalLM(model_config, weights, config.dtype, self.device, max_position=max_position,
+                                      tp_rank=tp_rank, tp_size=tp_size)
         weight_bytes = _allocated(self.device) - mem0
 
         if config.num_kv_blocks is None:
-            config.fit_cache(determine_num_blocks(model_config, config))
+            num_blocks = determine_num_blocks(model_config, config, tp_size)
+            if tp_size > 1:  # the block tables are shared: every rank gets the smallest rank's count
+                num_blocks = _min_over_ranks(num_blocks)
+            config.fit_cache(num_blocks)
         m = self.model
         shape = (config.num_kv_blocks, m.num_kv_heads, config.block_size, m.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
@@ -205,7 +236,8 @@ class ModelRunner:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             config.decode_longest_first_min_seqs = decode_longest_first_min_seqs(m.num_kv_heads, sms)
 
-        self.sampler = Sampler(config.eos_token_ids, seed=config.seed, device=self.device)
+        # The sampler lives on rank 0 only (the other ranks' logits are gathered there).
+        self.sampler = Sampler(config.eos_token_ids, seed=config.seed, device=self.device) if tp_rank == 0 else None
         # The host side of the one host-to-device copy per step (pinned, so the copy is async).
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)
@@ -215,6 +247,10 @@ class ModelRunner:
         # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
+            if tp_size > 1:  # NCCL sets up its communicator on the first collective, which no capture may hold
+                from tinyvllm.distributed import tensor_model_parallel_all_reduce
+                tensor_model_parallel_all_reduce(torch.zeros(1, device=self.device))
+                torch.cuda.synchronize(self.device)
             if ops.decode_step_has_kernels(config.dtype, self.device, m.head_dim, config.block_size):
                 self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=config.max_num_seqs,
                                            max_seq_len=config.max_seq_len, block_size=config.block_size, capture=True)
@@ -261,6 +297,19 @@ class ModelRunner:
         rows of its ``prompt_logprob_spans`` (none unless a sequence asked for prompt_logprobs)."""
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
+        if self.executor is not None:  # rank 0 of several: a dead rank is an error naming it, not a hang
+            self.executor.check_health()
+            self.executor.in_step = True  # the workers are mid-step until all its collectives are issued
+            try:
+                logits = self._compute_logits(out)
+            except Exception as e:
+                self.executor.raise_if_dead(e)
+                raise
+            self.executor.in_step = False
+            return logits
+        return self._compute_logits(out)
+
+    def _compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
         spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
         if spans:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens, spans)
@@ -268,7 +317,8 @@ class ModelRunner:
             columns = self._decode_columns(out.seqs)
             if self.graphs is not None:
                 fill = self._fill_placeholders if min(columns[0]) < 0 else None
-                logits = self.graphs.run(*columns, copy_in=self._copy_in, fill_ids=fill)
+                send = self._send_graph_step if self.tp_size > 1 else None
+                logits = self.graphs.run(*columns, copy_in=self._copy_in, fill_ids=fill, on_inputs=send)
                 if logits is not None:
                     return logits
             input_ids, positions, attn = self.prepare_decode(out.seqs, columns)
@@ -312,16 +362,27 @@ class ModelRunner:
         """
         ids, positions, slots, seq_lens, _ = columns if columns is not None else self._decode_columns(seqs)
         block_tables, max_blocks = self._block_tables(seqs)
-        d_ids, d_pos, d_slots, d_lens, d_bt = self._to_device(ids, positions, slots, seq_lens, block_tables)
+        packed = self._copy_in(ids + positions + slots + seq_lens + block_tables)
         if min(ids) < 0:
-            self._fill_placeholders(d_ids)
+            self._fill_placeholders(packed[: len(ids)])
+        sizes = [len(seqs), max_blocks, sum(seq_lens)]
+        self._send_step(STEP_DECODE, packed, sizes)
+        return self.decode_inputs(packed, *sizes)
+
+    @staticmethod
+    def decode_inputs(packed: torch.Tensor, num_seqs: int, max_blocks: int, sum_seq_lens: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """A decode step's packed inputs [ids | positions | slots | seq_lens | block_tables] (on the
+        device) as (input_ids, positions, AttentionMetadata): on rank 0 and on every other rank."""
+        S = num_seqs
+        d_ids, d_pos, d_slots, d_lens, d_bt = torch.split(packed, [S, S, S, S, S * max_blocks])
         attn = AttentionMetadata(
             is_prefill=False,
             slot_mapping=d_slots,
-            block_tables=d_bt.view(len(seqs), max_blocks).to(torch.int32),
+            block_tables=d_bt.view(S, max_blocks).to(torch.int32),
             seq_lens=d_lens.to(torch.int32),
             max_seqlen_q=1,
-            sum_seq_lens=sum(seq_lens),
+            sum_seq_lens=sum_seq_lens,
         )
         return d_ids, d_pos, attn
 
@@ -368,22 +429,49 @@ class ModelRunner:
         logits_indices = [c - 1 for c in cu_seqlens_q[1:]]
         logits_indices += [r for span in prompt_spans for r in range(span.row, span.row + span.count)]
         block_tables, max_blocks = self._block_tables(seqs)
-        d_ids, d_pos, d_slots, d_lens, d_cu, d_last, d_bt = self._to_device(
-            input_ids, positions, slots, seq_lens, cu_seqlens_q, logits_indices, block_tables
-        )
+        packed = self._copy_in(input_ids + positions + slots + seq_lens + cu_seqlens_q + logits_indices + block_tables)
         if min(input_ids) < 0:
-            self._fill_placeholders(d_ids)
+            self._fill_placeholders(packed[: len(input_ids)])
+        sizes = [len(input_ids), len(seqs), len(logits_indices), max_blocks, max(num_scheduled_tokens), sum(seq_lens)]
+        self._send_step(STEP_PREFILL, packed, sizes)
+        return self.prefill_inputs(packed, *sizes)
+
+    @staticmethod
+    def prefill_inputs(packed: torch.Tensor, num_tokens: int, num_seqs: int, num_logits: int, max_blocks: int,
+                       max_seqlen_q: int, sum_seq_lens: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """A prefill step's packed inputs [ids | positions | slots | seq_lens | cu_seqlens_q |
+        logits_indices | block_tables] (on the device) as (input_ids, positions, AttentionMetadata)."""
+        T, S = num_tokens, num_seqs
+        d_ids, d_pos, d_slots, d_lens, d_cu, d_last, d_bt = torch.split(
+            packed, [T, T, T, S, S + 1, num_logits, S * max_blocks])
         attn = AttentionMetadata(
             is_prefill=True,
             slot_mapping=d_slots,
-            block_tables=d_bt.view(len(seqs), max_blocks).to(torch.int32),
+            block_tables=d_bt.view(S, max_blocks).to(torch.int32),
             seq_lens=d_lens.to(torch.int32),
-            max_seqlen_q=max(num_scheduled_tokens),
+            max_seqlen_q=max_seqlen_q,
             cu_seqlens_q=d_cu.to(torch.int32),
             logits_indices=d_last,
-            sum_seq_lens=sum(seq_lens),
+            sum_seq_lens=sum_seq_lens,
         )
         return d_ids, d_pos, attn
+
+    # ---- tensor parallelism: rank 0 announces each step -------------------------------------
+
+    def _send_step(self, kind: int, packed: torch.Tensor, sizes: list[int]) -> None:
+        """Rank 0 of several: the header [kind, len(packed), *sizes] on the CPU group, then the
+        packed inputs themselves (placeholders already filled) on the device group."""
+        if self.tp_size == 1:
+            return
+        from tinyvllm.distributed import broadcast_step_header, broadcast_tensor
+
+        broadcast_step_header([kind, packed.numel(), *sizes])
+        broadcast_tensor(packed)
+
+    def _send_graph_step(self, packed: torch.Tensor, bs: int, width: int, n: int) -> None:
+        """The same for a graph-replayed decode step: the static buffer's filled part goes out,
+        and each rank replays its own graph of shape (bs, width) (tinyvllm/engine/tp_worker.py)."""
+        self._send_step(STEP_GRAPH, packed, [bs, width, n])
 
     def _check_span(self, seq: "Sequence", start: int, end: int) -> None:
         """The tokens start..end-1 exist and the block table covers them."""
@@ -402,12 +490,6 @@ class ModelRunner:
         """Every block table padded with 0 to the longest one, row-major; and that width."""
         max_blocks = max(len(seq.block_table) for seq in seqs)
         return [b for seq in seqs for b in seq.block_table + [0] * (max_blocks - len(seq.block_table))], max_blocks
-
-    def _to_device(self, *columns: list[int]) -> tuple[torch.Tensor, ...]:
-        """One int64 host-to-device copy of all ``columns`` back to back (from a reused pinned
-        buffer on CUDA); one device view per column."""
-        dev = self._copy_in(list(itertools.chain.from_iterable(columns)))
-        return torch.split(dev, [len(c) for c in columns])
 
     def _copy_in(self, values: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """``values`` as an int64 device tensor, in one host-to-device copy (from a reused pinned

@@ -58,6 +58,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         disable_log_stats: bool = False,
         async_scheduling: bool | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
         validates them and documents each."""
@@ -67,7 +68,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             disable_log_stats=disable_log_stats,
-            async_scheduling=async_scheduling,
+            async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
         )
         self.llm_engine = LLMEngine.from_config(config)
         self._request_counter = itertools.count()
