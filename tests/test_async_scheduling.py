@@ -154,3 +154,25 @@ def test_async_engine_keeps_parallel_sampling_and_logprobs():
         assert eng.block_manager.num_free_blocks == 64
     assert results[True] == results[False]
     assert len(results[True]["p"][0]) == 3 and results[True]["p"][0][0][3] is not None
+
+
+def test_prefix_cache_never_hashes_a_placeholder():
+    """A block filled by a token still in flight is hashed (and published) only once the token is
+    known: with sampling, preemption and blocks filling at every fourth token, every hash in the
+    prefix cache is the hash of some request's real tokens."""
+    from tinyvllm.engine.block_manager import hash_block_tokens
+
+    eng = make_fake_engine(async_scheduling=True, num_blocks=24, block_size=4, max_num_seqs=6)
+    arrivals = {k: [(f"r{k}{i}", [5, 6, 7, 8, 9], SamplingParams(max_tokens=23, temperature=1.0, seed=k * 10 + i,
+                                                                  ignore_eos=True)) for i in range(3)] for k in (0, 3)}
+    final = run_to_completion(eng, arrivals)
+    assert len(final) == 6 and eng.scheduler.num_preemptions > 0
+    real = set()
+    for out in final.values():
+        ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+        parent = None
+        for i in range(len(ids) // 4):
+            parent = hash_block_tokens(parent, ids[4 * i : 4 * i + 4])
+            real.add(parent)
+    eng.block_manager.check_invariants()
+    assert eng.block_manager.cached and set(eng.block_manager.cached) <= real

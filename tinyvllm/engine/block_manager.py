@@ -152,10 +152,14 @@ class BlockManager:
     # ---- prefix caching ------------------------------------------------------------------------
     def block_hashes(self, seq: Sequence) -> list[BlockHash]:
         """The chained hashes of ``seq``'s full blocks, extended to cover its tokens (kept on the
-        sequence, so each block is hashed once in its life, preemptions included)."""
+        sequence, so each block is hashed once in its life, preemptions included). A block whose
+        tokens are not all known yet ends the list until they are."""
         hashes, bs = seq.block_hashes, self.block_size
         for i in range(len(hashes), seq.num_tokens // bs):
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            if min(tokens) < 0:  # a placeholder of a step in flight (async scheduling): hashed once known
+                break
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
         return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
@@ -183,12 +187,13 @@ class BlockManager:
         if not self.enable_prefix_caching or num_full <= seq.num_published_blocks:
             return  # (most decode steps fill no block)
         hashes = self.block_hashes(seq)
+        num_full = min(num_full, len(hashes))  # (a block holding a placeholder waits for a later step)
         for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None and hashes[i] not in self.cached:
                 block.block_hash = hashes[i]
                 self.cached[hashes[i]] = block.block_id
-        seq.num_published_blocks = num_full
+        seq.num_published_blocks = max(seq.num_published_blocks, num_full)
 
     # ---- allocation ----------------------------------------------------------------------------
     def can_allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: SequenceLike[int] = ()) -> bool:
