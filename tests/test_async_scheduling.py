@@ -176,3 +176,18 @@ def test_prefix_cache_never_hashes_a_placeholder():
             real.add(parent)
     eng.block_manager.check_invariants()
     assert eng.block_manager.cached and set(eng.block_manager.cached) <= real
+
+
+def test_penalties_and_bad_words_see_real_tokens_under_async_scheduling():
+    """Sampling that reads the generated tokens on the host (penalties, bad words) never sees a
+    placeholder: the engine resolves such a step before scheduling the next, same tokens as sync."""
+    results = {}
+    for overlap in (False, True):
+        eng = make_fake_engine(async_scheduling=overlap)
+        arrivals = {0: [("p", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                        presence_penalty=1.5, frequency_penalty=0.5,
+                                                        repetition_penalty=1.3)),
+                        ("b", [8, 9], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, bad_words=["ab"])),
+                        ("g", [4, 4], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))]}
+        results[overlap] = {rid: summary(o) for rid, o in run_to_completion(eng, arrivals).items()}
+    assert results[True] == results[False]

@@ -177,6 +177,13 @@ class SamplingParams:
         return self._stop_token_set
 
     @property
+    def reads_output_tokens(self) -> bool:
+        """Whether sampling reads the tokens generated so far on the host (penalties, bad words):
+        then the engine knows the last step's tokens before it schedules the next (no overlap)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.bad_words))
+
+    @property
     def bad_words_token_ids(self) -> list[list[int]] | None:
         """Each bad word's token ids, once the engine has tokenized ``bad_words`` (else None)."""
         return self._bad_words_token_ids

@@ -381,13 +381,19 @@ class LLMEngine:
         EOS and stop ids, detokenizes and checks stop strings, and records step N with
         placeholders: the CPU's work of one step overlaps the GPU's work of the next. A request
         that stops at step N-1 was also scheduled in step N: that one extra token is discarded.
+        A step holding a request whose sampling reads its past tokens on the host (penalties, bad
+        words) is resolved before the next is scheduled: no overlap for that step.
         """
         prev, self._in_flight = self._in_flight, None
+        outputs = []
+        if prev is not None and any(seq.sampling_params.reads_output_tokens for _, seq, _ in prev[2]):
+            outputs, prev = self._resolve(*prev), None  # penalties / bad words need the real tokens first
         out = pending = None
         if self.scheduler.has_unfinished():
             out = self.scheduler.schedule()
             pending = self.model_runner.execute_async(out)  # step N, launched
-        outputs = self._resolve(*prev) if prev is not None else []  # step N-1, learnt while N runs
+        if prev is not None:
+            outputs = self._resolve(*prev)  # step N-1, learnt while N runs
         if out is not None:
             num_tokens = [seq.num_tokens for seq in out.seqs]
             self.scheduler.postprocess(out, [PLACEHOLDER - i for i in range(len(out.seqs))])  # counts, length stops
