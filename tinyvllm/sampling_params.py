@@ -2,7 +2,9 @@
 
 The fields, their defaults and their validation rules follow vLLM's
 ``vllm.SamplingParams`` so code written for vLLM runs unchanged. Every invalid
-value raises ``ValueError`` whose message starts with the field's name.
+value raises an error whose message starts with the field's name: a ``TypeError``
+saying the type wanted (``temperature="hot"``, ``max_tokens=2.5``, ``stop=5``), a
+``ValueError`` saying the range (``top_p=0``); see :mod:`tinyvllm.validation`.
 
 Disabled values ("off"):
 
@@ -21,6 +23,8 @@ Not supported (a clear error rather than silently ignoring the request):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from tinyvllm.validation import check_bool, check_float, check_int, check_int_list, check_str_list
 
 
 @dataclass
@@ -45,23 +49,16 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Normalise the "list or single value" fields first, so validation sees one shape.
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.stop = check_str_list("stop", self.stop)
+        self.stop_token_ids = check_int_list("stop_token_ids", self.stop_token_ids, ge=0)
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         self._verify()
         self._stop_token_set = frozenset(self.stop_token_ids)
 
     def _verify(self) -> None:
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        if not is_int(self.n) or self.n != 1:
+        """Types first (a TypeError naming the field and the type wanted), then ranges (ValueError)."""
+        if check_int("n", self.n) != 1:
             raise ValueError(f"n must be 1 (tinyvllm generates one completion per request), got {self.n!r}.")
         if self.best_of not in (None, 1):
             raise ValueError(f"best_of is not supported by tinyvllm, got {self.best_of!r}.")
@@ -69,28 +66,22 @@ class SamplingParams:
             raise ValueError(f"logprobs is not supported by tinyvllm yet, got {self.logprobs!r}.")
         if self.prompt_logprobs is not None:
             raise ValueError(f"prompt_logprobs is not supported by tinyvllm yet, got {self.prompt_logprobs!r}.")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature!r}.")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
-        if not is_int(self.top_k) or self.top_k < 0:
+        check_float("temperature", self.temperature, ge=0)
+        check_float("top_p", self.top_p, gt=0, le=1)
+        if check_int("top_k", self.top_k) < 0:
             raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k!r}.")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}.")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}.")
-        if not is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens!r}.")
+        check_float("min_p", self.min_p, ge=0, le=1)
+        check_int("seed", self.seed, optional=True)
+        check_int("max_tokens", self.max_tokens, ge=1, optional=True)
+        check_int("min_tokens", self.min_tokens, ge=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
             )
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.")
-        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+        if "" in self.stop:
+            raise ValueError(f"stop must not hold an empty string, got {self.stop!r}.")
+        check_bool("ignore_eos", self.ignore_eos)
+        check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
 
     @property
     def is_greedy(self) -> bool:

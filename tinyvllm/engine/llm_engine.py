@@ -152,8 +152,7 @@ class LLMEngine:
         if error is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "error"
-            seq.error = error
-            logger.warning("tinyvllm: request %s failed: %s", request_id, error)
+            seq.error = error  # reported by whoever reads the output (LLM.generate logs it, once)
             self._pending.append(self._make_output(seq))
             return
         if params.seed is not None:
