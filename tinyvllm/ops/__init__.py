@@ -5,17 +5,22 @@ as ``torch.ops.tinyvllm.<name>`` by the extension ``tinyvllm._C``) when the
 extension is built, the kernel exists and the input lives on a GPU; otherwise it
 runs the pure-torch reference of the same op from :mod:`tinyvllm.ops.reference`.
 
+On a CPU the attention ops run :mod:`tinyvllm.ops.cpu` instead: the same functions as
+the references, batched into a fixed number of torch ops per call (the references loop
+over the sequences in Python, which made attention half of a CPU decode step).
+
 Set ``TINYVLLM_REFERENCE_OPS=1`` to force the reference everywhere (useful to
-compare the two paths on one GPU).
+compare the two paths on one GPU, or the CPU fast path with its specification).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
-import logging
-
-from tinyvllm.ops import reference
+from tinyvllm.ops import cpu, reference
 from tinyvllm.ops._kernels import has_kernel, use_kernel
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,12 @@ def _use_attention_kernel(name: str, query: torch.Tensor, key_cache: torch.Tenso
             head_dim, block_size, ATTENTION_HEAD_DIMS, ATTENTION_BLOCK_SIZES,
         )
     return False
+
+
+def _use_cpu_fast_path(tensor: torch.Tensor) -> bool:
+    """Run :mod:`tinyvllm.ops.cpu` rather than the reference? (a CPU tensor, not forced off)"""
+    return tensor.device.type == "cpu" and os.environ.get("TINYVLLM_REFERENCE_OPS") != "1"
+
 
 __all__ = [
     "rms_norm",
@@ -142,6 +153,8 @@ def paged_attention_decode(
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
         torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
                                                   -1, -1 if sum_seq_lens is None else sum_seq_lens)
+    elif _use_cpu_fast_path(query):
+        cpu.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
@@ -170,6 +183,8 @@ def prefill_attention(
         torch.ops.tinyvllm.prefill_attention(
             out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, -1
         )
+    elif _use_cpu_fast_path(query):
+        cpu.prefill_attention(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale)
     else:
         reference.prefill_attention(
             out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
