@@ -161,10 +161,11 @@ def dequantize(tensor) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`})."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, reader: Any = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`}).
+    ``reader``: the file's gguf.GGUFReader if it is already open (parsing it takes seconds)."""
     path = Path(path)
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     meta = gguf_metadata(reader, skip_arrays=("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))
     tensors = {t.name: t for t in reader.tensors}
     try:

@@ -100,12 +100,15 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
         """Read the checkpoint and the tokenizer, complete ``config``, build the runner and the engine."""
         from tinyvllm.engine.model_runner import ModelRunner
-        from tinyvllm.loader import load_checkpoint, resolve_model
-        from tinyvllm.tokenizer import Tokenizer
+        from tinyvllm.loader import load_model, resolve_model
 
+        if config.device.type == "cpu" and config.dtype != torch.float32:
+            logger.warning(
+                "tinyvllm: %s on a CPU is slow (CPUs multiply it through float32: about 2.5x slower); "
+                "float32, the default there, is faster.", str(config.dtype).removeprefix("torch."),
+            )
         path = resolve_model(config.model)
-        model_config, weights = load_checkpoint(path, config.dtype)
-        tokenizer = Tokenizer.from_pretrained(path)
+        model_config, weights, tokenizer = load_model(path, config.dtype)  # a GGUF: tinyvllm.gguf_cache
         config.fit_model(model_config, tokenizer.eos_token_ids)
         # With num_kv_blocks=None the runner sizes the cache after the weights are on the device
         # (GPU: free memory x gpu_memory_utilization minus an activation reserve; CPU: a few
