@@ -1,10 +1,12 @@
 """The CPU fast path (tinyvllm/ops/cpu.py) against its specification, the reference ops.
 
-Random caches with the blocks shuffled, ragged lengths (0, one token, block boundaries, the
-longest sequence), GQA ratios from 1 to 4, several block sizes and dtypes, block-table entries
-past a sequence's length that point nowhere, and a query that is a row-strided view of a fused
-qkv output, as the model passes it. The same bad inputs must raise the same errors.
-(The engine on this path against transformers: tests/test_model_vs_transformers.py on CPU.)
+Attention: random caches with the blocks shuffled, ragged lengths (0, one token, block
+boundaries, the longest sequence), GQA ratios from 1 to 4, several block sizes and dtypes,
+block-table entries past a sequence's length that point nowhere, and a query that is a
+row-strided view of a fused qkv output, as the model passes it. The other ops on random
+inputs of the model's shapes, on both sides of the oneDNN threshold for linear. The same bad
+inputs must raise the same errors. (The engine on this path against transformers:
+tests/test_model_vs_transformers.py and tests/test_smollm2.py on CPU.)
 """
 
 from __future__ import annotations
@@ -81,6 +83,72 @@ def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype)
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("rows, n", [(1, 96), (1, cpu.ONEDNN_MIN_OUTPUTS), (16, 960), (37, 576), (0, 64)])
+def test_linear_matches_reference(rows, n):
+    g = torch.Generator().manual_seed(rows + n)
+    x, w = torch.randn(rows, 576, generator=g), torch.randn(n, 576, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cpu.linear(x[:, ::2], w[:, ::2]), reference.linear(x[:, ::2], w[:, ::2]), atol=1e-4, rtol=1e-5)
+    half = cpu.linear(x.bfloat16(), w.bfloat16())  # other dtypes: the reference
+    assert half.dtype == torch.bfloat16 and torch.equal(half, reference.linear(x.bfloat16(), w.bfloat16()))
+
+
+def test_linear_repacks_a_weight_changed_in_place():
+    x, w = torch.randn(16, 64), torch.randn(1024, 64)
+    torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    w.mul_(-2)  # a packed copy made before must not be used now
+    torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_ops_match_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    T, hidden, heads, kv_heads, head_dim = 7, 96, 4, 2, 16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    x, weight = rand(T, hidden), rand(hidden)
+    want, got = torch.empty_like(x), torch.empty_like(x)
+    reference.rms_norm(want, x, weight, 1e-5)
+    cpu.rms_norm(got, x, weight, 1e-5)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+    pairs = [(rand(T, hidden), rand(T, hidden)) for _ in range(2)]
+    pairs[1] = (pairs[0][0].clone(), pairs[0][1].clone())
+    reference.fused_add_rms_norm(*pairs[0], weight, 1e-5)
+    cpu.fused_add_rms_norm(*pairs[1], weight, 1e-5)
+    for a, b in zip(pairs[0], pairs[1]):
+        torch.testing.assert_close(b, a, **TOL[dtype])
+
+    gate_up = rand(T, 2 * hidden)
+    want, got = torch.empty(T, hidden, dtype=dtype), torch.empty(T, hidden, dtype=dtype)
+    reference.silu_and_mul(want, gate_up)
+    cpu.silu_and_mul(got, gate_up)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+    from tinyvllm.model.rope import build_cos_sin_cache
+
+    cos_sin = build_cos_sin_cache(head_dim, 10000.0, 64, None, "cpu")
+    positions = torch.tensor([0, 5, 63, 1, 2, 2, 40])
+    qkv = rand(T, (heads + 2 * kv_heads) * head_dim)
+    views = []
+    for t in (qkv.clone(), qkv.clone()):  # q and k as row-strided views of the fused output
+        views.append((t[:, : heads * head_dim].view(T, heads, head_dim),
+                      t[:, heads * head_dim : (heads + kv_heads) * head_dim].view(T, kv_heads, head_dim), t))  # fmt: skip
+    reference.rotary_embedding(positions, *views[0][:2], head_dim, cos_sin)
+    cpu.rotary_embedding(positions, *views[1][:2], head_dim, cos_sin)
+    torch.testing.assert_close(views[1][2], views[0][2], **TOL[dtype])  # v untouched by both
+
+    caches = [(torch.zeros(6, kv_heads, 4, head_dim, dtype=dtype), torch.zeros(6, kv_heads, 4, head_dim, dtype=dtype))
+              for _ in range(2)]  # fmt: skip
+    key, value = rand(T, kv_heads, head_dim), rand(T, kv_heads, head_dim)
+    for slots in (torch.tensor([3, 0, 23, 9, 4, 17, 8]), torch.tensor([3, -1, 23, -1, 4, 17, 8])):
+        reference.reshape_and_cache(key, value, *caches[0], slots)
+        cpu.reshape_and_cache(key, value, *caches[1], slots)
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
 def test_same_errors_as_reference():
     lens = [5, 20]
     kc, vc, tables = paged_inputs(lens, 4, 2, 16, 4, torch.float32, seed=0)
@@ -97,6 +165,13 @@ def test_same_errors_as_reference():
         for impl in (reference, cpu):
             with pytest.raises(ValueError, match=words):
                 impl.paged_attention_decode(out, q, kc, vc, table, seq_lens, SCALE)
+    k = torch.randn(3, 2, 16)
+    for impl in (reference, cpu):
+        with pytest.raises(ValueError, match="slot_mapping"):
+            impl.reshape_and_cache(k, k, kc, vc, torch.tensor([0, 1, kc.shape[0] * 4]))
+        with pytest.raises(ValueError, match="positions"):
+            impl.rotary_embedding(torch.tensor([0, 64, 1]), torch.randn(3, 4, 16), k.clone(), 16,
+                                  torch.randn(64, 16))  # fmt: skip
     qp = torch.randn(25, 4, 16)
     for cu in ([0, 5, 26], [0, 6, 25]):  # a run past the query; a run longer than its sequence
         for impl in (reference, cpu):

@@ -5,9 +5,9 @@ as ``torch.ops.tinyvllm.<name>`` by the extension ``tinyvllm._C``) when the
 extension is built, the kernel exists and the input lives on a GPU; otherwise it
 runs the pure-torch reference of the same op from :mod:`tinyvllm.ops.reference`.
 
-On a CPU the attention ops run :mod:`tinyvllm.ops.cpu` instead: the same functions as
-the references, batched into a fixed number of torch ops per call (the references loop
-over the sequences in Python, which made attention half of a CPU decode step).
+On a CPU the ops run :mod:`tinyvllm.ops.cpu` instead: the same functions as the
+references, in fewer torch ops (attention batched over the sequences) and, for
+``linear``, through oneDNN on weights packed once for it.
 
 Set ``TINYVLLM_REFERENCE_OPS=1`` to force the reference everywhere (useful to
 compare the two paths on one GPU, or the CPU fast path with its specification).
@@ -74,6 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     if use_kernel("rms_norm", x):
         torch.ops.tinyvllm.rms_norm(out, x, weight, eps)
+    elif _use_cpu_fast_path(x):
+        cpu.rms_norm(out, x, weight, eps)
     else:
         reference.rms_norm(out, x, weight, eps)
     return out
@@ -83,6 +85,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """In place: residual += x; x = rms_norm(residual) * weight."""
     if use_kernel("fused_add_rms_norm", x):
         torch.ops.tinyvllm.fused_add_rms_norm(x, residual, weight, eps)
+    elif _use_cpu_fast_path(x):
+        cpu.fused_add_rms_norm(x, residual, weight, eps)
     else:
         reference.fused_add_rms_norm(x, residual, weight, eps)
 
@@ -95,6 +99,8 @@ def rotary_embedding(
     A position outside the cache leaves its token as it was; see :func:`check_kernel_errors`."""
     if use_kernel("rotary_embedding", query):
         torch.ops.tinyvllm.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+    elif _use_cpu_fast_path(query):
+        cpu.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
     else:
         reference.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
 
@@ -104,6 +110,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
     if use_kernel("silu_and_mul", x):
         torch.ops.tinyvllm.silu_and_mul(out, x)
+    elif _use_cpu_fast_path(x):
+        cpu.silu_and_mul(out, x)
     else:
         reference.silu_and_mul(out, x)
     return out
@@ -122,6 +130,8 @@ def reshape_and_cache(
     :func:`check_kernel_errors`."""
     if use_kernel("reshape_and_cache", key):
         torch.ops.tinyvllm.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    elif _use_cpu_fast_path(key):
+        cpu.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
         reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
@@ -196,6 +206,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x @ weight^T for x: [M, K], weight: [N, K] (cuBLAS on GPU)."""
     if use_kernel("linear", x):
         return torch.ops.tinyvllm.linear(x, weight)
+    if _use_cpu_fast_path(x):
+        return cpu.linear(x, weight)
     return reference.linear(x, weight)
 
 

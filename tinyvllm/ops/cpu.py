@@ -1,29 +1,136 @@
-"""Fast CPU versions of the attention ops: what the engine runs on a machine without a GPU.
+"""Fast CPU versions of the ops: what the engine runs on a machine without a GPU.
 
-The references in :mod:`tinyvllm.ops.reference` are the specification, written to be read: they
-loop over the sequences in Python and repeat each kv head for its query heads. On a CPU every
-small torch op costs a few microseconds of dispatch (and, with several threads on a busy
-machine, a wait for every thread to join), so that loop made decode attention about half of a
-CPU decode step. The functions here compute the same results with a fixed number of ops per
-call, whatever the batch:
+The references in :mod:`tinyvllm.ops.reference` are the specification, written to be read. On a
+CPU they are slow in two ways, and the functions here fix both while computing the same results:
 
-* decode: ONE gather of every sequence's blocks (the block tables padded to the longest
-  sequence), GQA by viewing the query heads as ``[kv_heads, group]`` instead of repeating k and
-  v, and ONE ``scaled_dot_product_attention`` with a mask that hides each sequence's padding;
-* prefill: per sequence (a prompt is prefilled once, decode runs every step), the same gather
-  and one SDPA call, causal by a mask that also handles a cached prefix.
+* Attention loops over the sequences in Python and repeats each kv head for its query heads.
+  Every small torch op costs microseconds of dispatch (and, with several threads on a busy
+  machine, a wait for every thread to join), so that loop made decode attention half of a CPU
+  decode step. Here decode is ONE gather of every sequence's blocks (the block tables padded
+  to the longest sequence), GQA by viewing the query heads as ``[kv_heads, group]``, and ONE
+  ``scaled_dot_product_attention`` with a mask hiding each sequence's padding; prefill is one
+  gather and one SDPA per sequence, causal by a mask that also handles a cached prefix.
+* ``linear`` is ``torch.matmul``, which calls MKL's sgemm; on the AMD EPYC we measured it
+  left the second core idle and ran 1.1-3.3x slower than oneDNN's kernels on a weight laid
+  out once in oneDNN's blocked format (``torch.ops.mkldnn``, what ``torch.compile`` uses on
+  CPU). The packed copy is made on a weight's first use and kept while the weight lives
+  (it doubles the weights' memory).
 
-Same signatures, same float32 math (inputs are upcast, the output rounded once), and the same
-ValueErrors for bad block tables and lengths as the references. Tested against them on random
-inputs in tests/test_cpu_ops.py.
+The elementwise ops (norms, RoPE, SiLU, the cache write) do the same math in fewer, in-place
+torch ops. Everything here runs float32; other dtypes go to the reference. Same signatures and
+the same ValueErrors for bad indices as the references; tested against them on random inputs
+in tests/test_cpu_ops.py.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from tinyvllm.ops import reference
 from tinyvllm.ops.reference import KERNEL_ERROR_MESSAGES, _check_seq_lens
+
+
+# ---- linear: oneDNN on packed weights ---------------------------------------------------------
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Smaller products (one token through a layer's projections) stay with MKL, which runs them on one
+# thread: oneDNN splits every product over all threads, and on a busy 2-core machine a split op
+# waits milliseconds for a core (measured: a batch-1 step 10x slower), for a small gain when idle.
+ONEDNN_MIN_OUTPUTS = 8192
+_packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, packed)
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] in oneDNN's blocked layout, packed on first use; packed again if the
+    weight was changed in place (its ``_version`` moved)."""
+    key = id(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    _packed[key] = (weakref.ref(weight, lambda _: _packed.pop(key, None)), weight._version, packed)
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`tinyvllm.ops.reference.linear`: y = x @ weight^T, through oneDNN for float32."""
+    if (not _ONEDNN or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2
+            or x.shape[0] * weight.shape[0] < ONEDNN_MIN_OUTPUTS):  # fmt: skip
+        return reference.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), None, "none", [], "")
+
+
+# ---- elementwise ops, in place ------------------------------------------------------------------
+def _fp32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """:func:`tinyvllm.ops.reference.rms_norm`."""
+    if not _fp32(out, x, weight):
+        return reference.rms_norm(out, x, weight, eps)
+    inv_rms = x.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
+    torch.mul(x, inv_rms, out=out).mul_(weight)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """:func:`tinyvllm.ops.reference.fused_add_rms_norm`: residual += x; x = rms_norm(residual)."""
+    if not _fp32(x, residual, weight):
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    residual.add_(x)
+    rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int, cos_sin_cache: torch.Tensor
+) -> None:
+    """:func:`tinyvllm.ops.reference.rotary_embedding`, rotating the halves in place."""
+    if not _fp32(query, key, cos_sin_cache):
+        return reference.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+    pos = positions.long()
+    if pos.numel():
+        lo, hi = torch.aminmax(pos)
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(KERNEL_ERROR_MESSAGES[2])
+    half = cos_sin_cache.shape[-1] // 2
+    cs = cos_sin_cache.index_select(0, pos)
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for t in (query, key):
+        x1, x2 = t[..., :half], t[..., half : 2 * half]
+        x1_sin = x1 * sin
+        x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+        x2.mul_(cos).add_(x1_sin)  # x2 cos + x1 sin
+
+
+def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
+    """:func:`tinyvllm.ops.reference.silu_and_mul`."""
+    if not _fp32(out, x):
+        return reference.silu_and_mul(out, x)
+    d = x.shape[-1] // 2
+    torch.mul(F.silu(x[..., :d]), x[..., d:], out=out)
+
+
+def reshape_and_cache(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """:func:`tinyvllm.ops.reference.reshape_and_cache`, with one range check when there is no padding."""
+    slots = slot_mapping.long()
+    if not slots.numel():
+        return
+    lo, hi = torch.aminmax(slots)
+    if lo < 0:  # padding slots (-1) to skip: the reference's masked path
+        return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    block_size = key_cache.shape[2]
+    if hi >= key_cache.shape[0] * block_size:
+        raise ValueError(KERNEL_ERROR_MESSAGES[1])
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, :, offsets, :] = key.to(key_cache.dtype)
+    value_cache[blocks, :, offsets, :] = value.to(value_cache.dtype)
+
+
+# ---- attention ------------------------------------------------------------------------------------
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
