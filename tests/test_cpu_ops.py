@@ -64,6 +64,27 @@ def test_decode_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
     assert got[4].abs().max() == 0  # a sequence with nothing cached attends to nothing
 
 
+def test_decode_plan_is_shared_by_the_layers_of_a_step_only():
+    """Every layer of a step passes the same block_tables and seq_lens: the plan made for the
+    first is reused; other tensors, or the same ones edited in place, get a new plan."""
+    lens = [3, 17, 9]
+    kc, vc, tables = paged_inputs(lens, 4, 2, 16, 4, torch.float32, seed=1)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 16)
+
+    def check(table, seq_lens, kc, vc):
+        want, got = torch.empty_like(q), torch.empty_like(q)
+        reference.paged_attention_decode(want, q, kc, vc, table, seq_lens, SCALE)
+        cpu.paged_attention_decode(got, q, kc, vc, table, seq_lens, SCALE)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+    check(tables, seq_lens, kc, vc)
+    check(tables, seq_lens, vc, kc)  # "the next layer": other caches, same plan
+    seq_lens[0] = 4  # edited in place: a new plan
+    check(tables, seq_lens, kc, vc)
+    check(tables.clone(), torch.tensor([1, 2, 3], dtype=torch.int32), kc, vc)  # the next step's new tensors
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
@@ -83,7 +104,7 @@ def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype)
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("rows, n", [(1, 96), (1, cpu.ONEDNN_MIN_OUTPUTS), (16, 960), (37, 576), (0, 64)])
+@pytest.mark.parametrize("rows, n", [(1, 96), (1, cpu.ONEDNN_MIN_OUTPUTS), (2, 96), (16, 960), (37, 576), (0, 64)])
 def test_linear_matches_reference(rows, n):
     g = torch.Generator().manual_seed(rows + n)
     x, w = torch.randn(rows, 576, generator=g), torch.randn(n, 576, generator=g)

@@ -25,6 +25,7 @@ in tests/test_cpu_ops.py.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,12 @@ from tinyvllm.ops.reference import KERNEL_ERROR_MESSAGES, _check_seq_lens
 
 # ---- linear: oneDNN on packed weights ---------------------------------------------------------
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# Smaller products (one token through a layer's projections) stay with MKL, which runs them on one
+# One token through a layer's projections stays with MKL, which runs a one-row product on one
 # thread: oneDNN splits every product over all threads, and on a busy 2-core machine a split op
-# waits milliseconds for a core (measured: a batch-1 step 10x slower), for a small gain when idle.
-ONEDNN_MIN_OUTPUTS = 8192
+# waits milliseconds for the other core (a batch-1 step measured 6x slower) for a 1.06x gain when
+# idle. From two rows on (MKL splits those too, and is slow at them) and for the lm_head's large
+# row, oneDNN: 1.65-1.8x MKL on one thread, 2.3-3.8x on two (30 layers of SmolLM2's shapes).
+ONEDNN_MIN_OUTPUTS = 8192  # a single row goes to oneDNN when the weight has at least this many rows
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, packed)
 
 
@@ -57,7 +60,7 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """:func:`tinyvllm.ops.reference.linear`: y = x @ weight^T, through oneDNN for float32."""
     if (not _ONEDNN or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2
-            or x.shape[0] * weight.shape[0] < ONEDNN_MIN_OUTPUTS):  # fmt: skip
+            or x.shape[0] == 0 or (x.shape[0] == 1 and weight.shape[0] < ONEDNN_MIN_OUTPUTS)):  # fmt: skip
         return reference.linear(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), None, "none", [], "")
 
@@ -91,7 +94,7 @@ def rotary_embedding(
         return reference.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
     pos = positions.long()
     if pos.numel():
-        lo, hi = torch.aminmax(pos)
+        lo, hi = (int(v) for v in torch.aminmax(pos))
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(KERNEL_ERROR_MESSAGES[2])
     half = cos_sin_cache.shape[-1] // 2
@@ -119,7 +122,7 @@ def reshape_and_cache(
     slots = slot_mapping.long()
     if not slots.numel():
         return
-    lo, hi = torch.aminmax(slots)
+    lo, hi = (int(v) for v in torch.aminmax(slots))
     if lo < 0:  # padding slots (-1) to skip: the reference's masked path
         return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     block_size = key_cache.shape[2]
@@ -149,10 +152,45 @@ def _block_ids(block_tables: torch.Tensor, lens: torch.Tensor, block_size: int, 
     needed = (lens + block_size - 1) // block_size  # blocks each sequence covers
     covered = torch.arange(width)[None, :] < needed[:, None]
     ids = torch.where(covered, block_tables[:, :width].long(), 0)
-    lo, hi = torch.aminmax(ids)
+    lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= num_blocks:
         raise ValueError(KERNEL_ERROR_MESSAGES[0])
     return ids
+
+
+class _DecodePlan(NamedTuple):
+    """What every layer of one decode step shares: which blocks to gather, which tokens are padding."""
+
+    ids: torch.Tensor  # [B, width] block ids, 0 past each sequence's length
+    visible: torch.Tensor  # [B, 1, 1, width * block_size] bool: the token exists
+    empty: torch.Tensor | None  # [B] bool: sequences with nothing cached (None: there are none)
+
+
+_last_plan: tuple = ()  # (block_tables, seq_lens, their versions, cache shape, plan): the last step's
+
+
+def _decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape: torch.Size) -> _DecodePlan:
+    """The plan for these block tables and lengths, checked as the reference checks them.
+
+    The model calls decode attention once per layer with the SAME two tensors, so the first
+    layer makes the plan and the others reuse it. The cache keeps those tensors alive, so a
+    later step's new tensors can never be taken for them; ``_version`` catches an in-place edit.
+    """
+    global _last_plan
+    key = (block_tables._version, seq_lens._version, cache_shape)
+    if _last_plan and _last_plan[0] is block_tables and _last_plan[1] is seq_lens and _last_plan[2] == key:
+        return _last_plan[3]
+    lens_list = seq_lens.tolist()
+    num_blocks, _, block_size, _ = cache_shape
+    _check_seq_lens(lens_list, block_tables, block_size)
+    width = -(-max(lens_list) // block_size)  # blocks of the longest sequence
+    lens = seq_lens.long()
+    ids = _block_ids(block_tables, lens, block_size, num_blocks, width)
+    # The new token sits at position len - 1 and sees every cached token: only the padding is hidden.
+    visible = torch.arange(width * block_size)[None, :] < lens[:, None]
+    plan = _DecodePlan(ids, visible[:, None, None, :], (lens == 0) if 0 in lens_list else None)
+    _last_plan = (block_tables, seq_lens, key, plan)
+    return plan
 
 
 def paged_attention_decode(
@@ -165,25 +203,18 @@ def paged_attention_decode(
     scale: float,
 ) -> None:
     """:func:`tinyvllm.ops.reference.paged_attention_decode`, batched: one gather, one SDPA."""
-    lens_list = seq_lens.tolist()
-    block_size = key_cache.shape[2]
-    _check_seq_lens(lens_list, block_tables, block_size)
     num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return
-    kv_heads = key_cache.shape[1]
-    width = -(-max(lens_list) // block_size)  # blocks of the longest sequence
-    lens = seq_lens.long()
-    ids = _block_ids(block_tables, lens, block_size, key_cache.shape[0], width)
-    k = _gather_blocks(key_cache, ids)  # [B, Hk, L, D]
-    v = _gather_blocks(value_cache, ids)
+    plan = _decode_plan(block_tables, seq_lens, key_cache.shape)
+    k = _gather_blocks(key_cache, plan.ids)  # [B, Hk, L, D]
+    v = _gather_blocks(value_cache, plan.ids)
     # GQA: query head h reads kv head h // group, so [B, Hq, D] -> [B, Hk, group, D] is a view.
+    kv_heads = key_cache.shape[1]
     q = query.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim).float()
-    # The new token sits at position len - 1 and sees every cached token: only the padding is hidden.
-    visible = torch.arange(width * block_size)[None, :] < lens[:, None]  # [B, L]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
-    if 0 in lens_list:  # nothing to attend to: the reference's empty sum is 0
-        o[lens == 0] = 0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, scale=scale)
+    if plan.empty is not None:  # nothing to attend to: the reference's empty sum is 0
+        o[plan.empty] = 0
     out.copy_(o.reshape(num_seqs, num_heads, head_dim))
 
 
