@@ -169,3 +169,13 @@ def test_engine_from_model_takes_the_config_fields_as_keywords(tiny_llama_dir):
         outs = eng.step()
     assert outs[0].outputs[0].finish_reason == "length" and len(outs[0].outputs[0].token_ids) == 32 - 3
     assert eng.block_manager.num_free_blocks == 4
+
+
+def test_half_precision_on_cpu_warns(tiny_llama_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="tinyvllm"):
+        LLM(model=str(tiny_llama_dir), dtype="float16", device="cpu", max_model_len=32, num_kv_blocks=8)
+    assert "tinyvllm: float16 on a CPU is slow" in caplog.text and "use float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tinyvllm"):
+        LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=32, num_kv_blocks=8)
+    assert "slow" not in caplog.text

@@ -104,8 +104,8 @@ class LLMEngine:
 
         if config.device.type == "cpu" and config.dtype != torch.float32:
             logger.warning(
-                "tinyvllm: %s on a CPU is slow (CPUs multiply it through float32: about 2.5x slower); "
-                "float32, the default there, is faster.", str(config.dtype).removeprefix("torch."),
+                "tinyvllm: %s on a CPU is slow (each product goes through float32: about 2x slower); "
+                "use float32, the default there.", str(config.dtype).removeprefix("torch."),
             )
         path = resolve_model(config.model)
         model_config, weights, tokenizer = load_model(path, config.dtype)  # a GGUF: tinyvllm.gguf_cache
