@@ -108,17 +108,26 @@ def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype)
 def test_linear_matches_reference(rows, n):
     g = torch.Generator().manual_seed(rows + n)
     x, w = torch.randn(rows, 576, generator=g), torch.randn(n, 576, generator=g)
-    torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w), atol=1e-4, rtol=1e-5)
+    for _ in range(cpu.PACK_AT_USE + 1):  # before and after the weight is packed
+        torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cpu.linear(x[:, ::2], w[:, ::2]), reference.linear(x[:, ::2], w[:, ::2]), atol=1e-4, rtol=1e-5)
     half = cpu.linear(x.bfloat16(), w.bfloat16())  # other dtypes: the reference
     assert half.dtype == torch.bfloat16 and torch.equal(half, reference.linear(x.bfloat16(), w.bfloat16()))
 
 
-def test_linear_repacks_a_weight_changed_in_place():
+def test_linear_packs_a_weight_once_and_again_when_changed_in_place(monkeypatch):
+    packs = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(cpu.torch.ops.mkldnn, "_reorder_linear_weight", lambda w, b: packs.append(1) or real(w, b),
+                        raising=False)  # fmt: skip
     x, w = torch.randn(16, 64), torch.randn(1024, 64)
-    torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    for _ in range(cpu.PACK_AT_USE + 3):
+        torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    assert len(packs) == 1  # at the PACK_AT_USE-th product, then reused
     w.mul_(-2)  # a packed copy made before must not be used now
-    torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    for _ in range(cpu.PACK_AT_USE):
+        torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    assert len(packs) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,8 +13,8 @@ CPU they are slow in two ways, and the functions here fix both while computing t
 * ``linear`` is ``torch.matmul``, which calls MKL's sgemm; on the AMD EPYC we measured it
   left the second core idle and ran 1.1-3.3x slower than oneDNN's kernels on a weight laid
   out once in oneDNN's blocked format (``torch.ops.mkldnn``, what ``torch.compile`` uses on
-  CPU). The packed copy is made on a weight's first use and kept while the weight lives
-  (it doubles the weights' memory).
+  CPU). A weight is packed once a batch keeps using it, and the copy kept while the weight
+  lives (it doubles the weights' memory); one-row products stay with MKL (see ``linear``).
 
 The elementwise ops (norms, RoPE, SiLU, the cache write) do the same math in fewer, in-place
 torch ops. Everything here runs float32; other dtypes go to the reference. Same signatures and
@@ -42,19 +42,36 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 # idle. From two rows on (MKL splits those too, and is slow at them) and for the lm_head's large
 # row, oneDNN: 1.65-1.8x MKL on one thread, 2.3-3.8x on two (30 layers of SmolLM2's shapes).
 ONEDNN_MIN_OUTPUTS = 8192  # a single row goes to oneDNN when the weight has at least this many rows
-_packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, packed)
+# Packing SmolLM2's weights takes about a second; a single prompt's prefill would pay it for one
+# product per weight. So a weight is packed at its third product that oneDNN should run (a batch
+# that keeps decoding); the first two go to MKL.
+PACK_AT_USE = 3
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [N, K] in oneDNN's blocked layout, packed on first use; packed again if the
-    weight was changed in place (its ``_version`` moved)."""
+class _Packed:
+    """A weight's oneDNN copy (None until packed) and how many products asked for it."""
+
+    def __init__(self, weight: torch.Tensor, on_death) -> None:
+        self.ref = weakref.ref(weight, on_death)
+        self.version = weight._version
+        self.uses = 0
+        self.packed: torch.Tensor | None = None
+
+
+_packed: dict[int, _Packed] = {}  # id(weight) -> its entry, removed when the weight dies
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [N, K] in oneDNN's blocked layout, packed at its ``PACK_AT_USE``-th use (None
+    before); packed again if the weight was changed in place (its ``_version`` moved)."""
     key = id(weight)
-    hit = _packed.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-    _packed[key] = (weakref.ref(weight, lambda _: _packed.pop(key, None)), weight._version, packed)
-    return packed
+    entry = _packed.get(key)
+    if entry is None or entry.ref() is not weight or entry.version != weight._version:
+        entry = _packed[key] = _Packed(weight, lambda _: _packed.pop(key, None))
+    entry.uses += 1
+    if entry.packed is None and entry.uses >= PACK_AT_USE:
+        entry.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    return entry.packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -62,7 +79,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (not _ONEDNN or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2
             or x.shape[0] == 0 or (x.shape[0] == 1 and weight.shape[0] < ONEDNN_MIN_OUTPUTS)):  # fmt: skip
         return reference.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), None, "none", [], "")
+    packed = _packed_weight(weight)
+    if packed is None:
+        return reference.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 # ---- elementwise ops, in place ------------------------------------------------------------------
