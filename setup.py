@@ -8,6 +8,12 @@ the kernels. Both of these work:
 
 The extension is built when torch is a CUDA build and nvcc is found; otherwise
 tinyvllm installs as pure Python (every op then runs its torch reference).
+
+What was decided must be visible, and pip hides a build's output unless it fails or
+runs with -v. So it is said twice: in the version pip prints ("Successfully installed
+tinyvllm-0.1.0+cu130.sm90": built for CUDA 13.0, sm_90; "tinyvllm-0.1.0+nokernels": not
+built), the way torch marks its builds, and as one sentence written to the terminal
+(/dev/tty, which pip does not capture) as well as to stderr (pip -v, logs).
 Everything is found automatically; these environment variables override:
 
     CUDA_HOME / CUDA_PATH      the CUDA toolkit (default: /usr/local/cuda, else nvcc's prefix)
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -27,10 +34,52 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+# Commands that build (pip's metadata step runs dist_info/egg_info first: it stays quiet).
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def _notice(msg: str) -> None:
-    print(f"tinyvllm setup: {msg}", file=sys.stderr)
+    """One line on stderr, and on the terminal when pip captures stderr (only while building)."""
+    if not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return
+    line = f"tinyvllm setup: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass  # no terminal (CI): the version label says it
+
+
+def base_version() -> str:
+    """tinyvllm.__version__, read without importing the package."""
+    text = (ROOT / "tinyvllm" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def version_label(cuda: str | None, targets: list[str]) -> str:
+    """The local version label that tells what was built: 'cu130.sm80.sm90' or 'nokernels'."""
+    if cuda is None:
+        return "nokernels"
+    sms = [("sm" + t.replace(".", "").replace("+", "").lower()) for t in targets]
+    return ".".join([f"cu{cuda.replace('.', '')}", *sms])
+
+
+def cuda_targets() -> list[str]:
+    """The GPU architectures the kernels are compiled for: TORCH_CUDA_ARCH_LIST, else the
+    visible GPUs', else (no GPU) 9.0, which is then put in TORCH_CUDA_ARCH_LIST for torch."""
+    import torch
+
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if listed:
+        return [t for t in re.split(r"[;\s]+", listed) if t]
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return [f"{major}.{minor}" for major, minor in sorted(caps)]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # H100 / H200
+    return ["9.0"]
 
 
 def _looks_like_cuda_home(path: str | None) -> bool:
@@ -79,29 +128,32 @@ def find_cublas(cuda_home: str) -> tuple[list[str], list[str], list[str]]:
     raise RuntimeError(f"cuBLAS headers/libraries not found in {cuda_home} nor in torch's nvidia wheels")
 
 
+def _pure_python(reason: str) -> dict:
+    _notice(f"CUDA kernels NOT built: {reason}; installing pure Python (every op runs its torch reference).")
+    return {"version": f"{base_version()}+{version_label(None, [])}"}
+
+
 def cuda_extension_setup() -> dict:
-    """setup() keyword arguments for the CUDA extension, or {} when it cannot be built."""
+    """setup() keyword arguments: the version (with its label) and, when it can be built, the
+    CUDA extension."""
     if os.environ.get("TINYVLLM_NO_EXTENSION") == "1":
-        _notice("TINYVLLM_NO_EXTENSION=1: installing pure Python (ops run their torch reference).")
-        return {}
+        return _pure_python("TINYVLLM_NO_EXTENSION=1")
     try:
         import torch
     except ImportError:
-        _notice("torch is not importable: installing pure Python (ops run their torch reference).")
-        return {}
+        return _pure_python("torch is not importable")
     if torch.version.cuda is None:
-        _notice(f"torch {torch.__version__} is not a CUDA build: installing pure Python (reference ops).")
-        return {}
+        return _pure_python(f"torch {torch.__version__} is not a CUDA build")
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        _notice("nvcc not found (set CUDA_HOME): installing pure Python (reference ops).")
-        return {}
+        return _pure_python("nvcc not found (set CUDA_HOME)")
 
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("MAX_JOBS", "2")
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # H100 / H200
+    where = ("TORCH_CUDA_ARCH_LIST" if "TORCH_CUDA_ARCH_LIST" in os.environ
+             else "the visible GPUs" if torch.cuda.is_available() else "no GPU visible: H100/H200 by default")
+    targets = cuda_targets()
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     cublas_inc, cublas_libdirs, cublas_link = find_cublas(cuda_home)
@@ -125,11 +177,15 @@ def cuda_extension_setup() -> dict:
         extra_link_args=cublas_link + [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"],
     )
     _notice(
-        f"building tinyvllm._C from {len(sources)} files with CUDA_HOME={cuda_home}, "
-        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}, "
-        f"MAX_JOBS={os.environ['MAX_JOBS']}"
+        f"building the CUDA kernels (tinyvllm._C) for {', '.join('sm_' + t.replace('.', '') for t in targets)} "
+        f"(from {where}) with CUDA {torch.version.cuda} at {cuda_home}: {len(sources)} files, MAX_JOBS={os.environ['MAX_JOBS']}"
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {
+        "version": f"{base_version()}+{version_label(torch.version.cuda, targets)}",
+        "ext_modules": [ext],
+        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)},
+    }
 
 
-setup(**cuda_extension_setup())
+if __name__ == "__main__":  # pip runs this file as __main__; tests import it for its functions
+    setup(**cuda_extension_setup())

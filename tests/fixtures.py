@@ -259,9 +259,11 @@ def build_llama3_tokenizer_dir(tokenizer_model: Path, out: Path) -> Path:
 
 
 # ---- GGUF writing ---------------------------------------------------------------------------------
-def write_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], qtype, *, rope_freqs=None) -> Path:
+def write_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], qtype, *, rope_freqs=None,
+               metadata=None) -> Path:
     """Write `weights` (HF names, HF layout) as a llama GGUF the way llama.cpp's converter does:
-    llama.cpp names, q/k rows permuted, 2-D weights quantized to `qtype` (norms stay F32)."""
+    llama.cpp names, q/k rows permuted, 2-D weights quantized to `qtype` (norms stay F32).
+    `metadata(writer)`, if given, adds more keys (a tokenizer)."""
     import gguf
 
     from tinyvllm.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES, permute
@@ -279,6 +281,8 @@ def write_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor]
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
     w.add_rope_dimension_count(config.head_dim)
+    if metadata is not None:
+        metadata(w)
     for name, t in weights.items():
         if name.startswith("model.layers."):
             _, _, layer, *rest = name.split(".")

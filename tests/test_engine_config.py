@@ -38,16 +38,31 @@ def test_llm_arguments_are_the_config_fields():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("max_model_len", 0), ("max_model_len", 1.5), ("max_num_seqs", 0), ("max_num_seqs", None),
-        ("block_size", 0), ("block_size", True), ("max_num_batched_tokens", -1), ("num_kv_blocks", 0),
-        ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("seed", "1"),
-        ("dtype", "int8"), ("dtype", torch.int32), ("device", "tpu"), ("device", "not a device"), ("model", 3),
-        ("enable_prefix_caching", 1), ("enable_chunked_prefill", "yes"), ("disable_log_stats", None),
+        ("max_model_len", 0), ("max_model_len", -5), ("max_num_seqs", 0), ("block_size", 0),
+        ("max_num_batched_tokens", -1), ("num_kv_blocks", 0), ("gpu_memory_utilization", 0.0),
+        ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", float("nan")), ("dtype", "int8"),
+        ("dtype", "float99"), ("dtype", torch.int32), ("device", "tpu"), ("device", "not a device"),
         ("max_num_batched_tokens", 100),  # with chunked prefill: fewer than max_num_seqs (256)
+        ("tensor_parallel_size", 0),
     ],
 )  # fmt: skip
 def test_each_field_is_validated_by_name(field, value):
     with pytest.raises(ValueError, match=rf"^{field} "):
+        EngineConfig(**{**CPU, field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, wanted",
+    [
+        ("max_model_len", 1.5, "an int or None"), ("max_num_seqs", None, "an int"), ("block_size", True, "an int"),
+        ("block_size", "16", "an int"), ("seed", "1", "an int or None"), ("enforce_eager", 1, "True or False"),
+        ("gpu_memory_utilization", "0.9", "a number"), ("dtype", 16, "a str or a torch.dtype"), ("model", 3, "a str"),
+        ("enable_prefix_caching", 1, "True or False"), ("enable_chunked_prefill", "yes", "True or False"),
+        ("disable_log_stats", None, "True or False"), ("async_scheduling", 1, "True or False"),
+    ],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_a_type_error_naming_the_type_wanted(field, value, wanted):
+    with pytest.raises(TypeError, match=rf"^{field} must be {wanted}"):
         EngineConfig(**{**CPU, field: value})
 
 

@@ -51,13 +51,29 @@ def test_params_list(llm):
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 5]
     with pytest.raises(ValueError, match="sampling_params has 1 entries but there are 2 prompts"):
         llm.generate(["x", "y"], [GREEDY])
-    with pytest.raises(TypeError):
-        llm.generate(["x"], [{"temperature": 0}])
+    with pytest.raises(TypeError, match=r"sampling_params\[0\] must be a SamplingParams or a dict of its fields, got int"):
+        llm.generate(["x"], [3])
     with pytest.raises(TypeError):
         llm.generate(3.5)
     # default SamplingParams: vLLM's max_tokens=16 (EOS may stop it earlier)
     out = llm.generate("x", use_tqdm=True)[0].outputs[0]
     assert 1 <= len(out.token_ids) <= 16
+
+
+def test_sampling_params_as_a_dict(llm):
+    """vLLM users sometimes pass a dict: it stands for SamplingParams(**dict); a typo is named."""
+    want = llm.generate(["x", "y"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    got = llm.generate(["x", "y"], {"temperature": 0, "max_tokens": 3}, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    got = llm.generate(["x", "y"], [{"temperature": 0, "max_tokens": 3}, SamplingParams(temperature=0, max_tokens=3)],
+                       use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    with pytest.raises(TypeError, match="sampling_params has no field 'temprature'; SamplingParams' fields are .*temperature"):
+        llm.generate("x", {"temprature": 0})
+    with pytest.raises(TypeError, match="^temperature must be a number"):
+        llm.generate("x", {"temperature": "hot"})
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, a dict of its fields, or a list"):
+        llm.generate("x", 0.5)
 
 
 def test_overlong_prompt_fails_only_that_request(llm, caplog):
@@ -69,7 +85,8 @@ def test_overlong_prompt_fails_only_that_request(llm, caplog):
     assert bad.finished and bad.outputs[0].token_ids == [] and bad.outputs[0].text == ""
     assert "longer than the maximum model length of 64" in bad.error
     assert outs[0].error is None and len(outs[2].outputs[0].token_ids) == 8
-    assert "prompt 1 failed" in caplog.text
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and "prompt 1 failed" in failed[0]  # reported once, not by the engine too
     # exactly max_model_len - 1 tokens still fits (room for one generated token)
     tok = llm.get_tokenizer()
     ids = tok.encode("z" * 62)
@@ -166,3 +183,13 @@ def test_engine_from_model_takes_the_config_fields_as_keywords(tiny_llama_dir):
         outs = eng.step()
     assert outs[0].outputs[0].finish_reason == "length" and len(outs[0].outputs[0].token_ids) == 32 - 3
     assert eng.block_manager.num_free_blocks == 4
+
+
+def test_half_precision_on_cpu_warns(tiny_llama_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="tinyvllm"):
+        LLM(model=str(tiny_llama_dir), dtype="float16", device="cpu", max_model_len=32, num_kv_blocks=8)
+    assert "tinyvllm: float16 on a CPU is slow" in caplog.text and "use float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tinyvllm"):
+        LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=32, num_kv_blocks=8)
+    assert "slow" not in caplog.text

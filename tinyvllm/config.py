@@ -102,6 +102,19 @@ class ModelConfig:
             torch_dtype=d.get("torch_dtype", d.get("dtype")),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """A Hugging Face `config.json` that :meth:`from_dict` reads back into this config."""
+        return {
+            "architectures": [self.architecture], "model_type": "llama", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings, "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias, "torch_dtype": self.torch_dtype,
+        }  # fmt: skip
+
 
 def load_config(path: str | Path) -> ModelConfig:
     """Read a `config.json`, given either the file or the checkpoint directory holding it."""

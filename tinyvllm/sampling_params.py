@@ -2,7 +2,9 @@
 
 The fields, their defaults and their validation rules follow vLLM's
 ``vllm.SamplingParams`` so code written for vLLM runs unchanged. Every invalid
-value raises ``ValueError`` whose message starts with the field's name.
+value raises an error whose message starts with the field's name: a ``TypeError``
+saying the type wanted (``temperature="hot"``, ``max_tokens=2.5``, ``stop=5``), a
+``ValueError`` saying the range (``top_p=0``); see :mod:`tinyvllm.validation`.
 
 Disabled values ("off"):
 
@@ -45,6 +47,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from tinyvllm.validation import check_bool, check_float, check_int, check_int_list, check_str_list
+
 
 @dataclass
 class SamplingParams:
@@ -76,13 +80,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Normalise the "list or single value" fields first, so validation sees one shape.
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.stop = check_str_list("stop", self.stop)
+        self.stop_token_ids = check_int_list("stop_token_ids", self.stop_token_ids, ge=0)
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         if isinstance(self.bad_words, str):
@@ -98,54 +97,36 @@ class SamplingParams:
             self.logit_bias = {int(t): min(100.0, max(-100.0, float(b))) for t, b in self.logit_bias.items()}
 
     def _verify(self) -> None:
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_number(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # (NaN != NaN)
-
-        if not is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n!r}.")
+        """Types first (a TypeError naming the field and the type wanted), then ranges (ValueError)."""
+        check_int("n", self.n, ge=1)
         if self.best_of not in (None, 1):
             raise ValueError(f"best_of is not supported by tinyvllm, got {self.best_of!r}.")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature!r}.")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
-        if not is_int(self.top_k) or self.top_k < 0:
+        check_float("temperature", self.temperature, ge=0)
+        check_float("top_p", self.top_p, gt=0, le=1)
+        if check_int("top_k", self.top_k) < 0:
             raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k!r}.")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}.")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}.")
-        if not is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens!r}.")
+        check_float("min_p", self.min_p, ge=0, le=1)
+        check_int("seed", self.seed, optional=True)
+        check_int("max_tokens", self.max_tokens, ge=1, optional=True)
+        check_int("min_tokens", self.min_tokens, ge=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
             )
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.")
-        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+        if "" in self.stop:
+            raise ValueError(f"stop must not hold an empty string, got {self.stop!r}.")
+        check_bool("ignore_eos", self.ignore_eos)
+        check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         # n, log-probabilities and the logits processors (vLLM's ranges; token ids against the
         # vocabulary: LLMEngine.add_request).
         if self.n > 1 and self.temperature == 0:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
-        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be a non-negative int or None, got {self.logprobs!r}.")
-        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
-            raise ValueError(f"prompt_logprobs must be a non-negative int or None, got {self.prompt_logprobs!r}.")
-        if not is_number(self.presence_penalty) or not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}.")
-        if not is_number(self.frequency_penalty) or not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}.")
-        if not is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
-            raise ValueError(
-                f"repetition_penalty must be a finite number greater than zero, got {self.repetition_penalty!r}."
-            )
+        check_int("logprobs", self.logprobs, ge=0, optional=True)
+        check_int("prompt_logprobs", self.prompt_logprobs, ge=0, optional=True)
+        check_float("presence_penalty", self.presence_penalty, ge=-2, le=2)
+        check_float("frequency_penalty", self.frequency_penalty, ge=-2, le=2)
+        if not check_float("repetition_penalty", self.repetition_penalty, gt=0) < float("inf"):
+            raise ValueError(f"repetition_penalty must be finite, got {self.repetition_penalty!r}.")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}.")
@@ -154,15 +135,14 @@ class SamplingParams:
                     raise ValueError(f"logit_bias keys must be token ids (ints), got {t!r}.")
                 if int(t) < 0:
                     raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}.")
-                if not is_number(b):
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or b != b:
                     raise ValueError(f"logit_bias values must be numbers, got {b!r} for token {t!r}.")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
                 raise ValueError(
                     f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}."
                 )
-            if any(not is_int(t) or t < 0 for t in self.allowed_token_ids):
-                raise ValueError(f"allowed_token_ids must be non-negative ints, got {self.allowed_token_ids!r}.")
+            check_int_list("allowed_token_ids", self.allowed_token_ids, ge=0)
         if self.bad_words is not None and (
             not isinstance(self.bad_words, list) or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):

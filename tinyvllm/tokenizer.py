@@ -95,11 +95,12 @@ class Tokenizer:
         return cls(backend, chat_template=template, special_tokens=special, extra_eos_token_ids=extra)
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        """Assemble the tokenizer a GGUF file describes in its `tokenizer.*` metadata."""
+    def from_gguf(cls, path: str | Path, reader: Any = None) -> "Tokenizer":
+        """Assemble the tokenizer a GGUF file describes in its `tokenizer.*` metadata (`reader`:
+        the file's gguf.GGUFReader if it is already open: parsing it is the slow part)."""
         from tinyvllm.gguf_loader import gguf_metadata, open_gguf
 
-        meta = gguf_metadata(open_gguf(path))
+        meta = gguf_metadata(reader if reader is not None else open_gguf(path))
         kind = meta.get("tokenizer.ggml.model")
         if kind == "gpt2":
             backend = _byte_level_bpe(meta)
@@ -120,6 +121,17 @@ class Tokenizer:
         _set_bos_eos_post_processor(backend, special["bos_token"] if add_bos else None, special["eos_token"] if add_eos else None)
         extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
         return cls(backend, chat_template=meta.get("tokenizer.chat_template"), special_tokens=special, extra_eos_token_ids=extra)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the Hugging Face files that :meth:`from_pretrained` reads back into the same
+        tokenizer: tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+        generation_config.json (every end-of-sequence id)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tokenizer.json").write_text(self.backend.to_str())
+        cfg = {**self.special_tokens, "chat_template": self.chat_template}
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=1))
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}))
 
     # ---- ids ------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -13,7 +13,8 @@ keyword arguments down to each other: the Scheduler (``max_num_seqs``, ``max_num
 Some settings can only be known later, so the config is completed in three steps, each of
 which checks what it adds:
 
-1. ``EngineConfig(...)``: the user's arguments, validated (a ValueError names the field);
+1. ``EngineConfig(...)``: the user's arguments, validated (a TypeError or ValueError names
+   the field: :mod:`tinyvllm.validation`);
    ``device`` and ``dtype`` resolved ("auto" -> bfloat16 on a GPU, float32 on CPU).
 2. :meth:`fit_model`, once the checkpoint is read: ``max_model_len`` defaults to the model's
    ``max_position_embeddings`` (capped at 4096 on CPU) or is checked against it; the EOS ids.
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from tinyvllm.distributed.utils import check_devices, check_tensor_parallel
+from tinyvllm.validation import check_bool, check_float, check_int
 
 if TYPE_CHECKING:
     from tinyvllm.config import ModelConfig
@@ -68,7 +70,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a str or a torch.dtype, got {type(dtype).__name__} {dtype!r}.")
+    if dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16', 'float32' or a torch dtype, got {dtype!r}.")
 
@@ -85,14 +89,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device is {device!r} but no CUDA GPU is available.")
     return resolved
-
-
-def _check_int(name: str, value: object, *, optional: bool = False) -> None:
-    """A positive int (or None when ``optional``); a ValueError naming the field otherwise."""
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer of at least 1, got {value!r}.")
 
 
 @dataclass
@@ -125,28 +121,24 @@ class EngineConfig:
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         if self.model is not None and not isinstance(self.model, str):
-            raise ValueError(f"model must be a path, a Hugging Face repo id or None, got {self.model!r}.")
+            raise TypeError(f"model must be a str (a path or a Hugging Face repo id) or None, got {self.model!r}.")
         self.device = _resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
-        _check_int("max_model_len", self.max_model_len, optional=True)
-        _check_int("max_num_seqs", self.max_num_seqs)
-        _check_int("block_size", self.block_size)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
-        _check_int("num_kv_blocks", self.num_kv_blocks, optional=True)
-        _check_int("tensor_parallel_size", self.tensor_parallel_size)
+        check_int("max_model_len", self.max_model_len, ge=1, optional=True)
+        check_int("max_num_seqs", self.max_num_seqs, ge=1)
+        check_int("block_size", self.block_size, ge=1)
+        check_int("max_num_batched_tokens", self.max_num_batched_tokens, ge=1, optional=True)
+        check_int("num_kv_blocks", self.num_kv_blocks, ge=1, optional=True)
+        check_bool("enforce_eager", self.enforce_eager)
+        check_int("seed", self.seed, optional=True)
+        check_float("gpu_memory_utilization", self.gpu_memory_utilization, gt=0, le=1)
+        check_int("tensor_parallel_size", self.tensor_parallel_size, ge=1)
         check_devices(self.tensor_parallel_size, self.device)  # one GPU per rank
-        for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
+            check_bool(name, getattr(self, name))
         if self.async_scheduling is None:
             self.async_scheduling = self.device.type == "cuda"
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be None, True or False, got {self.async_scheduling!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}.")
-        u = self.gpu_memory_utilization
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < u <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u}.")
+        check_bool("async_scheduling", self.async_scheduling)
         self.eos_token_ids = tuple(self.eos_token_ids)
         self._derive()
 
@@ -166,7 +158,7 @@ class EngineConfig:
 
     def fit_cache(self, num_kv_blocks: int) -> None:
         """Step 3: the KV cache's size, as the ModelRunner measured it."""
-        _check_int("num_kv_blocks", num_kv_blocks)
+        check_int("num_kv_blocks", num_kv_blocks, ge=1)
         self.num_kv_blocks = num_kv_blocks
         self._derive()
 

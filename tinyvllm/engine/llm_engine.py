@@ -159,15 +159,18 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
         """Read the checkpoint and the tokenizer, complete ``config``, build the runner and the engine."""
         from tinyvllm.engine.model_runner import ModelRunner
-        from tinyvllm.loader import load_checkpoint, resolve_model
-        from tinyvllm.tokenizer import Tokenizer
+        from tinyvllm.loader import load_model, resolve_model
 
+        if config.device.type == "cpu" and config.dtype != torch.float32:
+            logger.warning(
+                "tinyvllm: %s on a CPU is slow (each product goes through float32: about 2x slower); "
+                "use float32, the default there.", str(config.dtype).removeprefix("torch."),
+            )
         path = resolve_model(config.model)
         if config.tensor_parallel_size > 1:
             model_config, tokenizer, runner = cls._build_tensor_parallel(config, path)
         else:
-            model_config, weights = load_checkpoint(path, config.dtype)
-            tokenizer = Tokenizer.from_pretrained(path)
+            model_config, weights, tokenizer = load_model(path, config.dtype)  # a GGUF: tinyvllm.gguf_cache
             config.fit_model(model_config, tokenizer.eos_token_ids)
             # With num_kv_blocks=None the runner sizes the cache after the weights are on the device
             # (GPU: free memory x gpu_memory_utilization minus an activation reserve; CPU: a few
@@ -256,11 +259,10 @@ class LLMEngine:
             for seq in state.seqs:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "error"
-                seq.error = error
+                seq.error = error  # reported by whoever reads the output (LLM.generate logs it, once)
                 seq.metrics.finished_time = time.time()
                 self.stats.on_finished(seq)
             state.error = error
-            logger.warning("tinyvllm: request %s failed: %s", request_id, error)
             self._pending.append(self._make_output(state))
             return
         if params.logprobs is not None:

@@ -18,11 +18,13 @@ a warning). The other prompts run normally. (vLLM raises a ValueError for the wh
 call instead; tinyvllm's choice keeps a batch job's other results.)
 Invalid *arguments* (bad SamplingParams, a params list of the wrong length, a
 prompt of the wrong type, token ids outside the model's vocabulary in ``logit_bias`` or
-``allowed_token_ids``) still raise, and nothing of the call runs.
+``allowed_token_ids``) still raise before anything runs. Each failed prompt is logged once,
+here (the engine only records the error in its output).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Any, Sequence as Seq
@@ -93,7 +95,8 @@ class LLM:
 
         ``prompts``: a str, a list of str, a ``{"prompt_token_ids": [...]}`` dict (vLLM's
         TokensPrompt) or ``{"prompt": "..."}`` (TextPrompt), or a list mixing those.
-        ``sampling_params``: one for all prompts, or a list with one per prompt.
+        ``sampling_params``: one for all prompts, or a list with one per prompt; a dict of
+        SamplingParams' fields (``{"temperature": 0, "max_tokens": 32}``) stands for one.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompt_list))
@@ -134,20 +137,22 @@ class LLM:
     # ---- internals ------------------------------------------------------------------------------
     @staticmethod
     def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt from None, one SamplingParams (or dict), or a list of them."""
         if sampling_params is None:
             return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        params = list(sampling_params)
-        if len(params) != n:
+        if isinstance(sampling_params, (SamplingParams, dict)):
+            return [_as_sampling_params(sampling_params, "sampling_params")] * n
+        if not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(
+                "sampling_params must be a SamplingParams, a dict of its fields, or a list with one per prompt, "
+                f"got {type(sampling_params).__name__}"
+            )
+        if len(sampling_params) != n:
             raise ValueError(
-                f"sampling_params has {len(params)} entries but there are {n} prompts: "
+                f"sampling_params has {len(sampling_params)} entries but there are {n} prompts: "
                 "pass one SamplingParams, or a list with one per prompt."
             )
-        for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        return params
+        return [_as_sampling_params(p, f"sampling_params[{i}]") for i, p in enumerate(sampling_params)]
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -183,6 +188,19 @@ class LLM:
             if out.error is not None:
                 logger.warning("tinyvllm: prompt %d failed: %s", ids.index(rid), out.error)
         return [final[r] for r in ids]
+
+
+def _as_sampling_params(params: SamplingParams | dict, name: str) -> SamplingParams:
+    """A SamplingParams, or a dict of its fields (``{"temperature": 0}``) made into one."""
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        known = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+        unknown = sorted(str(k) for k in params if k not in known)
+        if unknown:
+            raise TypeError(f"{name} has no field {unknown[0]!r}; SamplingParams' fields are {', '.join(sorted(known))}")
+        return SamplingParams(**params)
+    raise TypeError(f"{name} must be a SamplingParams or a dict of its fields, got {type(params).__name__}")
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -5,10 +5,15 @@ as ``torch.ops.tinyvllm.<name>`` by the extension ``tinyvllm._C``) when the
 extension is built, the kernel exists and the input lives on a GPU; otherwise it
 runs the pure-torch reference of the same op from :mod:`tinyvllm.ops.reference`.
 
+On a CPU the ops run :mod:`tinyvllm.ops.cpu` instead: the same functions as the
+references, in fewer torch ops (attention batched over the sequences) and, for
+``linear``, through oneDNN on weights packed once for it.
+
 Set ``TINYVLLM_REFERENCE_OPS=1`` to force the reference everywhere (useful to
 compare the two paths on one GPU). ``linear`` has two GPU kernels, cuBLAS and the
 skinny GEMM for decode; :func:`linear_impl` is the rule that picks one, and
-``TINYVLLM_LINEAR_IMPL=cublas`` sends a whole run to cuBLAS.
+``TINYVLLM_LINEAR_IMPL=cublas`` sends a whole run to cuBLAS. On a CPU the ops run the CPU fast
+path (tinyvllm/ops/cpu.py), tested against its specification, the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 
 import torch
 
-from tinyvllm.ops import reference
+from tinyvllm.ops import cpu, reference
 from tinyvllm.ops._kernels import has_kernel, use_kernel
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,11 @@ def decode_step_has_kernels(dtype: torch.dtype, device: torch.device, head_dim: 
             and head_dim in ATTENTION_HEAD_DIMS and block_size in ATTENTION_BLOCK_SIZES)
 
 
+def _use_cpu_fast_path(tensor: torch.Tensor) -> bool:
+    """Run :mod:`tinyvllm.ops.cpu` rather than the reference? (a CPU tensor, not forced off)"""
+    return tensor.device.type == "cpu" and os.environ.get("TINYVLLM_REFERENCE_OPS") != "1"
+
+
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
@@ -77,6 +87,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     if use_kernel("rms_norm", x):
         torch.ops.tinyvllm.rms_norm(out, x, weight, eps)
+    elif _use_cpu_fast_path(x):
+        cpu.rms_norm(out, x, weight, eps)
     else:
         reference.rms_norm(out, x, weight, eps)
     return out
@@ -86,6 +98,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """In place: residual += x; x = rms_norm(residual) * weight."""
     if use_kernel("fused_add_rms_norm", x):
         torch.ops.tinyvllm.fused_add_rms_norm(x, residual, weight, eps)
+    elif _use_cpu_fast_path(x):
+        cpu.fused_add_rms_norm(x, residual, weight, eps)
     else:
         reference.fused_add_rms_norm(x, residual, weight, eps)
 
@@ -98,6 +112,8 @@ def rotary_embedding(
     A position outside the cache leaves its token as it was; see :func:`check_kernel_errors`."""
     if use_kernel("rotary_embedding", query):
         torch.ops.tinyvllm.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+    elif _use_cpu_fast_path(query):
+        cpu.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
     else:
         reference.rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
 
@@ -107,6 +123,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
     if use_kernel("silu_and_mul", x):
         torch.ops.tinyvllm.silu_and_mul(out, x)
+    elif _use_cpu_fast_path(x):
+        cpu.silu_and_mul(out, x)
     else:
         reference.silu_and_mul(out, x)
     return out
@@ -125,6 +143,8 @@ def reshape_and_cache(
     :func:`check_kernel_errors`."""
     if use_kernel("reshape_and_cache", key):
         torch.ops.tinyvllm.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    elif _use_cpu_fast_path(key):
+        cpu.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
         reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
@@ -156,6 +176,8 @@ def paged_attention_decode(
     if _use_attention_kernel("paged_attention_decode", query, key_cache):
         torch.ops.tinyvllm.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
                                                   -1, -1 if sum_seq_lens is None else sum_seq_lens)
+    elif _use_cpu_fast_path(query):
+        cpu.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     else:
         reference.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     return out
@@ -184,6 +206,8 @@ def prefill_attention(
         torch.ops.tinyvllm.prefill_attention(
             out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, -1
         )
+    elif _use_cpu_fast_path(query):
+        cpu.prefill_attention(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale)
     else:
         reference.prefill_attention(
             out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale
@@ -275,11 +299,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.T
     On a GPU, ``impl="auto"`` follows :func:`linear_impl` (the skinny GEMM for decode-sized
     M, cuBLAS otherwise); ``"cublas"`` or ``"skinny"`` force a path (for tests and benchmarks;
     forcing the skinny GEMM on inputs it cannot take raises ValueError saying why). Without
-    the extension, or on CPU, the torch reference runs whatever ``impl`` says."""
+    the extension, or on CPU, the CPU fast path (or the reference) runs whatever ``impl`` says."""
     if impl not in LINEAR_IMPLS:
         raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
     if not use_kernel("linear", x):
-        return reference.linear(x, weight)
+        return cpu.linear(x, weight) if _use_cpu_fast_path(x) else reference.linear(x, weight)
     if impl == "auto":  # (an extension built before the skinny GEMM existed has only cuBLAS)
         impl = linear_impl(x, weight) if has_kernel("skinny_gemm") else "cublas"
     if impl == "skinny":
