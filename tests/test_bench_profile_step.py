@@ -157,7 +157,7 @@ def test_tiny_profile_runs_the_engine_and_writes_the_table(tmp_path):
         assert a["all_decode_steps_of_batch"] is True
         assert a["cuda_graphs"] is False  # CPU: the eager step
         # every linear of the tiny Llama (2 layers x qkv, o, gate_up, down; the lm_head) is in the step
-        assert a["kinds"]["gemm (cuBLAS)"]["count_per_step"] >= 2 * 4 + 1
+        assert round(a["kinds"]["gemm (cuBLAS)"]["count_per_step"], 6) >= 2 * 4 + 1  # (a mean over steps)
         assert a["period_us"] > 0 and a["unprofiled_period_us"] > 0
         assert os.path.exists(a["trace"])
     assert (tmp_path / "anatomy.md").read_text().count("| **gap between steps** (host) |") == 1
