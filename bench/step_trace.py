@@ -33,7 +33,7 @@ from collections import defaultdict
 KINDS: list[tuple[str, str]] = [
     ("memcpy", r"memcpy|memset"),
     ("skinny gemm (ours)", r"skinny"),
-    ("gemm (cuBLAS)", r"gemm|gemv|cublas|cutlass|nvjet|xmma|splitk|dot_kernel|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("gemm (cuBLAS)", r"gemm|gemv|cublas|cutlass|nvjet|xmma|splitk|dot_kernel|aten::(mm|addmm|bmm|matmul|linear|mv)$|_linear_pointwise"),
     ("merge", r"merge"),
     ("attention decode", r"decode_(tensor|cuda)_cores|paged_attention|attention"),
     ("rms_norm", r"rms_?norm"),
