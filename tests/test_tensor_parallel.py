@@ -233,9 +233,10 @@ def test_nccl_without_cuda_is_an_error():
     assert not model_parallel_is_initialized()
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True])
-def test_tensor_parallel_size_is_validated(value):
-    with pytest.raises(ValueError, match="^tensor_parallel_size "):
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_tensor_parallel_size_is_validated(value, error):
+    """A range is a ValueError, a wrong type a TypeError (tinyvllm.validation), each naming the field."""
+    with pytest.raises(error, match="^tensor_parallel_size "):
         EngineConfig(device="cpu", tensor_parallel_size=value)
 
 
