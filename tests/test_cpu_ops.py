@@ -85,6 +85,22 @@ def test_decode_plan_is_shared_by_the_layers_of_a_step_only():
     check(tables.clone(), torch.tensor([1, 2, 3], dtype=torch.int32), kc, vc)  # the next step's new tensors
 
 
+def test_inference_mode_tensors_work_without_caching():
+    """Tensors made under torch.inference_mode have no version counter: nothing is cached for them."""
+    with torch.inference_mode():
+        lens = [3, 17]
+        kc, vc, tables = paged_inputs(lens, 4, 2, 16, 4, torch.float32, seed=2)
+        q, seq_lens = torch.randn(2, 4, 16), torch.tensor(lens, dtype=torch.int32)
+        want, got = torch.empty_like(q), torch.empty_like(q)
+        reference.paged_attention_decode(want, q, kc, vc, tables, seq_lens, SCALE)
+        for _ in range(2):
+            cpu.paged_attention_decode(got, q, kc, vc, tables, seq_lens, SCALE)
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
+        x, w = torch.randn(16, 64), torch.randn(256, 64)
+        for _ in range(cpu.PACK_AT_USE + 1):
+            torch.testing.assert_close(cpu.linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size, dtype):

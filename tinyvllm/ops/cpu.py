@@ -63,7 +63,10 @@ _packed: dict[int, _Packed] = {}  # id(weight) -> its entry, removed when the we
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight`` [N, K] in oneDNN's blocked layout, packed at its ``PACK_AT_USE``-th use (None
-    before); packed again if the weight was changed in place (its ``_version`` moved)."""
+    before, and for inference tensors); packed again if the weight was changed in place (its
+    ``_version`` moved)."""
+    if weight.is_inference():  # no version counter to tell an in-place change: never cached
+        return None
     key = id(weight)
     entry = _packed.get(key)
     if entry is None or entry.ref() is not weight or entry.version != weight._version:
@@ -197,8 +200,9 @@ def _decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape
     later step's new tensors can never be taken for them; ``_version`` catches an in-place edit.
     """
     global _last_plan
-    key = (block_tables._version, seq_lens._version, cache_shape)
-    if _last_plan and _last_plan[0] is block_tables and _last_plan[1] is seq_lens and _last_plan[2] == key:
+    cacheable = not (block_tables.is_inference() or seq_lens.is_inference())  # those have no _version
+    key = (block_tables._version, seq_lens._version, cache_shape) if cacheable else None
+    if cacheable and _last_plan and _last_plan[0] is block_tables and _last_plan[1] is seq_lens and _last_plan[2] == key:
         return _last_plan[3]
     lens_list = seq_lens.tolist()
     num_blocks, _, block_size, _ = cache_shape
@@ -209,7 +213,7 @@ def _decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape
     # The new token sits at position len - 1 and sees every cached token: only the padding is hidden.
     visible = torch.arange(width * block_size)[None, :] < lens[:, None]
     plan = _DecodePlan(ids, visible[:, None, None, :], (lens == 0) if 0 in lens_list else None)
-    _last_plan = (block_tables, seq_lens, key, plan)
+    _last_plan = (block_tables, seq_lens, key, plan) if cacheable else ()
     return plan
 
 
