@@ -49,18 +49,17 @@ import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.logits_processors import tokenize_bad_words
-from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
+from tinyvllm.engine.request_state import RequestState, TokenTexts, child_params
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.engine.stats import EngineStats, Metric
-from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
+from tinyvllm.outputs import CompletionOutput, RequestOutput
 from tinyvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("tinyvllm")
@@ -82,38 +81,6 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return None, list(prompt)
     raise TypeError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
-
-
-@dataclass
-class RequestState:
-    """One request as the engine tracks it: its ``n`` sequences (``seqs[i]`` is completion i) and
-    the log-probabilities its outputs carry (None where the request did not ask for them)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams  # the request's own (its n, its prompt_logprobs)
-    seqs: list[Sequence] = field(default_factory=list)
-    logprobs: list[SampleLogprobs | None] = field(default_factory=list)  # per sequence
-    cumulative_logprobs: list[float | None] = field(default_factory=list)  # per sequence
-    prompt_logprobs: PromptLogprobs | None = None
-    error: str | None = None  # why the request failed (finish_reason "error")
-
-    @property
-    def finished(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.seqs)
-
-
-def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Sequence ``index``'s params for a request of ``n > 1`` (vLLM's ParentRequest): n = 1, the
-    seed ``seed + index``; the prompt's log-probabilities are computed by sequence 0 only."""
-    child = params.clone()
-    child.n = 1
-    if params.seed is not None:
-        child.seed = params.seed + index
-    if index > 0:
-        child.prompt_logprobs = None
-    return child
 
 
 class LLMEngine:
@@ -143,7 +110,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}  # unfinished requests by id
         self._owner: dict[int, tuple[RequestState, int]] = {}  # id(seq) -> its request, its index there
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
-        self._token_text: dict[int, str] = {}  # each token alone as text (Logprob.decoded_token)
+        self._token_texts = TokenTexts(tokenizer)  # each token alone as text (Logprob.decoded_token)
         self._arrival = itertools.count()
         self.num_steps = 0
         # async scheduling: the step launched last, whose token ids the host has not read yet
@@ -430,7 +397,7 @@ class LLMEngine:
         for i, seq in enumerate(out.seqs):
             owner = self._owner.get(id(seq))
             if owner is not None and result.prompt_logprobs[i] is not None:
-                self._record_prompt_logprobs(owner[0], result.prompt_logprobs[i])
+                owner[0].record_prompt_logprobs(result.prompt_logprobs[i], self._token_texts)
         now = time.time()
         sampled = []
         for i, seq, pos in appended:
@@ -440,7 +407,7 @@ class LLMEngine:
             advanced[state.request_id] = state
             sampled.append(seq)
             if result.logprobs[i] is not None:
-                self._record_logprobs(state, index, result.logprobs[i])
+                state.record_logprobs(index, result.logprobs[i], self._token_texts)
             m = seq.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -461,31 +428,6 @@ class LLMEngine:
                     self._owner.pop(id(seq), None)
             outputs.append(self._make_output(state))
         return outputs
-
-    # ---- log-probabilities --------------------------------------------------------------------
-    def _logprob_dict(self, scored: TokenLogprobs) -> dict[int, Logprob]:
-        """vLLM's per-position dict: the scored token (its own rank) first, then the top k (ranks
-        1..k); a scored token that is also in the top k appears once."""
-        ranks = [scored.rank] + list(range(1, len(scored.token_ids)))
-        return {
-            t: Logprob(lp, r, self._decode_token(t)) for t, lp, r in zip(scored.token_ids, scored.logprobs, ranks)
-        }
-
-    def _decode_token(self, token_id: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self._token_text.get(token_id)
-        if text is None:  # special tokens spelled out, as vLLM's decoded_token
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-    def _record_logprobs(self, state: RequestState, index: int, scored: TokenLogprobs) -> None:
-        state.logprobs[index].append(self._logprob_dict(scored))
-        state.cumulative_logprobs[index] += scored.logprobs[0]
-
-    def _record_prompt_logprobs(self, state: RequestState, chunk: PromptLogprobsChunk) -> None:
-        for j, scored in enumerate(chunk.positions):
-            state.prompt_logprobs[chunk.start + j] = self._logprob_dict(scored)
 
     def _update_text(self, seq: Sequence, pos: int) -> None:
         """Detokenize the token at ``pos`` (the one just known), then check the stop strings.
