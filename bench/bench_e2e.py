@@ -1,7 +1,7 @@
 """End-to-end benchmark: tinyvllm against its floors and its peers, on a Llama-3.2-1B-shaped model.
 
 The model has the exact shape of Llama 3.2 1B with random bf16 weights (bench/random_llama.py):
-speed does not depend on the values. Workloads (bench/workloads.py, ../shared/docs/perf.md):
+speed does not depend on the values. Workloads (bench/workloads.py; docs/course/15-measuring-speed.md, sections 5 and 11, gives the floors):
 
   latency  decode ms per step at batch 1, 8, 32, 128 (32-token prompts, 128 greedy tokens,
            ignore_eos) as a multiple of the floor: the step's weight + KV bytes at the copy

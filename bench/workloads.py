@@ -1,4 +1,4 @@
-"""The end-to-end workloads (../shared/docs/perf.md names them), as lists of requests.
+"""The end-to-end workloads (course chapter 15, section 11, names them and gives their floors), as lists of requests.
 
     latency   batch B of 32-token prompts, 128 greedy tokens each; and one 1024-token prompt (TTFT)
     nano      256 requests: random.seed(0); prompt ids randint(0, 10000), prompt lengths

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from tinyvllm.model.attention_metadata import AttentionMetadata
+from tinyvllm.model.attention_metadata import unpack_decode_inputs
 
 if TYPE_CHECKING:
     from tinyvllm.model.llama import KVCache, LlamaForCausalLM
@@ -112,15 +112,8 @@ class DecodeGraphs:
     # ---- one step ---------------------------------------------------------------------------
     def _forward(self, bs: int, width: int) -> None:
         """The decode step over the static inputs, up to the final norm, into ``self.hidden[:bs]``."""
-        ids, positions, slots, seq_lens, tables = self.views(bs, width)
-        attn = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=slots,
-            block_tables=tables.view(bs, width).to(torch.int32),
-            seq_lens=seq_lens.to(torch.int32),
-            max_seqlen_q=1,
-            sum_seq_lens=None,  # not known at capture: the plan must hold for any lengths
-        )
+        # (sum_seq_lens not known at capture: the plan must hold for any lengths)
+        ids, positions, attn = unpack_decode_inputs(self.inputs[: bs * (4 + width)], bs, width, None)
         self.hidden[:bs].copy_(self.model.forward(ids, positions, self.kv_caches, attn))
 
     def _eager(self, bs: int, width: int) -> Callable[[], None]:

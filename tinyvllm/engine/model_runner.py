@@ -55,7 +55,7 @@ from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.logprobs import ModelRunnerOutput, PromptSpan, SamplerOutput, prompt_logprob_spans
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.engine.sequence import PLACEHOLDER
-from tinyvllm.model.attention_metadata import AttentionMetadata
+from tinyvllm.model.attention_metadata import AttentionMetadata, unpack_decode_inputs
 from tinyvllm.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -369,22 +369,9 @@ class ModelRunner:
         self._send_step(STEP_DECODE, packed, sizes)
         return self.decode_inputs(packed, *sizes)
 
-    @staticmethod
-    def decode_inputs(packed: torch.Tensor, num_seqs: int, max_blocks: int, sum_seq_lens: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """A decode step's packed inputs [ids | positions | slots | seq_lens | block_tables] (on the
-        device) as (input_ids, positions, AttentionMetadata): on rank 0 and on every other rank."""
-        S = num_seqs
-        d_ids, d_pos, d_slots, d_lens, d_bt = torch.split(packed, [S, S, S, S, S * max_blocks])
-        attn = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=d_slots,
-            block_tables=d_bt.view(S, max_blocks).to(torch.int32),
-            seq_lens=d_lens.to(torch.int32),
-            max_seqlen_q=1,
-            sum_seq_lens=sum_seq_lens,
-        )
-        return d_ids, d_pos, attn
+    # A decode step's packed inputs as (input_ids, positions, AttentionMetadata): on rank 0 and on
+    # every other rank (tp_worker.py).
+    decode_inputs = staticmethod(unpack_decode_inputs)
 
     def _decode_columns(self, seqs: SequenceLike["Sequence"]) -> tuple[list[int], ...]:
         """The decode step's inputs on the host: ids, positions, slots, seq_lens (one per

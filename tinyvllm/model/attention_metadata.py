@@ -43,3 +43,22 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+
+def unpack_decode_inputs(packed: torch.Tensor, num_seqs: int, max_blocks: int, sum_seq_lens: int | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A decode step's inputs packed as one int64 device tensor [ids | positions | slots |
+    seq_lens | block_tables] (what the runner copies in one piece, and what a CUDA graph reads
+    from its static buffer) as (input_ids, positions, AttentionMetadata); the int32 views the
+    attention kernels read are made here. ``sum_seq_lens`` None: not known (a graph's capture)."""
+    S = num_seqs
+    ids, positions, slots, lens, tables = torch.split(packed, [S, S, S, S, S * max_blocks])
+    attn = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=slots,
+        block_tables=tables.view(S, max_blocks).to(torch.int32),
+        seq_lens=lens.to(torch.int32),
+        max_seqlen_q=1,
+        sum_seq_lens=sum_seq_lens,
+    )
+    return ids, positions, attn
