@@ -77,6 +77,16 @@ void reshape_and_cache(const void* key, const void* value, void* key_cache, void
                        int block_size, int64_t num_blocks, int64_t key_row_stride, int64_t value_row_stride,
                        DType dtype, cudaStream_t stream);
 
+// ---- RoPE and the KV-cache write in one launch (rope_and_cache.cu) ---------------
+// rotary_embedding(q, k) then reshape_and_cache(k, v) with the same arguments and the
+// same errors, in one kernel (the decode step's path: one launch per layer fewer).
+void rotary_embedding_and_cache(const int64_t* positions, void* query, void* key, const void* value,
+                                void* key_cache, void* value_cache, const int64_t* slot_mapping,
+                                const float* cos_sin_cache, int64_t num_tokens, int num_heads, int num_kv_heads,
+                                int head_dim, int rot_dim, int block_size, int64_t num_blocks,
+                                int64_t max_position, int64_t query_row_stride, int64_t key_row_stride,
+                                int64_t value_row_stride, DType dtype, cudaStream_t stream);
+
 // ---- attention (attention/) -------------------------------------------------
 // Decode: out [num_seqs, num_heads, head_dim] contiguous; query the same shape with row
 // stride query_row_stride (heads and head_dim contiguous); block_tables [num_seqs,

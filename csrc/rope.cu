@@ -32,24 +32,10 @@
 // instead of forcing a copy.
 //
 // Run: tests/test_kernels.py -k rotary, python bench/bench_kernels.py --only rope.
-#include "common.cuh"
+#include "rope.cuh"
 
 namespace tinyvllm {
 namespace {
-
-template <int VEC>
-__device__ __forceinline__ void load_floats(const float* p, float* dst) {
-  if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int j = 0; j < VEC; j += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(p + j);
-      dst[j] = f.x, dst[j + 1] = f.y, dst[j + 2] = f.z, dst[j + 3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) dst[j] = p[j];
-  }
-}
 
 template <typename T, int VEC>
 __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T* __restrict__ query,
@@ -70,27 +56,15 @@ __global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions, T
     // are issued FIRST and are in flight while the two dependent reads that do
     // (positions[token], then its cos/sin row) make their round trips to memory.
     // Checking the position before loading would put those latencies in series.
-    Vec<T, VEC> x1 = load_vec<VEC>(x + i);
-    Vec<T, VEC> x2 = load_vec<VEC>(x + half + i);
+    RopePair<T, VEC> pair;
+    pair.load(x, i, half);
     const int64_t pos = positions[token];
     if (pos < 0 || pos >= max_position) {  // out of the cache: leave the token alone, tell the host
       raise_kernel_error(errors, kErrPosition);
       return;
     }
-    const float* cos_row = cos_sin_cache + pos * rot_dim;
-    const float* sin_row = cos_row + half;
-    float c[VEC], s[VEC];
-    load_floats<VEC>(cos_row + i, c);
-    load_floats<VEC>(sin_row + i, s);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float a = to_float(x1.v[j]);
-      const float b = to_float(x2.v[j]);
-      x1.v[j] = from_float<T>(a * c[j] - b * s[j]);
-      x2.v[j] = from_float<T>(b * c[j] + a * s[j]);
-    }
-    store_vec<VEC>(x + i, x1);
-    store_vec<VEC>(x + half + i, x2);
+    pair.rotate(cos_sin_cache + pos * rot_dim, i, half);
+    pair.store(x, i, half);
   }
 }
 

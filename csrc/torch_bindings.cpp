@@ -171,10 +171,12 @@ void fused_add_rms_norm_op(at::Tensor& input, at::Tensor& residual, const at::Te
 }
 
 // ---- rope.cu ------------------------------------------------------------------------
-void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_size,
-                         const at::Tensor& cos_sin_cache) {
+// The checks of rotary_embedding's arguments (shared with rotary_embedding_and_cache).
+// Returns rot_dim.
+int64_t check_rope_args(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                        int64_t head_size, const at::Tensor& cos_sin_cache) {
   check_cuda(query, "query");
-  const DType dtype = dtype_of(query, "query");
+  dtype_of(query, "query");
   check_same_device(key, query, "key", "query");
   check_same_device(positions, query, "positions", "query");
   check_same_device(cos_sin_cache, query, "cos_sin_cache", "query");
@@ -203,6 +205,14 @@ void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Ten
   check_contiguous(positions, "positions");
   check_contiguous(cos_sin_cache, "cos_sin_cache");
   TV_CHECK(query.size(1) + key.size(1) <= INT_MAX && head_size <= INT_MAX, "query/key have too many heads");
+  return rot_dim;
+}
+
+void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_size,
+                         const at::Tensor& cos_sin_cache) {
+  const int64_t rot_dim = check_rope_args(positions, query, key, head_size, cos_sin_cache);
+  const int64_t num_tokens = query.size(0);
+  const DType dtype = dtype_of(query, "query");
   const c10::cuda::CUDAGuard guard(query.device());
   rotary_embedding(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
                    cos_sin_cache.data_ptr<float>(), num_tokens, static_cast<int>(query.size(1)),
@@ -246,10 +256,11 @@ void check_paged_caches(const at::Tensor& key_cache, const at::Tensor& value_cac
 }
 
 // ---- cache.cu -------------------------------------------------------------------------------
-void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                          at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+// The checks of reshape_and_cache's arguments (shared with rotary_embedding_and_cache).
+void check_cache_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                      const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
   check_cuda(key, "key");
-  const DType dtype = dtype_of(key, "key");
+  dtype_of(key, "key");
   check_same_device(value, key, "value", "key");
   check_same_device(slot_mapping, key, "slot_mapping", "key");
   check_same_dtype(value, key, "value", "key");
@@ -272,11 +283,34 @@ void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Te
   check_contiguous(slot_mapping, "slot_mapping");
   TV_CHECK(key.size(1) <= INT_MAX && key.size(2) <= INT_MAX && key_cache.size(2) <= INT_MAX,
            "key has too many heads or too large a head_dim / block_size");
+}
+
+void reshape_and_cache_op(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                          at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cache_args(key, value, key_cache, value_cache, slot_mapping);
+  const DType dtype = dtype_of(key, "key");
   const c10::cuda::CUDAGuard guard(key.device());
   reshape_and_cache(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                     slot_mapping.data_ptr<int64_t>(), key.size(0), static_cast<int>(key.size(1)),
                     static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(2)), key_cache.size(0),
                     row_stride(key), row_stride(value), dtype, current_stream());
+}
+
+// ---- rope_and_cache.cu ------------------------------------------------------------------------
+void rotary_embedding_and_cache_op(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                   const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                                   const at::Tensor& slot_mapping, int64_t head_size,
+                                   const at::Tensor& cos_sin_cache) {
+  const int64_t rot_dim = check_rope_args(positions, query, key, head_size, cos_sin_cache);
+  check_cache_args(key, value, key_cache, value_cache, slot_mapping);
+  const DType dtype = dtype_of(query, "query");
+  const c10::cuda::CUDAGuard guard(query.device());
+  rotary_embedding_and_cache(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(), value.data_ptr(),
+                             key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(),
+                             cos_sin_cache.data_ptr<float>(), query.size(0), static_cast<int>(query.size(1)),
+                             static_cast<int>(key.size(1)), static_cast<int>(head_size), static_cast<int>(rot_dim),
+                             static_cast<int>(key_cache.size(2)), key_cache.size(0), cos_sin_cache.size(0),
+                             row_stride(query), row_stride(key), row_stride(value), dtype, current_stream());
 }
 
 // ==== attention (csrc/attention/) ====
@@ -501,6 +535,9 @@ TORCH_LIBRARY(tinyvllm, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) "
       "-> ()");
+  m.def(
+      "rotary_embedding_and_cache(Tensor positions, Tensor! query, Tensor! key, Tensor value, Tensor! key_cache, "
+      "Tensor! value_cache, Tensor slot_mapping, int head_size, Tensor cos_sin_cache) -> ()");
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("skinny_gemm(Tensor x, Tensor weight) -> Tensor");
   // ==== attention (csrc/attention/): schemas ====
@@ -524,6 +561,7 @@ void register_impls(torch::Library& m) {
   m.impl("rotary_embedding", &tinyvllm::rotary_embedding_op);
   m.impl("silu_and_mul", &tinyvllm::silu_and_mul_op);
   m.impl("reshape_and_cache", &tinyvllm::reshape_and_cache_op);
+  m.impl("rotary_embedding_and_cache", &tinyvllm::rotary_embedding_and_cache_op);
   m.impl("linear", &tinyvllm::linear_op);
   m.impl("skinny_gemm", &tinyvllm::skinny_gemm_op);
   // ==== attention (csrc/attention/) ====

@@ -51,7 +51,7 @@ if has test; then
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py tests/test_model_runner.py \
     tests/test_engine_config.py tests/test_cuda_graphs.py tests/test_logprobs.py tests/test_logits_processors.py \
     tests/test_parallel_sampling.py tests/test_skinny_gemm.py tests/test_async_scheduling.py \
-    tests/test_prefix_caching.py tests/test_chunked_prefill.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_prefix_caching.py tests/test_chunked_prefill.py tests/test_rope_and_cache.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
@@ -66,7 +66,7 @@ if has sanitize; then
   # SANITIZE_K (pytest's -k, e.g. "decode", then "not decode") splits the set further.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout ${SANITIZE_TIMEOUT:-540} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider -m sanitize \
-      -k "${SANITIZE_K:-}" tests/test_kernels.py tests/test_skinny_gemm.py $ATTN_TESTS >"$OUT/sanitizer_$tool.log" 2>&1
+      -k "${SANITIZE_K:-}" tests/test_kernels.py tests/test_skinny_gemm.py tests/test_rope_and_cache.py $ATTN_TESTS >"$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool: rc=$rc, $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E '(passed|failed)' "$OUT/sanitizer_$tool.log" | tail -1)"
   done

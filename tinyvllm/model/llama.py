@@ -5,8 +5,8 @@
       -> 16 x decoder layer:
            x = rms_norm(residual)                       (fused with the residual add)
            qkv = x @ W_qkv^T          -> q [T,Hq,D], k [T,Hk,D], v [T,Hk,D]   (views, no copy)
-           rotary_embedding(q, k)     (in place)
-           reshape_and_cache(k, v)    (write this step's k/v into the paged cache)
+           rotary_embedding(q, k)     (in place), then
+           reshape_and_cache(k, v)    (write this step's k/v into the paged cache): one kernel
            a = attention(q, cache)    (prefill_attention or paged_attention_decode)
            residual += a @ W_o^T
            x = rms_norm(residual)
@@ -179,9 +179,11 @@ class LlamaForCausalLM:
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
 
-        ops.rotary_embedding(positions, q, k, self.head_dim, self.cos_sin_cache)  # rotates q and k in place
+        # Rotate q and k in place by their positions (RoPE), then write k and v into the paged
+        # cache, where attention reads them: one kernel on a GPU (csrc/rope_and_cache.cu).
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(k, v, key_cache, value_cache, attn.slot_mapping)  # now attention can read them
+        ops.rotary_embedding_and_cache(positions, q, k, v, key_cache, value_cache, attn.slot_mapping, self.head_dim,
+                                       self.cos_sin_cache)
 
         if attn.is_prefill:
             out = ops.prefill_attention(

@@ -69,6 +69,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "reshape_and_cache",
+    "rotary_embedding_and_cache",
     "paged_attention_decode",
     "prefill_attention",
     "linear",
@@ -147,6 +148,28 @@ def reshape_and_cache(
         cpu.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
         reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def rotary_embedding_and_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    head_dim: int,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    """:func:`rotary_embedding` then :func:`reshape_and_cache`, in one kernel launch on a GPU
+    (csrc/rope_and_cache.cu: a launch per layer fewer in every step)."""
+    if use_kernel("rotary_embedding_and_cache", query):
+        torch.ops.tinyvllm.rotary_embedding_and_cache(
+            positions, query, key, value, key_cache, value_cache, slot_mapping, head_dim, cos_sin_cache
+        )
+    else:
+        rotary_embedding(positions, query, key, head_dim, cos_sin_cache)
+        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention_decode(

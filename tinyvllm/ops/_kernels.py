@@ -32,6 +32,7 @@ def _register_fakes() -> None:
         "rotary_embedding",
         "silu_and_mul",
         "reshape_and_cache",
+        "rotary_embedding_and_cache",
         "paged_attention_decode",
         "prefill_attention",
     ]
