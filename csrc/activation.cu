@@ -35,6 +35,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t d) {
+  allow_dependent_launch();  // the down GEMM may start loading its weights (it waits for our output)
   const int64_t token = blockIdx.x;
   const T* gate = x + token * 2 * d;
   const T* up = gate + d;

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -145,5 +146,31 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     default:                                                                      \
       throw std::invalid_argument("tinyvllm: unsupported dtype");                \
   }
+
+// Programmatic dependent launch (sm_90+). A kernel calls allow_dependent_launch() to let
+// the next kernel on the stream (launched with the programmatic-serialization attribute)
+// start early; that kernel calls wait_for_prerequisite_grids() before it touches the
+// first kernel's results: it returns once the first kernel has finished and its writes
+// are visible. On older GPUs both are no-ops and the launches simply serialise.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Whether launchers use programmatic dependent launch (sm_90+; TINYVLLM_PDL=0 turns it off,
+// to measure what it buys). Read once.
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("TINYVLLM_PDL");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
 
 }  // namespace tinyvllm

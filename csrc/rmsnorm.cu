@@ -62,6 +62,7 @@ template <typename T, int VEC, int NV, bool kFusedAdd>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_norm_fast_kernel(T* out, T* x, T* residual, const T* __restrict__ weight, int64_t hidden,
                          int64_t x_row_stride, float eps) {
+  allow_dependent_launch();  // the next GEMM may start loading its weights (it waits for our output)
   const int64_t row = blockIdx.x;
   const int num_vecs = static_cast<int>(hidden / VEC);
   T* x_row = x + row * x_row_stride;

@@ -42,21 +42,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Programmatic dependent launch (sm_90+). A kernel calls allow_dependent_launch() to let
-// the next kernel on the stream (launched with the programmatic-serialization attribute)
-// start early; that kernel calls wait_for_prerequisite_grids() before it touches the
-// first kernel's results: it returns once the first kernel has finished and its writes
-// are visible. On older GPUs both are no-ops and the launches simply serialise.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch: allow_dependent_launch() and wait_for_prerequisite_grids()
+// live in common.cuh (the skinny GEMM and the elementwise kernels use them too).
+using ::tinyvllm::allow_dependent_launch;
+using ::tinyvllm::wait_for_prerequisite_grids;
 
 // A block-table entry is followed only if it names a block of the cache. Anything
 // else is a caller's bug that would send the kernel outside the cache: read block 0

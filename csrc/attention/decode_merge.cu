@@ -17,14 +17,17 @@ namespace {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const DecodeParams p) {
+  attn::allow_dependent_launch();  // the o_proj GEMM may start loading its weights (it waits for us)
+  // Launched early (programmatic dependent launch, see launch below): from here on we
+  // read what the main kernel wrote, so wait until it has finished. Every block waits, even
+  // one with nothing to merge: this grid must not end before the main kernel has, since the
+  // next kernel's wait covers only this grid.
+  attn::wait_for_prerequisite_grids();
   const int h = blockIdx.x;
   const int seq = blockIdx.y;
   const int seq_len = clamped_seq_len(p, seq);
   const int n_parts = (seq_len + p.partition_size - 1) / p.partition_size;
   if (n_parts <= 1) return;  // the main kernel already wrote this output
-  // Launched early (programmatic dependent launch, see launch below): from here on we
-  // read what the main kernel wrote, so wait until it has finished.
-  attn::wait_for_prerequisite_grids();
 
   // Thread (j, d) merges partitions j, j+PAR, j+2*PAR, ... for element d, four at a
   // time: their (m, l, acc[d]) are requested together so the four reads overlap, then

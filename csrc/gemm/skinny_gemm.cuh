@@ -114,6 +114,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   // The block's warps take consecutive runs of kUnroll steps in turn (warp 0 steps
   // 0..kUnroll-1, warp 1 the next kUnroll, ...), so at any moment the block reads one
   // contiguous stretch of its 16 rows of w.
+  // Launched with programmatic dependent launch (see launch_skinny_gemm), this kernel may
+  // start while the kernel before it (the norm, the SiLU gate, attention) still runs. The
+  // weights are constant, so the first round's weight loads go out at once; x is that
+  // kernel's output, so every x load, and every write of y, waits for it to finish.
+  bool waited = false;
   for (int s0 = warp * kUnroll; s0 < num_steps; s0 += num_warps * kUnroll) {
     uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][kMTiles];
     // 1. Every load of this run first: they are all in flight together.
@@ -123,6 +128,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const bool k_ok = k0 + 8 * q < k;  // K % 8 == 0: a vector is wholly in or wholly out
       wa[u] = load16_if<true>(w0 + k0, k_ok && w_ok0);
       wb[u] = load16_if<true>(w1 + k0, k_ok && w_ok1);
+    }
+    if (!waited) {
+      wait_for_prerequisite_grids();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k0 = (s0 + u) * kTileK;
+      const bool k_ok = k0 + 8 * q < k;
 #pragma unroll
       for (int t = 0; t < kMTiles; ++t) xv[u][t] = load16_if<false>(xr[t] + k0, k_ok && x_ok[t]);
     }
@@ -139,6 +153,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       }
     }
   }
+
+  if (!waited) wait_for_prerequisite_grids();  // (a warp with no k step: before y is written)
 
   // 3. Each warp's partial sums into shared memory, as [row m][column n]:
   //    D[g][2q + j] -> y[8t + 2q + j][n0 + g],  D[g + 8][2q + j] -> y[8t + 2q + j][n0 + g + 8].
@@ -176,10 +192,19 @@ constexpr int smem_bytes(int warps) {
 template <typename T, int kMTiles, int kUnroll>
 void launch_skinny_gemm(T* y, const T* x, const T* w, int m, int n, int k, int64_t x_row_stride, int warps,
                         cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(ceil_div(n, kTileN));
-  skinny_gemm_kernel<T, kMTiles, kUnroll>
-      <<<blocks, warps * 32, smem_bytes<kMTiles>(warps), stream>>>(y, x, w, m, n, k, x_row_stride);
-  CUDA_CHECK(cudaGetLastError());
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ceil_div(n, kTileN)));
+  cfg.blockDim = dim3(warps * 32);
+  cfg.dynamicSmemBytes = smem_bytes<kMTiles>(warps);
+  cfg.stream = stream;
+  // Programmatic dependent launch (sm_90+): the GPU may start this grid before the previous
+  // kernel ends (as soon as that kernel allows it); the kernel waits where it must.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() && attn::device_cc_major() >= 9 ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kMTiles, kUnroll>, y, x, w, m, n, k, x_row_stride));
 }
 
 // ---- the plan: warps per block ----------------------------------------------------------
