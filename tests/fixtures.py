@@ -308,3 +308,15 @@ def write_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor]
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def release_gpu_memory() -> None:
+    """Hand this test process's cached GPU memory back to the driver before a test starts a
+    GPU process of its own (`tinyvllm serve`, `tinyvllm chat`): the engines of earlier tests
+    sized their KV caches from the free memory, and PyTorch's caching allocator keeps what they
+    freed reserved, which would leave the child too little to even create a cuBLAS handle."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

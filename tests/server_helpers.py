@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from fixtures import release_gpu_memory
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,7 @@ class Server:
 
 @contextmanager
 def serve(model: Path | str, *args: str, tmp_dir: Path, timeout: float = 180.0):
+    release_gpu_memory()
     port = free_port()
     log = Path(tmp_dir) / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "tinyvllm", "serve", str(model), "--port", str(port), *args]

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from fixtures import release_gpu_memory
 from tinyvllm.entrypoints.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tinyvllm(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m tinyvllm ARGS` from this tree, as a user runs it."""
+    release_gpu_memory()
     full_env = {k: v for k, v in os.environ.items() if k != "TINYVLLM_DEBUG"}
     full_env.update(PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", "tinyvllm", *args], capture_output=True, text=True, timeout=300,

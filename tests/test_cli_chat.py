@@ -9,10 +9,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from fixtures import release_gpu_memory
 from tinyvllm import LLM, SamplingParams
 
 
 def run_chat(model_dir, stdin: str) -> subprocess.CompletedProcess:
+    release_gpu_memory()
     return subprocess.run(
         [sys.executable, "-m", "tinyvllm", "chat", str(model_dir), "--temperature", "0", "--max-tokens", "6",
          "--max-model-len", "128", "--system", "Be brief."],

@@ -6,8 +6,12 @@ from __future__ import annotations
 import math
 from collections import namedtuple
 
-from tinyvllm.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
-from tinyvllm.outputs import CompletionOutput
+import pytest
+
+pytest.importorskip("fastapi", reason="the OpenAI server needs the serve extra: pip install -e '.[serve]'")
+
+from tinyvllm.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs  # noqa: E402
+from tinyvllm.outputs import CompletionOutput  # noqa: E402
 
 Logprob = namedtuple("Logprob", "logprob rank decoded_token")
 

@@ -113,10 +113,10 @@ def test_llm_generate_computes_a_shared_system_prompt_once(tiny_llama_dir):
     tokens = {}
     for caching in (True, False):
         llm = LLM(model=str(tiny_llama_dir), block_size=8, num_kv_blocks=512, enable_prefix_caching=caching)
-        runner = llm.llm_engine.model_runner
-        counted = []
-        execute = runner.execute
-        runner.execute = lambda out: counted.append(out.num_batched_tokens) or execute(out)
+        scheduler = llm.llm_engine.scheduler
+        counted = []  # tokens each step computes (whichever way the engine runs it: sync or async)
+        schedule = scheduler.schedule
+        scheduler.schedule = lambda: (lambda out: counted.append(out.num_batched_tokens) or out)(schedule())
         outs = llm.generate(prompts, params, use_tqdm=False)
         tokens[caching] = [o.outputs[0].token_ids for o in outs]
         prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)

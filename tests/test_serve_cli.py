@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+pytest.importorskip("uvicorn", reason="`tinyvllm serve` needs the serve extra: pip install -e '.[serve]'")
+
 from server_helpers import REPO, serve
 from tinyvllm import SamplingParams
 from tinyvllm.benchmarks.serve import RequestResult, compute_metrics
