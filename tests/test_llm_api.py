@@ -193,3 +193,32 @@ def test_half_precision_on_cpu_warns(tiny_llama_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="tinyvllm"):
         LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=32, num_kv_blocks=8)
     assert "slow" not in caplog.text
+
+
+def test_generate_builds_each_request_output_once_and_leaves_the_params_alone(llm):
+    """LLM.generate asks for FINAL_ONLY outputs: the engine builds one RequestOutput per request
+    (not one per request per step), and the caller's SamplingParams keep their output_kind."""
+    from tinyvllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    built = []
+    make_output = engine._make_output
+    engine._make_output = lambda state: built.append(state.request_id) or make_output(state)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    try:
+        outs = llm.generate(["a b", "c d e", "f"], params, use_tqdm=False)
+    finally:
+        del engine._make_output
+    assert len(built) == 3 and sorted(built) == sorted(o.request_id for o in outs)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert params.output_kind == RequestOutputKind.CUMULATIVE
+
+
+def test_step_returns_cumulative_outputs_every_step_by_default(llm):
+    """The engine's default (what a server streams from): an output per request per step."""
+    engine = llm.llm_engine
+    engine.add_request("cumulative", "a b", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    lengths = []
+    while engine.has_unfinished_requests():
+        lengths += [len(o.outputs[0].token_ids) for o in engine.step() if o.request_id == "cumulative"]
+    assert lengths == [1, 2, 3, 4]

@@ -103,3 +103,13 @@ def test_clone_is_deep():
     assert q == p and q.logit_bias is not p.logit_bias and q.allowed_token_ids is not p.allowed_token_ids
     q.allowed_token_ids.append(9)
     assert p.allowed_token_ids == [1, 2]
+
+
+def test_output_kind_is_cumulative_or_final_only():
+    from tinyvllm.sampling_params import RequestOutputKind
+
+    assert SamplingParams().output_kind == RequestOutputKind.CUMULATIVE
+    assert SamplingParams(output_kind=2).output_kind is RequestOutputKind.FINAL_ONLY
+    for bad in (1, 3, True, "final"):
+        with pytest.raises(ValueError, match="output_kind"):
+            SamplingParams(output_kind=bad)

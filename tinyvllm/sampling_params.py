@@ -39,15 +39,28 @@ The token ids of ``logit_bias``, ``allowed_token_ids`` and ``logprobs <= vocabul
 against the model's vocabulary when the request is added (``LLMEngine.add_request``), the first
 place that knows it.
 
+What the engine returns while a request runs (``output_kind``, vLLM's ``RequestOutputKind``):
+``CUMULATIVE`` (the default: after every step, a RequestOutput with everything generated so far,
+what a server streams from) or ``FINAL_ONLY`` (one RequestOutput, when the request finishes:
+``LLM.generate`` asks for this, so a batch of 256 does not build 256 outputs per step).
+
 Not supported (a clear error rather than silently ignoring the request): ``best_of``.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
 
 from tinyvllm.validation import check_bool, check_float, check_int, check_int_list, check_str_list
+
+
+class RequestOutputKind(enum.IntEnum):
+    """When the engine returns a request's output (vLLM's numbering; its DELTA is not built)."""
+
+    CUMULATIVE = 0  # after every step that gives the request a token: everything so far
+    FINAL_ONLY = 2  # once, when the request finishes
 
 
 @dataclass
@@ -73,6 +86,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: the stop-token ids as a set for O(1) checks.
     _stop_token_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
     # Filled in by the engine (it has the tokenizer): each bad word's token ids, vLLM's name.
@@ -91,6 +105,7 @@ class SamplingParams:
         if isinstance(self.allowed_token_ids, (tuple, list, set, frozenset, range)):
             self.allowed_token_ids = list(self.allowed_token_ids)
         self._verify()
+        self.output_kind = RequestOutputKind(self.output_kind)
         self._stop_token_set = frozenset(self.stop_token_ids)
         if self.logit_bias is not None:
             # JSON keys arrive as strings; OpenAI's API clamps each bias to [-100, 100] (vLLM does too).
@@ -147,6 +162,10 @@ class SamplingParams:
             not isinstance(self.bad_words, list) or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):
             raise ValueError(f"bad_words must be a string or a list of non-empty strings, got {self.bad_words!r}.")
+        if isinstance(self.output_kind, bool) or self.output_kind not in set(RequestOutputKind):
+            raise ValueError(
+                f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}."
+            )
 
     @property
     def is_greedy(self) -> bool:

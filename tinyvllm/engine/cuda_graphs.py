@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from tinyvllm.model.attention_metadata import unpack_decode_inputs
+from tinyvllm.model.attention_metadata import flatten_block_tables, unpack_decode_inputs
 
 if TYPE_CHECKING:
     from tinyvllm.model.llama import KVCache, LlamaForCausalLM
@@ -150,7 +150,7 @@ class DecodeGraphs:
             return None
         bs, width = shape
         pad = bs - n
-        flat_tables = [b for t in tables for b in t + [0] * (width - len(t))] + [0] * (pad * width)
+        flat_tables = flatten_block_tables(tables, width, pad)
         copy_in(ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + seq_lens + [0] * pad + flat_tables,
                 self.inputs[: bs * (4 + width)])
         if fill_ids is not None:

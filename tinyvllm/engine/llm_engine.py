@@ -60,7 +60,7 @@ from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.engine.stats import EngineStats, Metric
 from tinyvllm.outputs import CompletionOutput, RequestOutput
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tinyvllm")
 
@@ -422,11 +422,13 @@ class LLMEngine:
         self.stats.on_step(sampled)
         outputs = []
         for state in advanced.values():
-            if state.finished:
+            finished = state.finished
+            if finished:
                 del self.requests[state.request_id]
                 for seq in state.seqs:
                     self._owner.pop(id(seq), None)
-            outputs.append(self._make_output(state))
+            if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(state))
         return outputs
 
     def _update_text(self, seq: Sequence, pos: int) -> None:

@@ -35,7 +35,7 @@ from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
 from tinyvllm.engine.stats import Metric
 from tinyvllm.outputs import RequestOutput
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tinyvllm")
 
@@ -159,10 +159,16 @@ class LLM:
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
+        # Only the finished outputs are wanted here: FINAL_ONLY spares the engine building one
+        # RequestOutput per request per step (vLLM's LLM does the same). The caller's params are
+        # copied, not changed; one copy per distinct params object.
+        final_only: dict[int, SamplingParams] = {}
         try:
             for prompt, p in zip(prompts, params):  # (a request the engine refuses undoes the ones before it)
                 rid = str(next(self._request_counter))
-                engine.add_request(rid, prompt, p)
+                if id(p) not in final_only:
+                    final_only[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                engine.add_request(rid, prompt, final_only[id(p)])
                 ids.append(rid)
             wanted = set(ids)
             if use_tqdm:

@@ -45,6 +45,18 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
+def flatten_block_tables(tables: list[list[int]], width: int, pad_rows: int = 0) -> list[int]:
+    """Block tables row-major, each padded with block 0 to ``width`` entries, then ``pad_rows``
+    rows of zeros: the block-table part of a step's packed inputs. (Extending one list is
+    several times faster than a nested comprehension: at batch 256 this runs every step.)"""
+    flat: list[int] = []
+    for table in tables:
+        flat += table
+        flat += [0] * (width - len(table))
+    flat += [0] * (pad_rows * width)
+    return flat
+
+
 def unpack_decode_inputs(packed: torch.Tensor, num_seqs: int, max_blocks: int, sum_seq_lens: int | None
                          ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """A decode step's inputs packed as one int64 device tensor [ids | positions | slots |
