@@ -1,0 +1,187 @@
+"""The `online` workload: `tinyvllm serve` loaded by `tinyvllm bench serve` at several request
+rates, against offline `LLM.generate` on the same requests, in one run on one card.
+
+No weights can be downloaded on the GPU machine, so the model has the exact shape of Llama 3.2 1B
+Instruct with random bf16 weights (bench/random_llama.py): speed does not depend on the values.
+
+  1. The server: `python -m tinyvllm serve MODEL` in its own process (as a user starts it).
+  2. The client: `tinyvllm bench serve` (tinyvllm/benchmarks/serve.py, vLLM's metrics) with random
+     token-id prompts (perf.md: ids from [0, 10000)), greedy, ignore_eos, at each request rate;
+     at a finite rate R it sends about R x --seconds requests, at `inf` all --num-prompts at once.
+  3. Offline: the server stopped, `LLM.generate` of the same --num-prompts requests in this
+     process; and one prompt alone with max_tokens=1 (its prefill time, the TTFT floor).
+
+Targets (issue 24): at saturation (`inf`) the server's output throughput at least 90% of offline's
+(the server costs little); at the lowest rate TTFT p50 under 2x one prompt's prefill time.
+
+    python bench/bench_serve.py --out bench/results/serve.json [--rates 1,4,inf] [--num-prompts 200]
+    python bench/bench_serve.py --tiny --out /tmp/serve.json     (CPU smoke run: not a measurement)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from random_llama import LLAMA_1B, TINY_LLAMA, make_random_llama  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, log_path: str, extra: list[str], timeout: float = 600.0) -> subprocess.Popen:
+    """`tinyvllm serve` in its own process; returns once /health answers."""
+    cmd = [sys.executable, "-m", "tinyvllm", "serve", model, "--port", str(port), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tinyvllm serve exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"tinyvllm serve not healthy after {timeout} s")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_len: int, vocab: int,
+               result: str) -> dict:
+    """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them."""
+    from tinyvllm.benchmarks.serve import bench_serve_main
+    from tinyvllm.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args([
+        "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts),
+        "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-vocab-size", str(vocab),
+        "--ignore-eos", "--request-rate", str(rate), "--result-file", result])  # fmt: skip
+    rc = bench_serve_main(args)
+    with open(result) as f:
+        run = json.load(f)["runs"][0]
+    run["rc"] = rc
+    return run
+
+
+def run_offline(model: str, num_prompts: int, input_len: int, output_len: int, vocab: int, extra: dict) -> dict:
+    """LLM.generate of the same requests (bench serve's sampler, same seed), and one prompt's prefill."""
+    from tinyvllm import LLM, SamplingParams
+    from tinyvllm.benchmarks.datasets import random_requests
+
+    requests = random_requests(None, num_prompts, input_len, output_len, seed=0, vocab_size=vocab)
+    llm = LLM(model=model, **extra)
+    prompts = [{"prompt_token_ids": r.prompt} for r in requests]
+    params = [SamplingParams(temperature=0, max_tokens=r.expected_output_len, ignore_eos=True) for r in requests]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    prefill = []
+    for p in prompts[:5]:
+        t0 = time.perf_counter()
+        llm.generate([p], one, use_tqdm=False)
+        prefill.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"num_prompts": num_prompts, "seconds": seconds, "output_throughput": tokens / seconds,
+            "output_tokens": tokens, "prefill_ms_one_prompt": 1000 * min(prefill)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="serve.json")
+    ap.add_argument("--rates", default="1,4,inf", help="request rates (requests/s), comma-separated")
+    ap.add_argument("--num-prompts", type=int, default=200, help="requests at rate inf and offline")
+    ap.add_argument("--seconds", type=float, default=20.0, help="about how long each finite-rate run sends")
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.num_prompts, a.input_len, a.output_len, a.seconds = min(a.num_prompts, 6), 16, 4, 2.0
+    rates = [float(r) for r in a.rates.split(",")]
+    vocab = 500 if a.tiny else 10000  # prompt ids from [0, vocab): perf.md's 10000 (the tiny model has 512)
+    work = tempfile.mkdtemp(prefix="tinyvllm-serve-")
+    model = os.path.join(work, "model")
+    os.makedirs(model)
+    make_random_llama(model, TINY_LLAMA if a.tiny else LLAMA_1B, device="cpu" if a.tiny else "cuda")
+    if not a.tiny:
+        import torch
+
+        torch.cuda.empty_cache()  # the server process gets the card
+    serve_args = ["--max-model-len", str(a.input_len + a.output_len + 64)] + (["--device", "cpu"] if a.tiny else [])
+    engine = {"max_model_len": a.input_len + a.output_len + 64} | ({"device": "cpu"} if a.tiny else {})
+    port = free_port()
+    server = start_server(model, port, os.path.join(work, "serve.log"), serve_args)
+    runs = []
+    try:
+        for rate in rates:
+            n = a.num_prompts if math.isinf(rate) else max(2, min(a.num_prompts, round(rate * a.seconds)))
+            runs.append(run_client(port, rate, n, a.input_len, a.output_len, vocab,
+                                   os.path.join(work, "run.json")))
+    finally:
+        stop_server(server)
+    offline = run_offline(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
+    shutil.rmtree(work, ignore_errors=True)  # (the 1B checkpoint is 2.5 GB)
+    result = {"card": _card(), "workload": {"input_len": a.input_len, "output_len": a.output_len,
+              "num_prompts": a.num_prompts, "prompt_ids": "uniform in [0, 10000)", "greedy": True, "ignore_eos": True},
+              "online": runs, "offline": offline}  # fmt: skip
+    sat = [r for r in runs if r["request_rate"] == "inf"]
+    if sat:
+        result["saturation_vs_offline"] = sat[0]["output_throughput"] / offline["output_throughput"]
+    result["low_load_ttft_p50_over_prefill"] = runs[0]["median_ttft_ms"] / offline["prefill_ms_one_prompt"]
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{result['card']}: {a.input_len}-token prompts, {a.output_len} output tokens, greedy, ignore_eos")
+    print(f"{'rate':>6} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+          f"{'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
+    for r in runs:
+        print(f"{r['request_rate']:>6} {r['completed']:>5} {r['output_throughput']:>10.0f} {r['median_ttft_ms']:>9.1f} "
+              f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['median_itl_ms']:>8.2f} {r['p99_itl_ms']:>8.2f}")
+    print(f"offline LLM.generate: {offline['output_throughput']:.0f} out tok/s; one prompt's prefill "
+          f"{offline['prefill_ms_one_prompt']:.1f} ms")
+    if sat:
+        print(f"saturation / offline: {result['saturation_vs_offline']:.3f} (target >= 0.90)")
+    print(f"TTFT p50 at rate {runs[0]['request_rate']} / prefill: {result['low_load_ttft_p50_over_prefill']:.2f} "
+          "(target < 2)")
+    print(f"wrote {a.out}")
+    return result
+
+
+def _card() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(0 if all(r["rc"] == 0 for r in main()["online"]) else 1)
