@@ -9,6 +9,13 @@
 #   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
 #   bash scripts/gpu_check.sh build gemm          (the skinny GEMM: its tests, memcheck, dev program, benchmark)
 #   bash scripts/gpu_check.sh build e2e profile   (end to end, then the decode-step anatomy)
+#   bash scripts/gpu_check.sh build features serve   (prefix caching and chunked prefill on/off;
+#       tinyvllm serve under tinyvllm bench serve at 1, 4 and inf requests/s against offline LLM.generate.
+#       The GPU machine has no fastapi/uvicorn/aiohttp/openai/gguf and no network: download their
+#       wheels here first, `pip download --only-binary=:all: --python-version 3.12 --platform
+#       manylinux2014_x86_64 -d .whl fastapi uvicorn aiohttp openai gguf` (then delete the numpy,
+#       tqdm, requests, urllib3, certifi, charset_normalizer and idna wheels the machine has), and
+#       carry .whl: this script unpacks them onto PYTHONPATH.)
 #   E2E_ARGS="--skip-compile --workloads latency,nano" bash scripts/gpu_check.sh build e2e
 #       (bench/bench_e2e.py's options: --skip-hf, --skip-compile, --skip-eager, --workloads,
 #        --random-requests N; it prints the expected seconds of each part first. The whole e2e
@@ -24,6 +31,11 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried from the development machine (see above)
+  mkdir -p /tmp/tinyvllm_site
+  for w in .whl/*.whl; do python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/tinyvllm_site')" "$w"; done
+  export PYTHONPATH=/tmp/tinyvllm_site:$PYTHONPATH
+fi
 phases=${*:-build test sanitize dev bench e2e profile}
 ATTN_TESTS="tests/test_decode_attention.py tests/test_decode_plan.py tests/test_decode_graphs.py tests/test_prefill_attention.py tests/test_prefill_tiles.py tests/test_read_floor.py"
 summary=()
@@ -125,6 +137,16 @@ fi
 if has e2e; then  # e2e.json, e2e.png; a part that fails is in the JSON's "errors" (rc=1), the others still run
   python3 bench/bench_e2e.py --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log"
   note "bench_e2e rc=${PIPESTATUS[0]} ($(grep -m1 -E '^tinyvllm ' "$OUT/bench_e2e.log" | tr -s ' '))"
+fi
+
+if has features; then  # features.json: prefix caching and chunked prefill, each on and off
+  python3 bench/bench_features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/bench_features.log"
+  note "bench_features rc=${PIPESTATUS[0]}"
+fi
+
+if has serve; then  # serve.json: the online workload against offline LLM.generate (about 2 minutes)
+  python3 bench/bench_serve.py --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/bench_serve.log"
+  note "bench_serve rc=${PIPESTATUS[0]}: $(grep -E '^saturation' "$OUT/bench_serve.log")"
 fi
 
 if has profile; then  # step_anatomy.json/.md: graph-replayed decode steps, kernels by kind and GPU idle time (about 1 minute)
