@@ -16,7 +16,6 @@ rejects bad input with a message that names the argument.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 import os
@@ -25,11 +24,13 @@ import shutil
 import pytest
 import torch
 
+from kernel_helpers import (  # noqa: F401  (the shared inputs and tolerances of the kernel tests)
+    DTYPES, HAS_EXT, cos_sin_cache, gpu, nan_like, norm_weight, qkv_views, randn, tol,
+)
 from tinyvllm.ops import reference
-from tinyvllm.ops._kernels import extension_loaded
 
-OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache", "linear"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
+       "rotary_embedding_and_cache", "linear", "skinny_gemm", "paged_attention_decode", "prefill_attention"]
 TOKENS = [1, 7, 128, 4096]
 # 1000 still divides into 16-byte vectors (1000 = 125 x 8); 999 forces the scalar fallback paths.
 HIDDEN = [576, 2048, 4096, 1000, 999]
@@ -38,29 +39,11 @@ HIDDEN = [576, 2048, 4096, 1000, 999]
 # They run the shared-memory tree kernel (csrc/rmsnorm_tree.cuh).
 LONG_ROWS = [2049, 4099, 16392]
 
-HAS_GPU = torch.cuda.is_available()
-HAS_EXT = extension_loaded()
-gpu = pytest.mark.skipif(not (HAS_GPU and HAS_EXT), reason="needs a CUDA GPU and the compiled tinyvllm._C")
-
-
 def _toolchain_present() -> bool:
     if torch.version.cuda is None or os.environ.get("TINYVLLM_NO_EXTENSION") == "1":
         return False
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     return shutil.which("nvcc") is not None or any(h and os.path.isfile(os.path.join(h, "bin", "nvcc")) for h in homes)
-
-
-def tol(dtype: torch.dtype) -> dict:
-    """About one unit in the last place of the output (both sides round a float32 once)."""
-    return {
-        torch.float32: dict(rtol=1e-5, atol=1e-5),
-        torch.float16: dict(rtol=2e-3, atol=1e-4),
-        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
-    }[dtype]
-
-
-def nan_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(t, float("nan"))
 
 
 @pytest.fixture(autouse=True)
@@ -110,57 +93,6 @@ def test_cpu_tensors_are_rejected_by_name():
 
 def test_opcheck_importable():
     from torch.library import opcheck  # noqa: F401
-
-
-# =============================== helpers (GPU) ===============================
-
-
-def randn(*shape, dtype, scale=1.0, device="cuda"):
-    return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
-
-
-def norm_weight(hidden, dtype):
-    return (1.0 + 0.2 * torch.randn(hidden, device="cuda")).to(dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def cos_sin_cache(head_dim: int, llama3: bool, max_position: int = 131072, rot_dim: int | None = None):
-    rot_dim = rot_dim or head_dim
-    scaling = (
-        {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 8192}
-        if llama3
-        else None
-    )
-    theta = 500000.0 if llama3 else 10000.0
-    try:
-        from tinyvllm.model.rope import build_cos_sin_cache
-
-        cache = build_cos_sin_cache(rot_dim, theta, max_position, scaling)
-    except ImportError:  # the llama3 formula, should tinyvllm.model.rope be missing
-        inv = 1.0 / theta ** (torch.arange(0, rot_dim, 2).float() / rot_dim)
-        if scaling:
-            f, lo, hi, old = 32.0, 1.0, 4.0, 8192
-            wavelen = 2 * math.pi / inv
-            inv_l = torch.where(wavelen > old / lo, inv / f, inv)
-            smooth = (old / wavelen - lo) / (hi - lo)
-            smoothed = (1 - smooth) * inv_l / f + smooth * inv_l
-            inv = torch.where(~(wavelen < old / hi) * ~(wavelen > old / lo), smoothed, inv_l)
-        ang = torch.arange(max_position).float()[:, None] * inv[None, :]
-        cache = torch.cat((ang.cos(), ang.sin()), dim=-1)
-    return cache.to("cuda").contiguous()
-
-
-def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, misalign=False):
-    """q, k, v as row-strided views of one fused qkv buffer, like the model's. With
-    misalign, rows start one element off a 16-byte boundary (forces the scalar path)."""
-    width = (num_heads + 2 * num_kv_heads) * head_dim
-    buf = randn(num_tokens, width + (1 if misalign else 0), dtype=dtype)
-    qkv = buf[:, 1:] if misalign else buf
-    q = qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))
-    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].unflatten(1, (num_kv_heads, head_dim))
-    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].unflatten(1, (num_kv_heads, head_dim))
-    return buf, q, k, v
 
 
 # =============================== rms_norm ===============================

@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from test_kernels import DTYPES, cos_sin_cache, gpu, qkv_views, tol
+from kernel_helpers import DTYPES, cos_sin_cache, gpu, qkv_views, tol
 from tinyvllm import ops
 from tinyvllm.ops import reference
 
