@@ -128,6 +128,35 @@ def test_incremental_detokenizer(which, request):
     assert any(p == "" for p in pieces)  # some emoji really span several tokens
 
 
+@pytest.mark.parametrize("which", [pytest.param("smollm2", marks=pytest.mark.smollm2), "llama3"])
+def test_detokenizer_stream_gives_the_windows_text(which, request, monkeypatch):
+    """The fast path (tokenizers' DecodeStream) and the Python window give the same pieces, token
+    by token: text with multi-token characters, random ids (special tokens among them), prompts
+    of every length, cut inside a character too."""
+    import random
+
+    import tinyvllm.tokenizer as tokenizer_module
+
+    if tokenizer_module.DecodeStream is None:
+        pytest.skip("this tokenizers has no DecodeStream")
+    tok, _ = request.getfixturevalue(which)
+    rng = random.Random(0)
+    text_ids = tok.encode("Sure! 😀 日本語 🇫🇷 👨‍👩‍👧 café — done.\n<|im_end|> x", add_special_tokens=False)
+    cases = [(text_ids[:cut], text_ids[cut:]) for cut in range(0, 12)]
+    cases += [([rng.randrange(tok.vocab_size) for _ in range(n)], [rng.randrange(tok.vocab_size) for _ in range(300)])
+              for n in (0, 1, 3, 8)]  # fmt: skip
+    for skip in (True, False):
+        for prompt, generated in cases:
+            fast = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+            fast_pieces = [fast.step(t) for t in generated]
+            with monkeypatch.context() as m:
+                m.setattr(tokenizer_module, "DecodeStream", None)
+                window = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+            assert window._stream is None
+            assert fast_pieces == [window.step(t) for t in generated], (prompt, skip)
+            assert fast.text == window.text
+
+
 def test_incremental_detokenizer_skips_special(smollm2):
     tok, _ = smollm2
     ids = tok.encode("<|im_start|>assistant\nHi<|im_end|>", add_special_tokens=False)
