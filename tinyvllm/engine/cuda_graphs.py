@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from tinyvllm.model.attention_metadata import flatten_block_tables, unpack_decode_inputs
+from tinyvllm.model.attention_metadata import unpack_decode_inputs
 
 if TYPE_CHECKING:
     from tinyvllm.model.llama import KVCache, LlamaForCausalLM
@@ -132,35 +132,10 @@ class DecodeGraphs:
             self._forward(bs, width)
         return graph.replay
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], copy_in: Callable[[list[int], torch.Tensor], None],
-            fill_ids: Callable[[torch.Tensor], None] | None = None,
-            on_inputs: Callable[[torch.Tensor, int, int, int], None] | None = None) -> torch.Tensor | None:
-        """One decode step through the graph of the smallest shape that holds it: logits
-        [len(ids), vocab] float32, or None if no graph holds the batch (the caller runs it eagerly).
-
-        ``copy_in(values, dest)`` copies a list of ints into a device tensor (the runner's one
-        pinned host-to-device copy); ``fill_ids(ids)``, if given, then fixes the static ids in place
-        (the runner's placeholders for the previous step's tokens, still on the device);
-        ``on_inputs(inputs, bs, width, n)``, if given, then sees the final static inputs (tensor
-        parallelism: rank 0 sends them to the other ranks, which :meth:`replay` the same graph)."""
-        n = len(ids)
-        shape = self.shape_for(n, max(len(t) for t in tables))
-        if shape is None:
-            return None
-        bs, width = shape
-        pad = bs - n
-        flat_tables = flatten_block_tables(tables, width, pad)
-        copy_in(ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + seq_lens + [0] * pad + flat_tables,
-                self.inputs[: bs * (4 + width)])
-        if fill_ids is not None:
-            fill_ids(self.inputs[:n])
-        if on_inputs is not None:
-            on_inputs(self.inputs[: bs * (4 + width)], bs, width, n)
-        return self.replay(bs, width, n)
-
     def replay(self, bs: int, width: int, n: int) -> torch.Tensor | None:
-        """Replay the (bs, width) graph over the static inputs as they are; the logits of the first
-        ``n`` rows (None on a tensor-parallel rank other than 0, whose logits went to rank 0)."""
+        """Replay the (bs, width) graph over the static inputs as they are (the ModelRunner has
+        copied a step's packed inputs, padded to this shape, into ``inputs``; tinyvllm/engine/input_batch.py);
+        the logits of the first ``n`` rows (None on a tensor-parallel rank other than 0, whose
+        logits went to rank 0)."""
         self.steps[(bs, width)]()
         return self.model.compute_logits(self.hidden[:n])

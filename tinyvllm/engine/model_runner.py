@@ -7,9 +7,10 @@ It owns the model, the paged KV cache (one key and one value tensor per layer,
    sequence as one flat, token-major batch plus the AttentionMetadata (slots to write,
    block tables to read, lengths), in one of two shapes:
    * ``prepare_decode``: every sequence brings exactly one token (the common case under
-     continuous batching): fixed columns of one entry per sequence. On a GPU this step
-     replays a captured CUDA graph (``DecodeGraphs``, tinyvllm/engine/cuda_graphs.py)
-     unless ``enforce_eager``;
+     continuous batching): fixed columns of one entry per sequence, built with numpy from
+     block tables kept between steps (``InputBatch``, tinyvllm/engine/input_batch.py). On a
+     GPU this step replays a captured CUDA graph (``DecodeGraphs``,
+     tinyvllm/engine/cuda_graphs.py) unless ``enforce_eager``;
    * ``prepare_prefill``: anything else (prompts, a mix); its attention handles cached
      prefixes, so mixed batches and prompt chunks are correct too;
    and sends all of those integers to the device in ONE host-to-device copy from a
@@ -53,6 +54,7 @@ from tinyvllm.config import ModelConfig
 from tinyvllm.distributed.utils import num_kv_heads_per_rank
 from tinyvllm.engine.cuda_graphs import DecodeGraphs
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.input_batch import InputBatch, check_span
 from tinyvllm.engine.logprobs import ModelRunnerOutput, PromptSpan, SamplerOutput, prompt_logprob_spans
 from tinyvllm.engine.sampler import Sampler
 from tinyvllm.engine.sequence import PLACEHOLDER
@@ -243,6 +245,8 @@ class ModelRunner:
         self._pinned = self.device.type == "cuda"
         self._host_buf = torch.empty(0, dtype=torch.int64)
         self._copy_done: torch.cuda.Event | None = None
+        # Decode steps' block tables, kept on the host between steps (tinyvllm/engine/input_batch.py).
+        self.input_batch = InputBatch(config.max_num_seqs, -(-config.max_seq_len // config.block_size), config.block_size)
         # The last step's sampled ids, left on the device for the next step's inputs.
         self._last_sampled: torch.Tensor | None = None
         # Decode steps replay CUDA graphs on a GPU (captured here, once), unless enforce_eager.
@@ -315,17 +319,26 @@ class ModelRunner:
         if spans:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens, spans)
         elif all(n == 1 for n in out.num_scheduled_tokens):
-            columns = self._decode_columns(out.seqs)
-            if self.graphs is not None:
-                fill = self._fill_placeholders if min(columns[0]) < 0 else None
-                send = self._send_graph_step if self.tp_size > 1 else None
-                logits = self.graphs.run(*columns, copy_in=self._copy_in, fill_ids=fill, on_inputs=send)
-                if logits is not None:
-                    return logits
-            input_ids, positions, attn = self.prepare_decode(out.seqs, columns)
+            rows, max_blocks = self.input_batch.rows(out.seqs)
+            shape = self.graphs.shape_for(len(out.seqs), max_blocks) if self.graphs is not None else None
+            if shape is not None:
+                return self._replay_decode(out.seqs, rows, *shape)
+            input_ids, positions, attn = self.prepare_decode(out.seqs, (rows, max_blocks))
         else:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens)
         return self.run_model(input_ids, positions, attn)
+
+    def _replay_decode(self, seqs: SequenceLike["Sequence"], rows: list[int], bs: int, width: int) -> torch.Tensor:
+        """A decode step through the CUDA graph captured for ``bs`` rows and ``width`` table entries:
+        the packed inputs, padded to that shape, go straight into the graph's static buffer."""
+        packed = self.input_batch.pack_decode(seqs, rows, bs, width)
+        n = len(seqs)
+        static = self._copy_in(packed, self.graphs.inputs[: packed.size])
+        if packed[:n].min() < 0:
+            self._fill_placeholders(static[:n])
+        if self.tp_size > 1:  # the other ranks replay the same graph over the same inputs
+            self._send_step(STEP_GRAPH, static, [bs, width, n])
+        return self.graphs.replay(bs, width, n)
 
     def _fill_placeholders(self, ids: torch.Tensor) -> None:
         """Replace, in place on the device, the placeholders of the previous step's tokens.
@@ -351,42 +364,30 @@ class ModelRunner:
     # ---- inputs -------------------------------------------------------------------------
 
     def prepare_decode(
-        self, seqs: SequenceLike["Sequence"], columns: tuple[list[int], ...] | None = None
+        self, seqs: SequenceLike["Sequence"], rows: tuple[list[int], int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """One new token per sequence: (input_ids [S], positions [S], AttentionMetadata).
 
         Every input is a column of one entry per sequence (plus the block tables, one row per
-        sequence), copied in one piece laid out [ids | positions | slots | seq_lens | block_tables].
-        Row s is sequence s all the way to the logits, so no query offsets and no row selection
-        are needed. For CUDA graphs the same columns become views of persistent buffers sized for
-        the largest batch, filled in place each step.
+        sequence), copied in one piece laid out [ids | positions | slots | seq_lens | block_tables]
+        and built with numpy from the block tables the InputBatch keeps between steps (``rows``:
+        its ``rows(seqs)``, when the caller has them). Row s is sequence s all the way to the
+        logits, so no query offsets and no row selection are needed. A CUDA graph reads the same
+        layout from its static buffer (:meth:`_replay_decode`).
         """
-        ids, positions, slots, seq_lens, _ = columns if columns is not None else self._decode_columns(seqs)
-        block_tables, max_blocks = self._block_tables(seqs)
-        packed = self._copy_in(ids + positions + slots + seq_lens + block_tables)
-        if min(ids) < 0:
-            self._fill_placeholders(packed[: len(ids)])
-        sizes = [len(seqs), max_blocks, sum(seq_lens)]
-        self._send_step(STEP_DECODE, packed, sizes)
-        return self.decode_inputs(packed, *sizes)
+        rows, max_blocks = rows if rows is not None else self.input_batch.rows(seqs)
+        S = len(seqs)
+        packed = self.input_batch.pack_decode(seqs, rows, S, max_blocks)
+        dev = self._copy_in(packed)
+        if packed[:S].min() < 0:
+            self._fill_placeholders(dev[:S])
+        sizes = [S, max_blocks, int(packed[3 * S : 4 * S].sum())]
+        self._send_step(STEP_DECODE, dev, sizes)
+        return self.decode_inputs(dev, *sizes)
 
     # A decode step's packed inputs as (input_ids, positions, AttentionMetadata): on rank 0 and on
     # every other rank (tp_worker.py).
     decode_inputs = staticmethod(unpack_decode_inputs)
-
-    def _decode_columns(self, seqs: SequenceLike["Sequence"]) -> tuple[list[int], ...]:
-        """The decode step's inputs on the host: ids, positions, slots, seq_lens (one per
-        sequence) and the block tables (one list per sequence)."""
-        bs = self.block_size
-        ids, positions, slots, seq_lens = [], [], [], []
-        for seq in seqs:
-            p = seq.num_computed_tokens  # the one new token's position
-            self._check_span(seq, p, p + 1)
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            seq_lens.append(p + 1)
-        return ids, positions, slots, seq_lens, [seq.block_table for seq in seqs]
 
     def prepare_prefill(
         self,
@@ -408,7 +409,7 @@ class ModelRunner:
         cu_seqlens_q = [0]
         for seq, n in zip(seqs, num_scheduled_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            self._check_span(seq, start, end)
+            check_span(seq, start, end, self.block_size)
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += _slots(seq.block_table, start, end, self.block_size)
@@ -456,35 +457,20 @@ class ModelRunner:
         broadcast_step_header([kind, packed.numel(), *sizes])
         broadcast_tensor(packed)
 
-    def _send_graph_step(self, packed: torch.Tensor, bs: int, width: int, n: int) -> None:
-        """The same for a graph-replayed decode step: the static buffer's filled part goes out,
-        and each rank replays its own graph of shape (bs, width) (tinyvllm/engine/tp_worker.py)."""
-        self._send_step(STEP_GRAPH, packed, [bs, width, n])
-
-    def _check_span(self, seq: "Sequence", start: int, end: int) -> None:
-        """The tokens start..end-1 exist and the block table covers them."""
-        rid = getattr(seq, "request_id", "?")
-        if end <= start or start >= seq.num_tokens:
-            raise ValueError(f"sequence {rid} has no new token to compute")
-        if end > seq.num_tokens:
-            raise ValueError(f"sequence {rid}: {end - start} tokens scheduled from position {start}, it has {seq.num_tokens}")
-        if len(seq.block_table) * self.block_size < end:
-            raise ValueError(
-                f"sequence {rid}: block table covers {len(seq.block_table) * self.block_size} tokens, needs {end}"
-            )
-
     @staticmethod
     def _block_tables(seqs: SequenceLike["Sequence"]) -> tuple[list[int], int]:
         """Every block table padded with 0 to the longest one, row-major; and that width."""
         max_blocks = max(len(seq.block_table) for seq in seqs)
         return flatten_block_tables([seq.block_table for seq in seqs], max_blocks), max_blocks
 
-    def _copy_in(self, values: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    def _copy_in(self, values: list[int] | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """``values`` as an int64 device tensor, in one host-to-device copy (from a reused pinned
-        buffer on CUDA), into ``out`` if given (the decode graphs' static inputs). The list becomes
+        buffer on CUDA), into ``out`` if given (the decode graphs' static inputs). A list becomes
         an array through numpy's ``fromiter``, about 4x faster than ``torch.tensor(list)`` (a
         millisecond per step at batch 256, measured)."""
-        host = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
+        if not isinstance(values, np.ndarray):
+            values = np.fromiter(values, dtype=np.int64, count=len(values))
+        host = torch.from_numpy(values)
         if not self._pinned:
             return host.to(self.device) if out is None else out.copy_(host)
         if self._host_buf.numel() < host.numel():
