@@ -161,3 +161,22 @@ def test_sampler_bans_eos_and_stop_ids_before_min_tokens():
     seqs[2].prompt_token_ids = [5]  # three tokens generated already
     ids = Sampler([1])(logits, seqs).sampled_token_ids.tolist()
     assert ids == [0, 1, 1]  # a: eos and 2 banned; b: ignore_eos, eos not banned; c: past min_tokens
+
+
+def test_shared_plain_greedy_params_take_the_argmax_shortcut_with_the_same_tokens(monkeypatch):
+    """A batch whose rows share plain greedy params skips the per-row lists; any row with a
+    processor (here a logit bias) sends the whole batch the long way, and the tokens agree."""
+    import tinyvllm.engine.sampler as sampler_module
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 300)
+    shared = SamplingParams(temperature=0.0)
+    seqs = [Sequence(str(i), [1, 2, 3], shared) for i in range(64)]
+    biased = SamplingParams(temperature=0.0, logit_bias={7: 100.0})
+    seqs_biased = seqs[:-1] + [Sequence("b", [1, 2, 3], biased)]
+    fast = Sampler()(logits, seqs).sampled_token_ids
+    fast_biased = Sampler()(logits, seqs_biased).sampled_token_ids
+    monkeypatch.setattr(sampler_module, "_plain_greedy", lambda p: False)  # every batch the long way
+    slow = Sampler()(logits, seqs).sampled_token_ids
+    assert torch.equal(fast, logits.argmax(dim=-1)) and torch.equal(fast, slow)
+    assert fast_biased[-1].item() == 7 and torch.equal(fast_biased[:-1], fast[:-1])

@@ -393,40 +393,49 @@ class LLMEngine:
         its text and the stop strings (a sequence that finished drops any later placeholder
         token and leaves the scheduler); the stats; then one RequestOutput per request whose
         sequences got a token."""
+        owner_of = self._owner
+        if any(chunk is not None for chunk in result.prompt_logprobs):
+            for i, seq in enumerate(out.seqs):
+                owner = owner_of.get(id(seq))
+                if owner is not None and result.prompt_logprobs[i] is not None:
+                    owner[0].record_prompt_logprobs(result.prompt_logprobs[i], self._token_texts)
+        # (At batch 256 this loop runs 256 times a step on the host, while the GPU runs the next
+        # step: everything per sequence here is plain attribute work, no per-token allocation.)
         advanced: dict[str, RequestState] = {}  # (insertion-ordered: first sequence's place in the batch)
-        for i, seq in enumerate(out.seqs):
-            owner = self._owner.get(id(seq))
-            if owner is not None and result.prompt_logprobs[i] is not None:
-                owner[0].record_prompt_logprobs(result.prompt_logprobs[i], self._token_texts)
+        done: set[str] = set()  # requests one of whose sequences finished here
+        logprobs = result.logprobs
         now = time.time()
         sampled = []
         for i, seq, pos in appended:
-            if id(seq) not in self._owner:  # aborted, or finished at an earlier step (async scheduling)
+            owner = owner_of.get(id(seq))
+            if owner is None:  # aborted, or finished at an earlier step (async scheduling)
                 continue
-            state, index = self._owner[id(seq)]
+            state, index = owner
             advanced[state.request_id] = state
             sampled.append(seq)
-            if result.logprobs[i] is not None:
-                state.record_logprobs(index, result.logprobs[i], self._token_texts)
+            if logprobs[i] is not None:
+                state.record_logprobs(index, logprobs[i], self._token_texts)
             m = seq.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            self._update_text(seq, pos)
+            if seq.detokenizer is not None:
+                self._update_text(seq, pos)
             if seq.finish_reason is not None:
                 del seq.token_ids[pos + 1 :]
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
                 m.finished_time = now
                 self.stats.on_finished(seq)
+                done.add(state.request_id)
         self.stats.on_step(sampled)
         outputs = []
-        for state in advanced.values():
-            finished = state.finished
+        for rid, state in advanced.items():
+            finished = rid in done and state.finished
             if finished:
-                del self.requests[state.request_id]
+                del self.requests[rid]
                 for seq in state.seqs:
-                    self._owner.pop(id(seq), None)
+                    owner_of.pop(id(seq), None)
             if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._make_output(state))
         return outputs
@@ -440,7 +449,7 @@ class LLMEngine:
         """
         p = seq.sampling_params
         token_stop = seq.finish_reason == "stop"
-        if seq.detokenizer is None or (token_stop and not p.include_stop_str_in_output):
+        if token_stop and not p.include_stop_str_in_output:
             return
         new_text = seq.detokenizer.step(seq.token_ids[pos])
         if not new_text:
