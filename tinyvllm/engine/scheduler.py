@@ -205,16 +205,18 @@ class Scheduler:
         decodes: list[Sequence] = []
         prefills: list[Sequence] = []
         for seq in self.running:
-            (decodes if seq.num_tokens - seq.num_computed_tokens == 1 else prefills).append(seq)
+            (decodes if len(seq.token_ids) - seq.num_computed_tokens == 1 else prefills).append(seq)
         allocate_slots = self.block_manager.allocate_slots
+        bs = self.block_manager.block_size
         for seq in decodes + prefills:  # each group oldest first
             if seq.status != SequenceStatus.RUNNING:  # preempted while making room for an older one
                 continue
-            left = seq.num_tokens - seq.num_computed_tokens
+            left = len(seq.token_ids) - seq.num_computed_tokens
             n = min(left, budget)
             if n == 0:
                 break
-            if allocate_slots(seq, n):  # (the common case: no preemption)
+            # (most decode steps: the table already has room; else new blocks, or preemption)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * bs or allocate_slots(seq, n):
                 out.add(seq, n)
                 out.is_prefill |= left > 1
                 budget -= n
@@ -297,23 +299,21 @@ class Scheduler:
         if len(token_ids) != len(out.seqs):
             raise ValueError(f"postprocess: {len(token_ids)} token ids for {len(out.seqs)} scheduled sequences")
         sampled = []
+        finished = SequenceStatus.FINISHED
         for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, token_ids):
-            if seq.is_finished:  # (async scheduling: it stopped at an earlier token, learnt while this step ran)
+            if seq.status is finished:  # (async scheduling: it stopped at an earlier token, learnt while this step ran)
                 continue
             seq.num_computed_tokens += num_tokens
-            if seq.num_computed_tokens < len(seq.token_ids):  # a prompt chunk: more of it next step
+            tokens = seq.token_ids
+            if seq.num_computed_tokens < len(tokens):  # a prompt chunk: more of it next step
                 continue
-            seq.append_token(token_id)
-            self._check_stop(seq, token_id)
-            if seq.finish_reason is not None:
+            tokens.append(token_id)
+            verdict = self.stop_verdict(seq, token_id, len(tokens))
+            if verdict is not None:
+                seq.finish_reason, seq.stop_reason = verdict
                 self.finish(seq)
             sampled.append(seq)
         return sampled
-
-    def _check_stop(self, seq: Sequence, token_id: int) -> None:
-        verdict = self.stop_verdict(seq, token_id, seq.num_tokens)
-        if verdict is not None:
-            seq.finish_reason, seq.stop_reason = verdict
 
     def stop_verdict(self, seq: Sequence, token_id: int, num_tokens: int) -> tuple[str, int | None] | None:
         """The token stop conditions for ``token_id`` as the sequence's token number ``num_tokens``,
@@ -321,11 +321,11 @@ class Scheduler:
         max_tokens, or the longest sequence the engine allows. Returns (finish_reason, stop_reason)
         or None. (The overlapped engine calls it again once a step's real token ids arrive.)"""
         p = seq.sampling_params
-        n_out = num_tokens - seq.num_prompt_tokens
+        n_out = num_tokens - len(seq.prompt_token_ids)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token_id in self._eos:
                 return "stop", None
-            if token_id in p.stop_token_set:
+            if token_id in p._stop_token_set:
                 return "stop", token_id
         if (p.max_tokens is not None and n_out >= p.max_tokens) or num_tokens >= self.config.max_seq_len:
             return "length", None
