@@ -163,20 +163,26 @@ def test_sampler_bans_eos_and_stop_ids_before_min_tokens():
     assert ids == [0, 1, 1]  # a: eos and 2 banned; b: ignore_eos, eos not banned; c: past min_tokens
 
 
-def test_shared_plain_greedy_params_take_the_argmax_shortcut_with_the_same_tokens(monkeypatch):
-    """A batch whose rows share plain greedy params skips the per-row lists; any row with a
-    processor (here a logit bias) sends the whole batch the long way, and the tokens agree."""
+def test_shared_plain_params_take_a_shortcut_with_the_same_tokens(monkeypatch):
+    """A batch whose rows share plain params (greedy, or sampling with one temperature and top-k/p)
+    skips the per-row lists; a row with a processor (here a logit bias) sends the whole batch the
+    long way. Both give the same tokens, the random ones from the same generator state."""
     import tinyvllm.engine.sampler as sampler_module
 
     torch.manual_seed(0)
     logits = torch.randn(64, 300)
-    shared = SamplingParams(temperature=0.0)
-    seqs = [Sequence(str(i), [1, 2, 3], shared) for i in range(64)]
+    cases = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7),
+             SamplingParams(temperature=1.3, top_k=20, top_p=0.9, min_p=0.05)]  # fmt: skip
+    fast = {}
+    for i, params in enumerate(cases):
+        fast[i] = Sampler(seed=5)(logits, [Sequence(str(j), [1, 2, 3], params) for j in range(64)]).sampled_token_ids
     biased = SamplingParams(temperature=0.0, logit_bias={7: 100.0})
-    seqs_biased = seqs[:-1] + [Sequence("b", [1, 2, 3], biased)]
-    fast = Sampler()(logits, seqs).sampled_token_ids
-    fast_biased = Sampler()(logits, seqs_biased).sampled_token_ids
-    monkeypatch.setattr(sampler_module, "_plain_greedy", lambda p: False)  # every batch the long way
-    slow = Sampler()(logits, seqs).sampled_token_ids
-    assert torch.equal(fast, logits.argmax(dim=-1)) and torch.equal(fast, slow)
-    assert fast_biased[-1].item() == 7 and torch.equal(fast_biased[:-1], fast[:-1])
+    greedy_seqs = [Sequence(str(j), [1, 2, 3], cases[0]) for j in range(63)] + [Sequence("b", [1, 2, 3], biased)]
+    fast_biased = Sampler()(logits, greedy_seqs).sampled_token_ids
+    assert torch.equal(fast[0], logits.argmax(dim=-1))
+    assert fast_biased[-1].item() == 7 and torch.equal(fast_biased[:-1], fast[0][:-1])
+    monkeypatch.setattr(sampler_module, "_plain", lambda p: False)  # every batch the long way
+    for i, params in enumerate(cases):
+        slow = Sampler(seed=5)(logits, [Sequence(str(j), [1, 2, 3], params) for j in range(64)]).sampled_token_ids
+        assert torch.equal(fast[i], slow), params
+    assert not torch.equal(fast[1], fast[0])  # (the sampled case really sampled)

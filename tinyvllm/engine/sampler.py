@@ -124,11 +124,11 @@ def sample(
     return torch.where(_to_device(greedy, torch.bool, device), greedy_ids, sampled)
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
-    """Greedy with nothing to process and no log-probabilities: the token is the argmax. (Checked
-    per distinct params object: the requests of one ``LLM.generate`` share theirs, so a batch of
-    256 costs one check, not seven lists of 256.)"""
-    return (p.temperature == 0.0 and p.logprobs is None and not p.min_tokens and p.allowed_token_ids is None
+def _plain(p: SamplingParams) -> bool:
+    """Nothing to process and no log-probabilities: the row's token comes from its logits alone.
+    (Checked per distinct params object: the requests of one ``LLM.generate`` share theirs, so a
+    batch of 256 costs one check, not seven lists of 256.)"""
+    return (p.logprobs is None and not p.min_tokens and p.allowed_token_ids is None
             and not p._bad_words_token_ids and not p.logit_bias and not p.presence_penalty
             and not p.frequency_penalty and p.repetition_penalty == 1.0)  # fmt: skip
 
@@ -162,8 +162,15 @@ class Sampler:
         the device."""
         params = [s.sampling_params for s in seqs]
         logits = logits.float()
-        if not prompt_spans and all(_plain_greedy(p) for p in {id(p): p for p in params}.values()):
-            return SamplerOutput(logits.argmax(dim=-1))  # what steps 0-8 come to for such rows, without the lists
+        if not prompt_spans:  # two shortcuts to what steps 0-8 come to, without the per-row lists
+            unique = list({id(p): p for p in params}.values())  # (an LLM.generate batch shares one)
+            if all(_plain(p) and p.temperature == 0.0 for p in unique):
+                return SamplerOutput(logits.argmax(dim=-1))
+            p, B = unique[0], len(seqs)
+            if len(unique) == 1 and _plain(p) and all(s.generator is None for s in seqs):
+                return SamplerOutput(sample(logits, temperature=[float(p.temperature)] * B, top_k=[p.top_k] * B,
+                                            top_p=[float(p.top_p)] * B, min_p=[float(p.min_p)] * B,
+                                            default_generator=self.generator))  # fmt: skip
         device = logits.device
         # 0. raw log-probabilities, before any processing (only the rows that asked).
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
