@@ -105,11 +105,12 @@ def test_clone_is_deep():
     assert p.allowed_token_ids == [1, 2]
 
 
-def test_output_kind_is_cumulative_or_final_only():
+def test_output_kind_is_cumulative_delta_or_final_only():
     from tinyvllm.sampling_params import RequestOutputKind
 
     assert SamplingParams().output_kind == RequestOutputKind.CUMULATIVE
+    assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
     assert SamplingParams(output_kind=2).output_kind is RequestOutputKind.FINAL_ONLY
-    for bad in (1, 3, True, "final"):
+    for bad in (3, -1, True, "final"):
         with pytest.raises(ValueError, match="output_kind"):
             SamplingParams(output_kind=bad)

@@ -41,8 +41,10 @@ place that knows it.
 
 What the engine returns while a request runs (``output_kind``, vLLM's ``RequestOutputKind``):
 ``CUMULATIVE`` (the default: after every step, a RequestOutput with everything generated so far,
-what a server streams from) or ``FINAL_ONLY`` (one RequestOutput, when the request finishes:
-``LLM.generate`` asks for this, so a batch of 256 does not build 256 outputs per step).
+what a server streams from), ``DELTA`` (after every step, only the new tokens, text and
+log-probabilities: what the server's engine process sends, see tinyvllm/engine/engine_core.py) or
+``FINAL_ONLY`` (one RequestOutput, when the request finishes: ``LLM.generate`` asks for this, so a
+batch of 256 does not build 256 outputs per step).
 
 Not supported (a clear error rather than silently ignoring the request): ``best_of``.
 """
@@ -57,9 +59,10 @@ from tinyvllm.validation import check_bool, check_float, check_int, check_int_li
 
 
 class RequestOutputKind(enum.IntEnum):
-    """When the engine returns a request's output (vLLM's numbering; its DELTA is not built)."""
+    """When the engine returns a request's output, and what it holds (vLLM's names and numbers)."""
 
     CUMULATIVE = 0  # after every step that gives the request a token: everything so far
+    DELTA = 1  # after every such step: only what is new since the last output
     FINAL_ONLY = 2  # once, when the request finishes
 
 
@@ -164,7 +167,7 @@ class SamplingParams:
             raise ValueError(f"bad_words must be a string or a list of non-empty strings, got {self.bad_words!r}.")
         if isinstance(self.output_kind, bool) or self.output_kind not in set(RequestOutputKind):
             raise ValueError(
-                f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}."
+                f"output_kind must be RequestOutputKind.CUMULATIVE, DELTA or FINAL_ONLY, got {self.output_kind!r}."
             )
 
     @property

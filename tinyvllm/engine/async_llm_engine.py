@@ -41,7 +41,7 @@ from typing import Any, AsyncIterator
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
 from tinyvllm.outputs import RequestOutput
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tinyvllm")
 
@@ -88,12 +88,19 @@ class AsyncLLMEngine:
         self._stats = self._read_stats()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+    def from_config(cls, config: EngineConfig, *, engine_process: bool = False) -> "AsyncLLMEngine":
+        """``engine_process``: the LLMEngine in a process of its own (tinyvllm/engine/engine_core.py:
+        what ``tinyvllm serve`` uses, so that the HTTP work never holds the engine's steps back);
+        else in this process, stepped by the engine thread."""
+        if engine_process:
+            from tinyvllm.engine.engine_core import EngineCoreClient
+
+            return cls(EngineCoreClient(config))
         return cls(LLMEngine.from_config(config))
 
     @classmethod
-    def from_model(cls, model: str | None = None, **kwargs: Any) -> "AsyncLLMEngine":
-        return cls(LLMEngine.from_model(model, **kwargs))
+    def from_model(cls, model: str | None = None, *, engine_process: bool = False, **kwargs: Any) -> "AsyncLLMEngine":
+        return cls.from_config(EngineConfig(model, **kwargs), engine_process=engine_process)
 
     # ---- the clients' side (event loop) ------------------------------------------------------
     @property
@@ -139,9 +146,15 @@ class AsyncLLMEngine:
         self._work.new.append(_NewRequest(request_id, prompt, sampling_params, prompt_token_ids))
         self._wake.set()
         finished = False
+        # A cumulative output holds everything the earlier ones did: when this client is behind
+        # (several steps' outputs queued), only the newest is worth sending. So a slow consumer
+        # costs one chunk per turn of the event loop, not one per step (vLLM merges the same way).
+        merge = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
         try:
             while True:
                 item = await queue.get()
+                while merge and not queue.empty() and not isinstance(item, BaseException):
+                    item = queue.get_nowait()
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item
@@ -162,17 +175,13 @@ class AsyncLLMEngine:
 
     def get_stats(self) -> dict[str, int]:
         """A snapshot for /metrics: requests waiting and running, KV blocks total and free."""
+        if getattr(self.engine, "live_stats", False):  # an engine process: its last step's numbers
+            return self._read_stats()
         with self._lock:
             return dict(self._stats)
 
     def _read_stats(self) -> dict[str, int]:
-        s = self.engine.scheduler
-        bm = self.engine.block_manager
-        return {
-            "num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
-            "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
-            "num_open_streams": len(self._streams), "num_steps": self.num_steps,
-        }  # fmt: skip
+        return self.engine.scheduler_stats() | {"num_open_streams": len(self._streams), "num_steps": self.num_steps}
 
     async def shutdown(self) -> None:
         """End every open stream with EngineShutdownError, abort its request, stop the loop."""
@@ -191,6 +200,10 @@ class AsyncLLMEngine:
                 await asyncio.wait_for(asyncio.shield(self._loop_task), timeout=10.0)
             except (asyncio.TimeoutError, Exception):  # a stuck step: do not hang the shutdown
                 logger.warning("tinyvllm: the engine loop did not stop within 10 s")
+        try:  # (in the engine thread, after the loop's last step: stops an engine process, TP workers)
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._executor, self.engine.shutdown), 15.0)
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            logger.warning("tinyvllm: the engine did not shut down cleanly", exc_info=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- the engine loop (one task) and the engine thread ------------------------------------
@@ -239,6 +252,9 @@ class AsyncLLMEngine:
         if work.aborts:
             engine.abort_request(list(work.aborts))
         outputs = engine.step()
+        pop_refused = getattr(engine, "pop_refused", None)  # (an engine process refuses asynchronously)
+        if pop_refused is not None:
+            refused += pop_refused()
         with self._lock:
             self._stats = self._read_stats()
         return outputs, refused

@@ -45,7 +45,7 @@ next ``step()``, so that one bad request never fails the others of a batch.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import itertools
 import logging
 import time
@@ -318,6 +318,12 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def scheduler_stats(self) -> dict[str, int]:
+        """Requests waiting and running, KV blocks in all and free (a server's gauges)."""
+        s, bm = self.scheduler, self.block_manager
+        return {"num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
+                "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks}  # fmt: skip
+
     def get_metrics(self) -> list[Metric]:
         """The engine's counters and gauges under vLLM's names (tinyvllm/engine/stats.py)."""
         return self.stats.get_metrics()
@@ -467,6 +473,10 @@ class LLMEngine:
                     break
 
     def _make_output(self, state: RequestState) -> RequestOutput:
+        """The request's output as its ``output_kind`` wants it: everything so far, or (DELTA) what
+        is new since its last output, the prompt's ids and log-probabilities in the first only."""
+        delta = state.params.output_kind == RequestOutputKind.DELTA
+        first = not state.sent
         completions = []
         for index, seq in enumerate(state.seqs):
             text = seq.output_text
@@ -481,15 +491,24 @@ class LLMEngine:
             token_ids = seq.output_token_ids
             while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
                 token_ids.pop()
+            if delta:
+                t0, k0, l0 = state.sent.get(index, (0, 0, 0))
+                state.sent[index] = (len(text), len(token_ids), 0 if logprobs is None else len(logprobs))
+                text, token_ids = text[t0:], token_ids[k0:]
+                logprobs = None if logprobs is None else logprobs[l0:]
             completions.append(CompletionOutput(
                 index=index, text=text, token_ids=token_ids,
                 cumulative_logprob=state.cumulative_logprobs[index],
                 logprobs=None if logprobs is None else list(logprobs),
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             ))  # fmt: skip
+        # (A server makes one of these per running request per step: the prompt's ids are shared,
+        # not copied, as vLLM's outputs share them; nothing in the engine changes them.)
+        later_delta = delta and not first
         return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=list(state.prompt_token_ids),
+            request_id=state.request_id, prompt=state.prompt,
+            prompt_token_ids=None if later_delta else state.prompt_token_ids,
             outputs=completions, finished=state.finished, error=state.error,
-            prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs),
-            metrics=dataclasses.replace(state.seqs[0].metrics), num_cached_tokens=state.seqs[0].metrics.num_cached_tokens,
+            prompt_logprobs=None if state.prompt_logprobs is None or later_delta else list(state.prompt_logprobs),
+            metrics=copy.copy(state.seqs[0].metrics), num_cached_tokens=state.seqs[0].metrics.num_cached_tokens,
         )

@@ -54,6 +54,8 @@ class RequestState:
     cumulative_logprobs: list[float | None] = field(default_factory=list)  # per sequence
     prompt_logprobs: PromptLogprobs | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    # DELTA outputs: per sequence, the characters, tokens and log-probabilities already returned
+    sent: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -10,8 +10,9 @@ with ``"stream": true``), GET /v1/models, GET /health, GET /metrics (Prometheus 
 
 The life of a request: FastAPI parses the JSON into a pydantic model (protocol.py); the serving
 class checks it and builds a SamplingParams (serving_engine.py), then iterates the request's
-stream from the AsyncLLMEngine, whose loop steps the LLMEngine in its own thread; each
-RequestOutput becomes a chunk (streaming) or, at the end, the response. A failure anywhere is an
+stream from the AsyncLLMEngine, whose LLMEngine steps in a process of its own
+(tinyvllm/engine/engine_core.py); each RequestOutput becomes a chunk (streaming) or, at the end,
+the response. A failure anywhere is an
 OpenAIError and leaves as OpenAI's error object with its status: 400 for a bad request (types
 included: OpenAI and vLLM answer 400, not 422), 401 without the API key, 404 for an unknown
 model or path, 500 when the engine fails, 503 while shutting down.
@@ -56,6 +57,27 @@ def error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.response().model_dump(), status_code=e.status)
 
 
+class APIKeyMiddleware:
+    """Requests to the guarded paths without ``Authorization: Bearer <api_key>`` get 401.
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: that one (Starlette's
+    BaseHTTPMiddleware) passes every response body through an extra memory stream, and a
+    streamed reply is one body message per token: at 200 streams it was half the event loop's time.
+    """
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_GUARDED):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(OpenAIError(401, "Missing or invalid API key (Authorization: Bearer KEY)."))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key: str | None = None,
               model_path: str | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI app; ``engine`` is started with the app and shut down with it."""
@@ -95,13 +117,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key:
     async def _gone(request: Request, e: ClientDisconnected):
         return Response(status_code=499)  # nobody reads it; the request was aborted
 
-    @app.middleware("http")
-    async def _check_api_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith(_GUARDED):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(OpenAIError(401, "Missing or invalid API key (Authorization: Bearer KEY)."))
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     # ---- endpoints ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -171,7 +188,9 @@ def run_server(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     names = args.served_model_name or [default_model_name(model_from_args(args))]
-    engine = AsyncLLMEngine.from_config(config)
+    # The engine in its own process (engine_core.py), unless TINYVLLM_ENGINE_PROCESS=0 (vLLM's
+    # VLLM_ENABLE_V1_MULTIPROCESSING): then it steps in a thread of this one.
+    engine = AsyncLLMEngine.from_config(config, engine_process=os.environ.get("TINYVLLM_ENGINE_PROCESS", "1") != "0")
     app = build_app(engine, names, api_key=args.api_key, model_path=config.model)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     timeout_graceful_shutdown=5), engine)  # fmt: skip

@@ -80,7 +80,14 @@ class ServerMetrics:
                     now = time.perf_counter()
                     total = sum(len(c.token_ids) for c in out.outputs)
                     if total > num_tokens:
-                        (self.ttft if num_tokens == 0 else self.itl).observe(now - (arrival if num_tokens == 0 else last))
+                        # One inter-token sample per token: an output that brings k tokens at once (a
+                        # stream that fell behind gets several steps merged) splits its interval evenly.
+                        new = total - num_tokens
+                        if num_tokens == 0:
+                            self.ttft.observe(now - arrival)
+                            new -= 1
+                        for _ in range(new):
+                            self.itl.observe((now - last) / (total - num_tokens))
                         self.generation_tokens.inc(total - num_tokens)
                         num_tokens, last = total, now
                     if out.finished:

@@ -1,0 +1,76 @@
+"""The engine in its own process (EngineCoreClient, what `tinyvllm serve` runs): the same tokens and
+text as offline LLM.generate for concurrent streams, each output kind as asked (cumulative, delta,
+final), a refused request failing its own stream only, aborts freeing blocks, and the process gone
+after shutdown. On a tiny random Llama on the CPU (float32)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine_helpers import make_tiny_llama
+from tinyvllm import LLM, SamplingParams
+from tinyvllm.engine.async_llm_engine import AsyncLLMEngine
+from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.sampling_params import RequestOutputKind
+
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=8, num_kv_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def test_streams_through_the_engine_process_match_offline_and_end_clean(model):
+    prompts = [[5 + i, 9, 12 + i][: 1 + i % 3] for i in range(10)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True) for i in range(10)]
+    want = LLM(model=model, **ENGINE).generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLMEngine.from_config(EngineConfig(model, **ENGINE), engine_process=True)
+
+        async def run(i, kind=RequestOutputKind.CUMULATIVE):
+            p = params[i].clone()
+            p.output_kind = kind
+            return [o async for o in engine.generate({"prompt_token_ids": prompts[i]}, p, f"r{i}")]
+
+        kinds = [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY]
+        results = await asyncio.gather(*(run(i, kinds[i % 3]) for i in range(10)))
+        bad = SamplingParams(logprobs=10**6)  # more than the vocabulary: refused in the engine's process
+        with pytest.raises(ValueError, match="logprobs must be at most the vocabulary size"):
+            async for _ in engine.generate([5, 6], bad, "bad"):
+                pass
+        # an abort frees its blocks: leave a long request after its first output
+        gen = engine.generate([7, 8], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True), "left")
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(200):
+            stats = engine.get_stats()
+            if stats["num_requests_running"] == 0 and stats["num_free_kv_blocks"] == stats["num_kv_blocks"]:
+                break
+            await asyncio.sleep(0.02)
+        proc = engine.engine._proc
+        await engine.shutdown()
+        return results, stats, proc
+
+    results, stats, proc = asyncio.run(main())
+    for i, outs in enumerate(results):
+        kind = [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY][i % 3]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        if kind == RequestOutputKind.FINAL_ONLY:
+            assert len(outs) == 1
+        total = outs[0]
+        for o in outs[1:]:
+            total = total.add(o) if kind == RequestOutputKind.DELTA else o
+        assert total.outputs[0].token_ids == want[i].outputs[0].token_ids, i
+        assert total.outputs[0].text == want[i].outputs[0].text
+        assert total.prompt_token_ids == prompts[i]
+    assert stats["num_requests_running"] == 0 and stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+    assert not proc.is_alive()
+
+
+def test_an_engine_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match="the engine failed to start"):
+        AsyncLLMEngine.from_config(EngineConfig(str(tmp_path / "no-such-model"), device="cpu"), engine_process=True)

@@ -1,0 +1,49 @@
+"""RequestOutputKind: DELTA outputs, added up with RequestOutput.add, give the CUMULATIVE outputs of
+the same run step for step (text with held-back stop-string prefixes, tokens, log-probabilities,
+n > 1, finish reasons); the prompt's ids come in the first delta only."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import make_fake_engine
+from tinyvllm import SamplingParams
+from tinyvllm.sampling_params import RequestOutputKind
+
+
+def run(kind: RequestOutputKind, async_scheduling: bool) -> dict[str, list]:
+    engine = make_fake_engine(async_scheduling=async_scheduling)
+    requests = {
+        "plain": ([5, 6, 7], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, output_kind=kind)),
+        "stop": ([8, 9], SamplingParams(temperature=0, max_tokens=12, stop=["aO", "zz"], ignore_eos=True,
+                                        output_kind=kind)),
+        "n2": ([3, 4], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=6, logprobs=2, output_kind=kind)),
+    }
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outputs: dict[str, list] = {rid: [] for rid in requests}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    return outputs
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_delta_outputs_add_up_to_the_cumulative_ones(async_scheduling):
+    cumulative = run(RequestOutputKind.CUMULATIVE, async_scheduling)
+    deltas = run(RequestOutputKind.DELTA, async_scheduling)
+    for rid, outs in cumulative.items():
+        assert len(deltas[rid]) == len(outs) > 1
+        total = None
+        for i, (d, c) in enumerate(zip(deltas[rid], outs)):
+            if i > 0:
+                assert d.prompt_token_ids is None and d.prompt_logprobs is None  # first delta only
+            total = d if total is None else total.add(d)
+            assert total.finished == c.finished
+            assert total.prompt_token_ids == c.prompt_token_ids and total.prompt_logprobs == c.prompt_logprobs
+            for a, b in zip(total.outputs, c.outputs, strict=True):
+                assert (a.index, a.text, a.token_ids, a.finish_reason, a.stop_reason) == \
+                       (b.index, b.text, b.token_ids, b.finish_reason, b.stop_reason)  # fmt: skip
+                assert a.logprobs == b.logprobs and a.cumulative_logprob == b.cumulative_logprob
+        assert any(len(d.outputs[0].token_ids) == 1 for d in deltas[rid][1:])  # really deltas
+    assert cumulative["stop"][-1].outputs[0].stop_reason == "aO"  # (the stop string cut the text)

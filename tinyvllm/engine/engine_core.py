@@ -1,0 +1,234 @@
+"""The LLMEngine in a process of its own, for the server: ``EngineCoreClient`` (in the server's
+process) and ``engine_core_main`` (the engine's process). vLLM calls the same split EngineCore.
+
+Why a process. In one process the HTTP side (a JSON chunk per token per stream, about 100 us of
+Python each) and the engine's host work (scheduling, inputs, detokenization) share one interpreter
+lock. At 200 streams the event loop's 20 ms of chunks per step starved the engine, and the GPU
+waited: the server reached 0.16 of offline throughput (bench/results, row 92). In its own process
+the engine steps back to back whatever the server is doing; a slow stream costs the server only.
+
+What crosses the pipe is small. The server sends each request with ``output_kind=DELTA``, so a
+step's outputs carry only the new tokens and text (about 4 us each to pickle; a cumulative output
+grows with the sequence). The client adds them up (``RequestOutput.add``) into what the caller
+asked for: the cumulative output (the default, what the server streams from), the deltas, or the
+final output. When the server falls behind, the client drains every step that has arrived at once,
+and a stream gets one output for all of them.
+
+Messages (a multiprocessing Pipe, pickled):
+
+    server -> engine  ("add", request_id, prompt, params, prompt_token_ids) | ("abort", [ids]) | ("stop",)
+    engine -> server  ("ready", config, vocab_size, tokenizer, stats)       once, after loading
+                      ("error", message)                                    instead, if loading failed
+                      ("step", outputs, refused, stats)                     after each step; refused:
+                          [(request_id, exception)] that add_request raised (a caller's bad value)
+                      ("failed", message, [request ids])                    a step raised; those
+                          requests are gone from the engine, the engine goes on
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.outputs import RequestOutput
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("tinyvllm")
+
+
+class EngineCoreError(RuntimeError):
+    """The engine process failed a step (the requests it held are gone) or died."""
+
+
+# ---- the engine's process ----------------------------------------------------------------------
+def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.INFO) -> None:
+    """Load the engine, say ready, then step while there is work and wait for messages while there is none."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole process group: the server decides
+    logging.basicConfig(stream=sys.stderr, format="%(message)s")
+    logging.getLogger("tinyvllm").setLevel(log_level)
+    from tinyvllm.engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine.from_config(config)
+    except BaseException as e:  # noqa: BLE001 - the server reports it and exits
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
+    try:
+        while True:
+            if not engine.has_unfinished_requests():
+                conn.poll(None)  # idle: sleep until the server writes
+            refused: list[tuple[str, BaseException]] = []
+            while conn.poll(0):  # everything that arrived since the last step
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    return
+                if msg[0] == "add":
+                    _, rid, prompt, params, ids = msg
+                    try:
+                        engine.add_request(rid, prompt, params, prompt_token_ids=ids)
+                    except (ValueError, TypeError) as e:
+                        refused.append((rid, e))
+                elif msg[0] == "abort":
+                    engine.abort_request(msg[1])
+            if not engine.has_unfinished_requests() and not refused:
+                continue
+            try:
+                outputs = engine.step() if engine.has_unfinished_requests() else []
+            except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                logger.exception("tinyvllm: engine step failed")
+                failed = list(engine.requests)
+                engine.abort_request(failed)
+                engine._pending.clear()  # (the abort outputs: the server fails those streams itself)
+                conn.send(("failed", f"{type(e).__name__}: {e}", failed))
+                continue
+            conn.send(("step", outputs, refused, engine.scheduler_stats()))
+    except (EOFError, BrokenPipeError):  # the server went away
+        return
+    finally:
+        engine.shutdown()
+
+
+# ---- the server's side -------------------------------------------------------------------------
+@dataclass
+class _Tracked:
+    kind: RequestOutputKind  # what the caller asked for
+    total: RequestOutput | None = None  # the deltas so far, added up
+
+
+class EngineCoreClient:
+    """What AsyncLLMEngine needs of an LLMEngine (``add_request``, ``abort_request``, ``step``,
+    ``has_unfinished_requests``, ``requests``, ``config``, ``tokenizer``, ``vocab_size``,
+    ``scheduler_stats``), over a pipe to the engine's process. ``step()`` waits for the engine's
+    next step (without the interpreter lock) and returns the outputs of every step that arrived."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        ctx = mp.get_context("spawn")  # (fork after CUDA or threads is unsafe)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=engine_core_main, args=(config, child, logging.getLogger("tinyvllm").level),
+                                 name="tinyvllm-engine-core", daemon=True)  # fmt: skip
+        self._proc.start()
+        child.close()
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            msg = ("error", f"the engine process exited with {self._proc.join(5) or self._proc.exitcode}")
+        if msg[0] != "ready":
+            self._proc.join(5)
+            raise RuntimeError(f"the engine failed to start: {msg[1]}")
+        _, self.config, self.vocab_size, self.tokenizer, self._stats = msg
+        # A reader thread empties the pipe as messages come, so the engine never waits on a full
+        # pipe while the server is busy; ``step()`` takes them from this queue.
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="tinyvllm-engine-reader", daemon=True).start()
+        self.requests: dict[str, _Tracked] = {}
+        self._pending: list[RequestOutput] = []  # (AsyncLLMEngine's clean-up clears it; nothing waits here)
+        self._refused: list[tuple[str, BaseException]] = []
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None) -> None:  # fmt: skip
+        params = params if params is not None else SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        kind = params.output_kind
+        if kind != RequestOutputKind.DELTA:
+            params = params.clone()
+            params.output_kind = RequestOutputKind.DELTA
+        self._send(("add", request_id, prompt, params, prompt_token_ids))
+        self.requests[request_id] = _Tracked(kind)
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            self.requests.pop(rid, None)
+        self._send(("abort", ids))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    live_stats = True  # scheduler_stats() may be read from any thread, at any time
+
+    def scheduler_stats(self) -> dict[str, int]:
+        """The engine's numbers as of its last step: requests waiting and running, KV blocks."""
+        return dict(self._stats)
+
+    def pop_refused(self) -> list[tuple[str, BaseException]]:
+        """The requests the engine refused since the last call, with add_request's exception."""
+        refused, self._refused = self._refused, []
+        return refused
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Wait for the engine's next step, take every step that has arrived, and return one
+        output per request that advanced (each delta for a DELTA caller)."""
+        if not self.requests:
+            return []
+        latest: dict[str, RequestOutput] = {}
+        deltas: list[RequestOutput] = []
+        while True:
+            msg = self._recv()
+            if msg[0] == "failed":
+                raise EngineCoreError(msg[1])
+            _, outputs, refused, _ = msg
+            for rid, exc in refused:
+                if self.requests.pop(rid, None) is not None:
+                    self._refused.append((rid, exc))
+            for delta in outputs:
+                tracked = self.requests.get(delta.request_id)
+                if tracked is None:
+                    continue  # aborted meanwhile
+                tracked.total = delta if tracked.total is None else tracked.total.add(delta)
+                if tracked.kind == RequestOutputKind.DELTA:
+                    deltas.append(delta)
+                elif delta.finished or tracked.kind == RequestOutputKind.CUMULATIVE:
+                    latest[delta.request_id] = tracked.total
+                if delta.finished:
+                    del self.requests[delta.request_id]
+            if self._inbox.empty():
+                return deltas + list(latest.values())
+
+    def shutdown(self) -> None:
+        """Stop the engine's process (it frees the GPU); idempotent."""
+        if self._proc.is_alive():
+            try:
+                self._send(("stop",))
+            except EngineCoreError:
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5)
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, OSError) as e:
+            raise EngineCoreError(f"the engine process is gone (exit code {self._proc.exitcode})") from e
+
+    def _read(self) -> None:
+        """The reader thread: every message into the inbox; the pipe's end as an error."""
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                self._inbox.put(("gone",))
+                return
+            if msg[0] == "step":
+                self._stats = msg[3]  # (live: /metrics reads it between steps the server has not taken)
+            self._inbox.put(msg)
+
+    def _recv(self) -> tuple:
+        msg = self._inbox.get()
+        if msg[0] == "gone":
+            self._inbox.put(msg)  # (every later call fails the same way)
+            self._proc.join(1)
+            raise EngineCoreError(f"the engine process is gone (exit code {self._proc.exitcode})")
+        return msg
