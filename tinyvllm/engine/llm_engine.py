@@ -45,7 +45,6 @@ next ``step()``, so that one bad request never fails the others of a batch.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import time
@@ -59,7 +58,7 @@ from tinyvllm.engine.request_state import RequestState, TokenTexts, child_params
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.engine.stats import EngineStats, Metric
-from tinyvllm.outputs import CompletionOutput, RequestOutput
+from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tinyvllm")
@@ -473,42 +472,4 @@ class LLMEngine:
                     break
 
     def _make_output(self, state: RequestState) -> RequestOutput:
-        """The request's output as its ``output_kind`` wants it: everything so far, or (DELTA) what
-        is new since its last output, the prompt's ids and log-probabilities in the first only."""
-        delta = state.params.output_kind == RequestOutputKind.DELTA
-        first = not state.sent
-        completions = []
-        for index, seq in enumerate(state.seqs):
-            text = seq.output_text
-            p = seq.sampling_params
-            if seq.finish_reason is None and p.stop and not p.include_stop_str_in_output:
-                # While running, hold back a tail that could be the start of a stop string,
-                # so a streamed text never shows characters that a later stop would cut.
-                hold = max(len(s) for s in p.stop) - 1
-                if hold > 0:
-                    text = text[: max(0, len(text) - hold)]
-            logprobs = state.logprobs[index]
-            token_ids = seq.output_token_ids
-            while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
-                token_ids.pop()
-            if delta:
-                t0, k0, l0 = state.sent.get(index, (0, 0, 0))
-                state.sent[index] = (len(text), len(token_ids), 0 if logprobs is None else len(logprobs))
-                text, token_ids = text[t0:], token_ids[k0:]
-                logprobs = None if logprobs is None else logprobs[l0:]
-            completions.append(CompletionOutput(
-                index=index, text=text, token_ids=token_ids,
-                cumulative_logprob=state.cumulative_logprobs[index],
-                logprobs=None if logprobs is None else list(logprobs),
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))  # fmt: skip
-        # (A server makes one of these per running request per step: the prompt's ids are shared,
-        # not copied, as vLLM's outputs share them; nothing in the engine changes them.)
-        later_delta = delta and not first
-        return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt,
-            prompt_token_ids=None if later_delta else state.prompt_token_ids,
-            outputs=completions, finished=state.finished, error=state.error,
-            prompt_logprobs=None if state.prompt_logprobs is None or later_delta else list(state.prompt_logprobs),
-            metrics=copy.copy(state.seqs[0].metrics), num_cached_tokens=state.seqs[0].metrics.num_cached_tokens,
-        )
+        return state.make_output()

@@ -8,13 +8,14 @@ vLLM's shapes: one ``dict[token_id, Logprob]`` per position.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.outputs import Logprob, PromptLogprobs, SampleLogprobs
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class TokenTexts:
@@ -56,6 +57,47 @@ class RequestState:
     error: str | None = None  # why the request failed (finish_reason "error")
     # DELTA outputs: per sequence, the characters, tokens and log-probabilities already returned
     sent: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+
+    def make_output(self) -> RequestOutput:
+        """The request's output as its ``output_kind`` wants it: everything so far, or (DELTA) what
+        is new since its last output, the prompt's ids and log-probabilities in the first only."""
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        first = not self.sent
+        completions = []
+        for index, seq in enumerate(self.seqs):
+            text = seq.output_text
+            p = seq.sampling_params
+            if seq.finish_reason is None and p.stop and not p.include_stop_str_in_output:
+                # While running, hold back a tail that could be the start of a stop string,
+                # so a streamed text never shows characters that a later stop would cut.
+                hold = max(len(s) for s in p.stop) - 1
+                if hold > 0:
+                    text = text[: max(0, len(text) - hold)]
+            logprobs = self.logprobs[index]
+            token_ids = seq.output_token_ids
+            while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
+                token_ids.pop()
+            if delta:
+                t0, k0, l0 = self.sent.get(index, (0, 0, 0))
+                self.sent[index] = (len(text), len(token_ids), 0 if logprobs is None else len(logprobs))
+                text, token_ids = text[t0:], token_ids[k0:]
+                logprobs = None if logprobs is None else logprobs[l0:]
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=token_ids,
+                cumulative_logprob=self.cumulative_logprobs[index],
+                logprobs=None if logprobs is None else list(logprobs),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))  # fmt: skip
+        # (A server makes one of these per running request per step: the prompt's ids are shared,
+        # not copied, as vLLM's outputs share them; nothing in the engine changes them.)
+        later_delta = delta and not first
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=None if later_delta else self.prompt_token_ids,
+            outputs=completions, finished=self.finished, error=self.error,
+            prompt_logprobs=None if self.prompt_logprobs is None or later_delta else list(self.prompt_logprobs),
+            metrics=copy.copy(self.seqs[0].metrics), num_cached_tokens=self.seqs[0].metrics.num_cached_tokens,
+        )
 
     @property
     def finished(self) -> bool:
