@@ -75,9 +75,26 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def server_latencies(port: int) -> dict[str, float]:
+    """The server's own TTFT and inter-token histograms (sums and counts) from /metrics: measured
+    from the moment the request reached the engine's stream, so the client's TTFT minus the
+    server's is HTTP, parsing and the client itself."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for key in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
+            for part in ("sum", "count"):
+                if line.startswith(f"tinyvllm:{key}_{part} "):
+                    out[f"{key}_{part}"] = float(line.split()[1])
+    return out
+
+
 def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_len: int, vocab: int,
                result: str) -> dict:
-    """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them."""
+    """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them, plus the
+    server's mean TTFT and inter-token latency over the run (``server_mean_ttft_ms``, ``server_mean_itl_ms``)."""
+    before = server_latencies(port)
     from tinyvllm.benchmarks.serve import bench_serve_main
     from tinyvllm.entrypoints.cli import build_parser
 
@@ -89,6 +106,10 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
     with open(result) as f:
         run = json.load(f)["runs"][0]
     run["rc"] = rc
+    after = server_latencies(port)
+    for key, name in (("time_to_first_token_seconds", "server_mean_ttft_ms"), ("inter_token_latency_seconds", "server_mean_itl_ms")):
+        n = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
+        run[name] = 1e3 * (after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)) / n if n else None
     return run
 
 
@@ -163,10 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(result, f, indent=1)
     print(f"\n{result['card']}: {a.input_len}-token prompts, {a.output_len} output tokens, greedy, ignore_eos")
     print(f"{'rate':>6} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
+          f"{'ITL p50':>8} {'ITL p99':>8} {'server TTFT/ITL mean':>21}")  # fmt: skip
     for r in runs:
+        server = f"{r['server_mean_ttft_ms'] or 0:.1f} / {r['server_mean_itl_ms'] or 0:.2f}"
         print(f"{r['request_rate']:>6} {r['completed']:>5} {r['output_throughput']:>10.0f} {r['median_ttft_ms']:>9.1f} "
-              f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['median_itl_ms']:>8.2f} {r['p99_itl_ms']:>8.2f}")
+              f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['median_itl_ms']:>8.2f} {r['p99_itl_ms']:>8.2f} "
+              f"{server:>21}")  # fmt: skip
     print(f"offline LLM.generate: {offline['output_throughput']:.0f} out tok/s; one prompt's prefill "
           f"{offline['prefill_ms_one_prompt']:.1f} ms")
     if sat:
