@@ -63,7 +63,8 @@ if has test; then
     tests/test_engine.py tests/test_llm_api.py tests/test_sampler.py tests/test_model_runner.py \
     tests/test_engine_config.py tests/test_cuda_graphs.py tests/test_logprobs.py tests/test_logits_processors.py \
     tests/test_parallel_sampling.py tests/test_skinny_gemm.py tests/test_async_scheduling.py \
-    tests/test_prefix_caching.py tests/test_chunked_prefill.py tests/test_rope_and_cache.py tests/test_input_batch.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    tests/test_prefix_caching.py tests/test_chunked_prefill.py tests/test_rope_and_cache.py tests/test_input_batch.py \
+    tests/test_engine_core.py tests/test_output_kinds.py 2>&1 | tee "$OUT/pytest_gpu.log"
   note "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
