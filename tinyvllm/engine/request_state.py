@@ -8,13 +8,12 @@ vLLM's shapes: one ``dict[token_id, Logprob]`` per position.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
+from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -66,26 +65,26 @@ class RequestState:
         completions = []
         for index, seq in enumerate(self.seqs):
             text = seq.output_text
+            end = len(text)  # of the text that may be shown
             p = seq.sampling_params
             if seq.finish_reason is None and p.stop and not p.include_stop_str_in_output:
                 # While running, hold back a tail that could be the start of a stop string,
                 # so a streamed text never shows characters that a later stop would cut.
-                hold = max(len(s) for s in p.stop) - 1
-                if hold > 0:
-                    text = text[: max(0, len(text) - hold)]
+                end = max(0, end - (max(len(s) for s in p.stop) - 1))
             logprobs = self.logprobs[index]
-            token_ids = seq.output_token_ids
+            t0, k0, l0 = self.sent.get(index, (0, 0, 0)) if delta else (0, 0, 0)
+            token_ids = seq.token_ids[len(seq.prompt_token_ids) + k0 :]  # (a delta slices only its new part)
             while token_ids and token_ids[-1] < 0:  # a placeholder of a step in flight (async scheduling)
                 token_ids.pop()
             if delta:
-                t0, k0, l0 = self.sent.get(index, (0, 0, 0))
-                self.sent[index] = (len(text), len(token_ids), 0 if logprobs is None else len(logprobs))
-                text, token_ids = text[t0:], token_ids[k0:]
-                logprobs = None if logprobs is None else logprobs[l0:]
+                self.sent[index] = (end, k0 + len(token_ids), 0 if logprobs is None else len(logprobs))
+            text = text[t0:end] if t0 or end < len(text) else text
+            if logprobs is not None:
+                logprobs = logprobs[l0:]
             completions.append(CompletionOutput(
                 index=index, text=text, token_ids=token_ids,
                 cumulative_logprob=self.cumulative_logprobs[index],
-                logprobs=None if logprobs is None else list(logprobs),
+                logprobs=logprobs,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             ))  # fmt: skip
         # (A server makes one of these per running request per step: the prompt's ids are shared,
@@ -96,11 +95,13 @@ class RequestState:
             prompt_token_ids=None if later_delta else self.prompt_token_ids,
             outputs=completions, finished=self.finished, error=self.error,
             prompt_logprobs=None if self.prompt_logprobs is None or later_delta else list(self.prompt_logprobs),
-            metrics=copy.copy(self.seqs[0].metrics), num_cached_tokens=self.seqs[0].metrics.num_cached_tokens,
+            metrics=RequestMetrics(**vars(self.seqs[0].metrics)), num_cached_tokens=self.seqs[0].metrics.num_cached_tokens,
         )
 
     @property
     def finished(self) -> bool:
+        if len(self.seqs) == 1:  # (n = 1, the common case: this runs per request per step)
+            return self.seqs[0].finish_reason is not None
         return all(seq.finish_reason is not None for seq in self.seqs)
 
     def record_logprobs(self, index: int, scored: TokenLogprobs, texts: TokenTexts) -> None:
