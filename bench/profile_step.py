@@ -121,9 +121,14 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
     result.update(
         batch=batch, source=source, unassigned_events=unassigned, unprofiled_period_us=unprofiled_us,
         all_decode_steps_of_batch=all(s.is_decode and len(s.new) == batch for s in steps),
+        # each profiled step as (sequences, tokens): where the line above is False, which steps differ
+        step_shapes=[(len(s.new), sum(s.new)) for s in steps],
         cuda_graphs=graphs is not None and graphs.shape_for(batch, 1) is not None,
         trace=trace_path,
     )
+    if not result["all_decode_steps_of_batch"]:
+        print(f"WARNING batch {batch}: not every profiled step is a decode step of {batch} sequences "
+              f"(sequences, tokens per step: {result['step_shapes']})", flush=True)
     if result["cuda_graphs"] and result.get("events_per_step", 0) < 30:
         result["warning"] = ("few GPU events per step for a graph-replayed decode step (about 150 kernels): the "
                              "profiler may not have traced the graph's kernels (CUPTI); read the trace")
