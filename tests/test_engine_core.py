@@ -74,3 +74,22 @@ def test_streams_through_the_engine_process_match_offline_and_end_clean(model):
 def test_an_engine_that_cannot_start_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="the engine failed to start"):
         AsyncLLMEngine.from_config(EngineConfig(str(tmp_path / "no-such-model"), device="cpu"), engine_process=True)
+
+
+def test_a_dead_engine_process_fails_requests_and_health(model):
+    from tinyvllm.engine.async_llm_engine import EngineError
+
+    async def main():
+        engine = AsyncLLMEngine.from_config(EngineConfig(model, **ENGINE), engine_process=True)
+        engine.start()
+        assert engine.is_running
+        engine.engine._proc.kill()
+        engine.engine._proc.join(10)
+        with pytest.raises(EngineError, match="the engine process is gone"):
+            async for _ in engine.generate([5, 6], SamplingParams(max_tokens=3), "after"):
+                pass
+        running = engine.is_running
+        await engine.shutdown()
+        return running
+
+    assert asyncio.run(main()) is False  # /health answers 503

@@ -113,7 +113,9 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        """The loop runs (and an engine process, if any, is alive): what /health answers."""
+        alive = getattr(self.engine, "is_alive", None)
+        return self._loop_task is not None and not self._loop_task.done() and (alive is None or alive())
 
     def start(self) -> None:
         """Start the engine loop on the running event loop (``generate`` does it on first use)."""

@@ -105,7 +105,7 @@ class _Tracked:
 
 class EngineCoreClient:
     """What AsyncLLMEngine needs of an LLMEngine (``add_request``, ``abort_request``, ``step``,
-    ``has_unfinished_requests``, ``requests``, ``config``, ``tokenizer``, ``vocab_size``,
+    ``has_unfinished_requests``, ``requests``, ``config``, ``tokenizer``, ``vocab_size``, ``is_alive``,
     ``scheduler_stats``), over a pipe to the engine's process. ``step()`` waits for the engine's
     next step (without the interpreter lock) and returns the outputs of every step that arrived."""
 
@@ -153,6 +153,10 @@ class EngineCoreClient:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def is_alive(self) -> bool:
+        """Whether the engine's process still runs (a server's /health)."""
+        return self._proc.is_alive()
 
     live_stats = True  # scheduler_stats() may be read from any thread, at any time
 
