@@ -186,3 +186,22 @@ def test_shutdown_ends_open_streams_with_an_error():
     assert raised
     bm = engine.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not engine.engine.requests
+
+
+def test_an_id_reused_right_after_its_abort_gets_only_its_own_outputs():
+    """Abort a running request and start another under the same id before the next step: the
+    aborts go first, and the aborted request's last output does not reach the new stream."""
+    want = run_to_completion(make_fake_engine(), {0: [("x", [9, 4], SamplingParams(max_tokens=6, **GREEDY))]})
+
+    async def main():
+        engine = AsyncLLMEngine(make_fake_engine())
+        old = engine.generate([5, 6], SamplingParams(max_tokens=50, **GREEDY), "x")
+        await old.__anext__()
+        await old.aclose()
+        outs = await collect(engine, [9, 4], SamplingParams(max_tokens=6, **GREEDY), "x")
+        await engine.shutdown()
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].outputs[0].token_ids == want["x"].outputs[0].token_ids
+    assert outs[-1].prompt_token_ids == [9, 4] and outs[-1].outputs[0].finish_reason == "length"

@@ -46,6 +46,8 @@ def test_streams_through_the_engine_process_match_offline_and_end_clean(model):
         gen = engine.generate([7, 8], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True), "left")
         await gen.__anext__()
         await gen.aclose()
+        # the same id again at once: it must not inherit the aborted request's outputs in flight
+        again = [o async for o in engine.generate({"prompt_token_ids": prompts[0]}, params[0], "left")]
         for _ in range(200):
             stats = engine.get_stats()
             if stats["num_requests_running"] == 0 and stats["num_free_kv_blocks"] == stats["num_kv_blocks"]:
@@ -53,9 +55,10 @@ def test_streams_through_the_engine_process_match_offline_and_end_clean(model):
             await asyncio.sleep(0.02)
         proc = engine.engine._proc
         await engine.shutdown()
-        return results, stats, proc
+        return results, stats, proc, again
 
-    results, stats, proc = asyncio.run(main())
+    results, stats, proc, again = asyncio.run(main())
+    assert again[-1].outputs[0].token_ids == want[0].outputs[0].token_ids and again[-1].prompt_token_ids == prompts[0]
     for i, outs in enumerate(results):
         kind = [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY][i % 3]
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])

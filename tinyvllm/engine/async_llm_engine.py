@@ -171,6 +171,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request: it leaves the batch (blocks freed) before the next step. Unknown ids are ignored."""
         if self._streams.pop(request_id, None) is not None:
+            pending = [r for r in self._work.new if r.request_id == request_id]
+            if pending:  # its client left before it was even added: it never reaches the engine
+                self._work.new.remove(pending[0])
+                return
             self._work.aborts.add(request_id)
             if self._wake is not None:
                 self._wake.set()
@@ -219,6 +223,9 @@ class AsyncLLMEngine:
                 await self._wake.wait()
                 continue
             work, self._work = self._work, _Work()
+            # The streams this step serves. A stream aborted while the step runs (and maybe replaced
+            # by a new request under the same id) must not receive the step's outputs.
+            streams = dict(self._streams)
             try:
                 outputs, refused = await loop.run_in_executor(self._executor, self._engine_step, work)
             except Exception as e:  # noqa: BLE001 - an engine bug must fail requests, not the server
@@ -231,8 +238,8 @@ class AsyncLLMEngine:
                 if queue is not None:
                     queue.put_nowait(exc)
             for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is None:
+                queue = streams.get(out.request_id)
+                if queue is None or self._streams.get(out.request_id) is not queue:
                     continue  # aborted meanwhile: nobody is listening
                 queue.put_nowait(out)
                 if out.finished:
@@ -241,18 +248,19 @@ class AsyncLLMEngine:
                 return
 
     def _engine_step(self, work: _Work) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
-        """In the engine thread: add the new requests, apply the aborts, run one step."""
+        """In the engine thread: apply the aborts, add the new requests, run one step. (Aborts
+        first: a client may abort a request and start another under the same id before this runs.
+        The aborted requests' final outputs are dropped here: nobody listens to them any more.)"""
         engine = self.engine
         refused = []
+        if work.aborts:
+            engine.abort_request(list(work.aborts))
+            engine._pending = [o for o in engine._pending if o.request_id not in work.aborts]
         for r in work.new:
-            if r.request_id in work.aborts:
-                continue  # its client left before it was even added
             try:
                 engine.add_request(r.request_id, r.prompt, r.params, prompt_token_ids=r.prompt_token_ids)
             except (ValueError, TypeError) as e:
                 refused.append((r.request_id, e))
-        if work.aborts:
-            engine.abort_request(list(work.aborts))
         outputs = engine.step()
         pop_refused = getattr(engine, "pop_refused", None)  # (an engine process refuses asynchronously)
         if pop_refused is not None:

@@ -131,6 +131,7 @@ class EngineCoreClient:
         self.requests: dict[str, _Tracked] = {}
         self._pending: list[RequestOutput] = []  # (AsyncLLMEngine's clean-up clears it; nothing waits here)
         self._refused: list[tuple[str, BaseException]] = []
+        self._draining: set[str] = set()  # aborted here, the engine's last output for them not seen yet
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None, *,
@@ -148,7 +149,10 @@ class EngineCoreClient:
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            self.requests.pop(rid, None)
+            if self.requests.pop(rid, None) is not None:
+                # Its outputs already on their way are dropped until its last one (the abort's), so
+                # that a new request under the same id does not inherit them.
+                self._draining.add(rid)
         self._send(("abort", ids))
 
     def has_unfinished_requests(self) -> bool:
@@ -183,9 +187,14 @@ class EngineCoreClient:
                 raise EngineCoreError(msg[1])
             _, outputs, refused, _ = msg
             for rid, exc in refused:
+                self._draining.discard(rid)
                 if self.requests.pop(rid, None) is not None:
                     self._refused.append((rid, exc))
             for delta in outputs:
+                if delta.request_id in self._draining:
+                    if delta.finished:
+                        self._draining.discard(delta.request_id)
+                    continue
                 tracked = self.requests.get(delta.request_id)
                 if tracked is None:
                     continue  # aborted meanwhile
