@@ -40,7 +40,7 @@ class FakeRunner(ModelRunner):
         t = s.token_ids[pos]
         return t if t >= 0 else int(self._last_sampled[PLACEHOLDER - t])
 
-    def compute_logits(self, out) -> torch.Tensor:
+    def compute_logits(self, out, spans=None) -> torch.Tensor:
         bs = self.block_size
         rows = []
         self.batches.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_scheduled_tokens)])

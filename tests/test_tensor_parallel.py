@@ -84,8 +84,8 @@ def _run_engine(path: Path, tp: int, async_scheduling: bool = False):
     runner = engine.model_runner
     compute = runner.compute_logits
 
-    def recording(out):
-        logits = compute(out)
+    def recording(out, *spans):
+        logits = compute(out, *spans)
         logits_per_step.append(logits.clone())
         return logits
 

@@ -283,9 +283,9 @@ class ModelRunner:
         step's inputs may read them, see :meth:`_fill_placeholders`) while a non-blocking copy
         brings them, with any log-probabilities, to pinned host memory; ``.to_host()`` waits
         for that copy only."""
-        logits = self.compute_logits(out)
+        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)  # (once: a loop over the batch)
+        logits = self.compute_logits(out, spans)
         S = len(out.seqs)
-        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
         # A prompt chunk that stops short of its sequence's end keeps no token (the scheduler
         # appends none): it draws no random number, so that a seeded request gets the same
         # tokens whether its prompt is chunked or not.
@@ -295,27 +295,29 @@ class ModelRunner:
         return PendingOutput(sampled, pinned=self._pinned)
 
     @torch.no_grad()
-    def compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
+    def compute_logits(self, out: "SchedulerOutput", spans: list[PromptSpan] | None = None) -> torch.Tensor:
         """Run ``num_scheduled_tokens[i]`` new tokens of each ``seqs[i]`` (from its
         ``num_computed_tokens`` on) through the model, writing their k/v into the cache; return the
         logits of each sequence's last scheduled token, float32 [len(seqs), vocab], followed by the
-        rows of its ``prompt_logprob_spans`` (none unless a sequence asked for prompt_logprobs)."""
+        rows of its ``prompt_logprob_spans`` (none unless a sequence asked for prompt_logprobs;
+        ``spans``: those spans, when the caller has them)."""
         if not out.seqs:
             raise ValueError("execute() needs at least one sequence")
         if self.executor is not None:  # rank 0 of several: a dead rank is an error naming it, not a hang
             self.executor.check_health()
             self.executor.in_step = True  # the workers are mid-step until all its collectives are issued
             try:
-                logits = self._compute_logits(out)
+                logits = self._compute_logits(out, spans)
             except Exception as e:
                 self.executor.raise_if_dead(e)
                 raise
             self.executor.in_step = False
             return logits
-        return self._compute_logits(out)
+        return self._compute_logits(out, spans)
 
-    def _compute_logits(self, out: "SchedulerOutput") -> torch.Tensor:
-        spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
+    def _compute_logits(self, out: "SchedulerOutput", spans: list[PromptSpan] | None) -> torch.Tensor:
+        if spans is None:
+            spans = prompt_logprob_spans(out.seqs, out.num_scheduled_tokens)
         if spans:
             input_ids, positions, attn = self.prepare_prefill(out.seqs, out.num_scheduled_tokens, spans)
         elif all(n == 1 for n in out.num_scheduled_tokens):
