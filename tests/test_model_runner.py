@@ -122,8 +122,8 @@ def test_execute_samples_one_token_per_sequence_as_python_ints():
     assert token_ids == logits.argmax(-1).tolist() and all(type(t) is int for t in token_ids)
 
 
-def test_flatten_block_tables_pads_each_row_then_adds_zero_rows():
+def test_flatten_block_tables_pads_each_row():
     from tinyvllm.model.attention_metadata import flatten_block_tables
 
     assert flatten_block_tables([[3, 4], [5], []], 3) == [3, 4, 0, 5, 0, 0, 0, 0, 0]
-    assert flatten_block_tables([[7]], 2, pad_rows=2) == [7, 0, 0, 0, 0, 0]
+    assert flatten_block_tables([[7]], 2) == [7, 0]

@@ -45,15 +45,15 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
-def flatten_block_tables(tables: list[list[int]], width: int, pad_rows: int = 0) -> list[int]:
-    """Block tables row-major, each padded with block 0 to ``width`` entries, then ``pad_rows``
-    rows of zeros: the block-table part of a step's packed inputs. (Extending one list is
-    several times faster than a nested comprehension: at batch 256 this runs every step.)"""
+def flatten_block_tables(tables: list[list[int]], width: int) -> list[int]:
+    """Block tables row-major, each padded with block 0 to ``width`` entries: the block-table part
+    of a prefill step's packed inputs (decode steps keep theirs between steps:
+    tinyvllm/engine/input_batch.py). Extending one list is several times faster than a nested
+    comprehension."""
     flat: list[int] = []
     for table in tables:
         flat += table
         flat += [0] * (width - len(table))
-    flat += [0] * (pad_rows * width)
     return flat
 
 
