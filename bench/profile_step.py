@@ -6,7 +6,8 @@ scheduling, input preparation, the graph replay, sampling and its sync, detokeni
 
   1. add B requests of ``--prompt-len`` random tokens (greedy, ignore_eos, enough max_tokens that
      none finishes), step until all are prefilled, then ``--warmup`` decode steps;
-  2. time ``--steps`` decode steps on the host clock, no profiler (the unprofiled period);
+  2. time ``--steps`` decode steps on the host clock, no profiler (the unprofiled period); then
+     ``--steps`` more under cProfile (the host's time by Python function, printed and in the JSON);
   3. profile ``--steps`` more (CUDA and CPU activities; one more first, discarded, for the
      profiler's own start-up), each inside ``record_function("decode_step_<i>")``;
   4. group the GPU kernels per step and per kind and measure the gaps (bench/step_trace.py):
@@ -30,6 +31,7 @@ random Llama, batches 1 and 2; the trace then has CPU ops only; the outermost on
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -76,12 +78,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def python_profile(engine, steps: int, device: str, top: int = 15) -> list[tuple[str, int, float, float]]:
+    """cProfile over ``steps`` more decode steps: where the host's time goes, by Python function
+    (the torch trace shows only ops and launches). Returns and prints the ``top`` functions by
+    own time as (function, calls per step, own us per step, cumulative us per step)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    _sync(device)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, prim calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = [(f"{os.path.basename(k[0])}:{k[1]}({k[2]})", round(v[0] / steps), round(v[2] / steps * 1e6, 1),
+            round(v[3] / steps * 1e6, 1)) for k, v in rows]
+    print("host functions by own time (calls/step, own us/step, cumulative us/step; cProfile slows each call):")
+    for name, calls, own, cum in out:
+        print(f"  {own:9.1f} {cum:9.1f} {calls:6d}  {name}")
+    return out
+
+
 def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, trace_path: str) -> dict:
     """Steps ``batch`` sequences to steady decode, times and profiles ``args.steps`` decode steps,
     and returns their anatomy (bench/step_trace.py) plus what was checked about them."""
     from tinyvllm import SamplingParams
 
-    total = args.warmup + 2 * args.steps + 2  # decode steps this batch will run
+    total = args.warmup + 3 * args.steps + 2  # decode steps this batch will run
     params = SamplingParams(temperature=args.temperature, max_tokens=total + 4, ignore_eos=True)
     vocab = engine.model_config.vocab_size if hasattr(engine, "model_config") else None
     ids = [f"b{batch}-{i}" for i in range(batch)]
@@ -93,11 +118,24 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
         engine.step()
 
     _sync(device)
+    gc_time = [0.0, 0.0]  # the garbage collector's time during the timed steps (its start, its total)
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_time[0] = time.perf_counter()
+        else:
+            gc_time[1] += time.perf_counter() - gc_time[0]
+
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
     _sync(device)
     unprofiled_us = (time.perf_counter() - t0) / args.steps * 1e6
+    gc.callbacks.remove(on_gc)
+    gc_us = gc_time[1] / args.steps * 1e6
+    print(f"batch {batch}: unprofiled period {unprofiled_us:.0f} us, of which the garbage collector {gc_us:.0f} us", flush=True)
+    host_functions = python_profile(engine, args.steps, device)
 
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
@@ -120,6 +158,7 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
     graphs = getattr(engine.model_runner, "graphs", None)
     result.update(
         batch=batch, source=source, unassigned_events=unassigned, unprofiled_period_us=unprofiled_us,
+        host_functions=host_functions, gc_us_per_step=gc_us,
         all_decode_steps_of_batch=all(s.is_decode and len(s.new) == batch for s in steps),
         # each profiled step as (sequences, tokens): where the line above is False, which steps differ
         step_shapes=[(len(s.new), sum(s.new)) for s in steps],
