@@ -158,6 +158,9 @@ def test_tiny_profile_runs_the_engine_and_writes_the_table(tmp_path):
         assert a["cuda_graphs"] is False  # CPU: the eager step
         # every linear of the tiny Llama (2 layers x qkv, o, gate_up, down; the lm_head) is in the step
         assert round(a["kinds"]["gemm (cuBLAS)"]["count_per_step"], 6) >= 2 * 4 + 1  # (a mean over steps)
-        assert a["period_us"] > 0 and a["unprofiled_period_us"] > 0
+        assert a["period_us"] > 0 and a["unprofiled_period_us"] > 0 and a["gc_us_per_step"] >= 0
+        # the host's Python functions by own time, each (name, calls, own us, cumulative us)
+        names = [f[0] for f in a["host_functions"]]
+        assert len(names) > 5 and all(f[1] >= 0 and f[2] >= 0 and f[3] >= f[2] for f in a["host_functions"])
         assert os.path.exists(a["trace"])
     assert (tmp_path / "anatomy.md").read_text().count("| **gap between steps** (host) |") == 1
