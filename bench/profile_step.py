@@ -22,6 +22,7 @@ and the Chrome traces (``--trace-dir``; open them in Perfetto).
 
     python bench/profile_step.py --out bench/results/step_anatomy.json [--batches 1,64,256]
         [--prompt-len 512] [--steps 10] [--model PATH] [--trace-dir DIR] [--enforce-eager] [--tiny]
+        [--no-freeze-heap]
 
 ``--model`` takes a checkpoint directory (bench/random_llama.py writes one); without it a
 random Llama-3.2-1B-shaped one is written to a temporary directory. ``--tiny``: the CPU, a tiny
@@ -37,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trace-dir", default=None, help="keep the Chrome traces here (default: next to --out)")
     ap.add_argument("--enforce-eager", action="store_true", help="profile the eager decode step instead of the graphs")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny random Llama, float32")
+    ap.add_argument("--no-freeze-heap", action="store_true",
+                    help="leave the start-up heap to the garbage collector (the engine's own loops freeze it: gc_heap.py)")
     args = ap.parse_args(argv)
     try:
         args.batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,64,256")).split(",")]
@@ -107,7 +111,10 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
     from tinyvllm import SamplingParams
 
     total = args.warmup + 3 * args.steps + 2  # decode steps this batch will run
-    params = SamplingParams(temperature=args.temperature, max_tokens=total + 4, ignore_eos=True)
+    # Room for every step: the first prompts decode while later ones are still prefilling (a chunk
+    # of the token budget a step), so a tight max_tokens would end them inside the timed steps.
+    prefill_steps = -(-batch * args.prompt_len // engine.config.max_num_batched_tokens)
+    params = SamplingParams(temperature=args.temperature, max_tokens=total + prefill_steps + 4, ignore_eos=True)
     vocab = engine.model_config.vocab_size if hasattr(engine, "model_config") else None
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, latency_prompts(batch, args.prompt_len, vocab, seed=batch)):
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TINY_LLAMA if args.tiny else LLAMA_1B
     trace_dir = args.trace_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "traces")
     os.makedirs(trace_dir, exist_ok=True)
+    from tinyvllm.engine.gc_heap import frozen_heap
     from tinyvllm.engine.llm_engine import LLMEngine
 
     with tempfile.TemporaryDirectory() as tmp, cpu_threads(1 if args.tiny else None):
@@ -196,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             enforce_eager=args.enforce_eager,
         )
         results = {}
-        for b in args.batches:
-            results[str(b)] = profile_batch(engine, b, args, device, os.path.join(trace_dir, f"decode_b{b}.json"))
-            print(f"batch {b}: {results[str(b)]['steps']} steps profiled", flush=True)
+        # The steps run as the server's engine process runs them: its start-up heap frozen.
+        with nullcontext() if args.no_freeze_heap else frozen_heap():
+            for b in args.batches:
+                results[str(b)] = profile_batch(engine, b, args, device, os.path.join(trace_dir, f"decode_b{b}.json"))
+                print(f"batch {b}: {results[str(b)]['steps']} steps profiled", flush=True)
 
     if device == "cuda":
         from common import device_info

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.gc_heap import frozen_heap
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
@@ -214,6 +215,12 @@ class AsyncLLMEngine:
 
     # ---- the engine loop (one task) and the engine thread ------------------------------------
     async def _run_engine_loop(self) -> None:
+        # The server's start-up heap (and, with the engine in a thread, the engine's) is frozen
+        # while the loop runs: no full garbage collection walks it between steps (gc_heap.py).
+        with frozen_heap():
+            await self._engine_loop()
+
+    async def _engine_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._work and not self.engine.has_unfinished_requests():

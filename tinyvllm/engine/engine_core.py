@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.gc_heap import freeze_heap
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -60,6 +61,7 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    freeze_heap()  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
     conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
     try:
         while True:

@@ -32,6 +32,7 @@ from typing import Any, Sequence as Seq
 import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.engine.gc_heap import frozen_heap
 from tinyvllm.engine.llm_engine import LLMEngine, PromptType
 from tinyvllm.engine.stats import Metric
 from tinyvllm.outputs import RequestOutput
@@ -175,14 +176,15 @@ class LLM:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
-            while len(final) < len(ids):
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError("engine stopped before every request finished")
-                for out in engine.step():
-                    if out.finished and out.request_id in wanted:
-                        final[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+            with frozen_heap():  # no full garbage collection walks the start-up heap mid-run (gc_heap.py)
+                while len(final) < len(ids):
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError("engine stopped before every request finished")
+                    for out in engine.step():
+                        if out.finished and out.request_id in wanted:
+                            final[out.request_id] = out
+                            if bar is not None:
+                                bar.update(1)
         except BaseException:
             engine.abort_request([r for r in ids if r not in final])
             engine.step()  # drain the abort outputs so the engine is clean for the next call
