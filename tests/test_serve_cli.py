@@ -129,6 +129,16 @@ def test_bench_serve_random_at_two_rates(server, tmp_path):
         assert 0 < run["median_ttft_ms"] <= run["p99_ttft_ms"] and run["mean_tpot_ms"] > 0 and run["mean_itl_ms"] > 0
         assert run["mean_e2el_ms"] >= run["mean_ttft_ms"] and run["output_throughput"] > 0
     assert stdout.count("Serving Benchmark Result") == 2 and "P99 TPOT (ms)" in stdout
+    assert stdout.index("initial single prompt test run") < stdout.index("Serving Benchmark Result")
+
+
+def test_bench_serve_stops_at_a_failed_initial_request(server):
+    r = subprocess.run([sys.executable, "-m", "tinyvllm", "bench", "serve", "--base-url", server.url,
+                        "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "100000"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("tinyvllm: error: the initial test request failed: HTTP 400")  # max_tokens too large
+    assert "Serving Benchmark Result" not in r.stdout
 
 
 def test_bench_serve_sharegpt_file_with_max_concurrency(server, tmp_path):

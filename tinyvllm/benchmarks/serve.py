@@ -94,19 +94,38 @@ def arrival_gaps(rate: float, burstiness: float, n: int, rng: np.random.Generato
     return list(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n))
 
 
+def _headers(args: argparse.Namespace) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _payload(args: argparse.Namespace, model: str, r: SampleRequest) -> dict:
+    return {"model": model, "prompt": r.prompt, "max_tokens": r.expected_output_len, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}  # fmt: skip
+
+
+async def initial_test(args: argparse.Namespace, r: SampleRequest, model: str) -> RequestResult:
+    """One request alone before the runs, not counted (vLLM's "initial single prompt test run"): a
+    request the server refuses fails here, once, and the first request's one-time costs (the
+    server's first tokenization, its GPU's lazy start-up) stay out of the measured numbers."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        return await send_request(session, args.base_url.rstrip("/") + args.endpoint, _payload(args, model, r),
+                                  _headers(args), r.prompt_len)  # fmt: skip
+
+
 async def run_benchmark(args: argparse.Namespace, requests: list[SampleRequest], model: str, rate: float) -> dict:
     import aiohttp
 
     url = args.base_url.rstrip("/") + args.endpoint
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = _headers(args)
     gaps = arrival_gaps(rate, args.burstiness, len(requests), np.random.default_rng(args.seed))
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
     connector = aiohttp.TCPConnector(limit=0)  # our semaphore limits concurrency, not the pool
 
     def payload(r: SampleRequest) -> dict:
-        return {"model": model, "prompt": r.prompt, "max_tokens": r.expected_output_len, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}  # fmt: skip
+        return _payload(args, model, r)
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
@@ -221,6 +240,12 @@ def bench_serve_main(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 1
+    if requests:
+        print("Starting initial single prompt test run...", flush=True)
+        first = asyncio.run(initial_test(args, requests[0], model))
+        if not first.success:
+            print(f"tinyvllm: error: the initial test request failed: {first.error}", file=sys.stderr)
+            return 1
     runs = []
     for rate in args.request_rate:
         metrics = asyncio.run(run_benchmark(args, requests, model, rate))
