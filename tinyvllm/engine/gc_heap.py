@@ -24,28 +24,32 @@ before. vLLM freezes its engine core's heap after start-up for the same reason.
 from __future__ import annotations
 
 import gc
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-_depth = 0  # how many frozen_heap()/freeze_heap() are in force
+_depth = 0  # how many frozen_heap()/freeze_heap() are in force (any thread may enter one)
+_lock = threading.Lock()
 
 
 def freeze_heap() -> None:
     """Freeze every object tracked so far (kept frozen: for a process that runs only the engine)."""
     global _depth
-    if _depth == 0:
-        gc.freeze()
-    _depth += 1
+    with _lock:
+        if _depth == 0:
+            gc.freeze()
+        _depth += 1
 
 
 def thaw_heap() -> None:
     """Undo one :func:`freeze_heap`; the last one returns the frozen objects to the collector."""
     global _depth
-    if _depth == 0:
-        raise RuntimeError("thaw_heap() without a freeze_heap()")
-    _depth -= 1
-    if _depth == 0:
-        gc.unfreeze()
+    with _lock:
+        if _depth == 0:
+            raise RuntimeError("thaw_heap() without a freeze_heap()")
+        _depth -= 1
+        if _depth == 0:
+            gc.unfreeze()
 
 
 @contextmanager
