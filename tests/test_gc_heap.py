@@ -8,6 +8,7 @@ import gc
 import multiprocessing as mp
 import signal
 import threading
+import weakref
 
 import pytest
 
@@ -43,6 +44,21 @@ def test_nested_freezes_freeze_and_thaw_once():
     gc_heap.thaw_heap()
     assert gc.get_freeze_count() == 0 and len(later) == 100
     with pytest.raises(RuntimeError, match="without a freeze_heap"):
+        gc_heap.thaw_heap()
+
+
+def test_a_freeze_for_good_collects_the_garbage_first():
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    dead = weakref.ref(a)
+    del a, b
+    gc_heap.freeze_heap(collect=True)
+    try:
+        assert dead() is None  # collected, not frozen for good
+    finally:
         gc_heap.thaw_heap()
 
 

@@ -61,7 +61,7 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    freeze_heap()  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
+    freeze_heap(collect=True)  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
     conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
     try:
         while True:

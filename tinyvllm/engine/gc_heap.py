@@ -32,11 +32,15 @@ _depth = 0  # how many frozen_heap()/freeze_heap() are in force (any thread may 
 _lock = threading.Lock()
 
 
-def freeze_heap() -> None:
-    """Freeze every object tracked so far (kept frozen: for a process that runs only the engine)."""
+def freeze_heap(collect: bool = False) -> None:
+    """Freeze every object tracked so far. ``collect``: a full collection first, so that today's
+    garbage is not frozen with the rest (once, for a process that stays frozen for good; a frozen
+    block that thaws later needs none)."""
     global _depth
     with _lock:
         if _depth == 0:
+            if collect:
+                gc.collect()
             gc.freeze()
         _depth += 1
 

@@ -95,7 +95,7 @@ def worker_main(rank: int, world_size: int, port: int, config, path: str, error_
         model_config, weights = load_checkpoint(path, config.dtype, tp_rank=rank, tp_size=world_size)
         runner = ModelRunner(config, model_config, weights, tp_rank=rank, tp_size=world_size)
         del weights
-        freeze_heap()  # this process runs only its shard of the model (gc_heap.py)
+        freeze_heap(collect=True)  # this process runs only its shard of the model (gc_heap.py)
         while execute_worker_step(runner):
             pass
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process ends
