@@ -6,6 +6,10 @@ after shutdown. On a tiny random Llama on the CPU (float32)."""
 from __future__ import annotations
 
 import asyncio
+import queue
+import signal
+import threading
+import time
 
 import pytest
 
@@ -96,3 +100,72 @@ def test_a_dead_engine_process_fails_requests_and_health(model):
         return running
 
     assert asyncio.run(main()) is False  # /health answers 503
+
+
+class _SlowServerConn:
+    """A stand-in for the engine's end of the pipe whose server reads no step until released: a
+    step's send blocks (a full pipe). Records what the engine sends, and sees the engine go idle."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sent: list[tuple] = []
+        self.release, self.idle = threading.Event(), threading.Event()
+        self.received = 0
+
+    def poll(self, timeout: float | None = 0) -> bool:
+        if timeout is None:  # the engine has no work: it sleeps until the server writes
+            if self.received:  # (after the request came: it is done)
+                self.idle.set()
+            while self.inbox.empty():
+                time.sleep(0.01)
+        return not self.inbox.empty()
+
+    def recv(self) -> tuple:
+        self.received += 1
+        return self.inbox.get()
+
+    def send(self, msg: tuple) -> None:
+        if msg[0] != "ready":
+            self.release.wait(60)
+        self.sent.append(msg)
+
+
+def test_the_engine_steps_on_while_the_server_reads_late(model):
+    """engine_core_main sends through a thread of its own: with the server not reading (the first
+    send blocked), the engine still runs its request to the end and goes idle; once the server
+    reads, every step's output arrives, in order. (Run in this process's main thread: the engine's
+    loop sets a signal handler. It also freezes the heap for good, which the test undoes.)"""
+    from tinyvllm.engine import gc_heap
+    from tinyvllm.engine.engine_core import engine_core_main
+
+    conn = _SlowServerConn()
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    conn.inbox.put(("add", "r", {"prompt_token_ids": [5, 6, 7]}, params, None))
+    ran_while_blocked = []
+
+    def server() -> None:
+        ran_while_blocked.append(conn.idle.wait(20))  # the request finished while nothing was read
+        conn.release.set()
+        deadline = time.time() + 60
+        while not any(m[0] == "step" and any(o.finished for o in m[1]) for m in list(conn.sent)):
+            if time.time() > deadline:
+                break
+            time.sleep(0.01)
+        conn.inbox.put(("stop",))
+
+    sigint = signal.getsignal(signal.SIGINT)
+    depth = gc_heap._depth
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    try:
+        engine_core_main(EngineConfig(model, **ENGINE), conn)
+        t.join(30)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        while gc_heap._depth > depth:
+            gc_heap.thaw_heap()
+    assert ran_while_blocked == [True]
+    assert conn.sent[0][0] == "ready"
+    deltas = [o for m in conn.sent[1:] if m[0] == "step" for o in m[1]]
+    assert sum(len(o.outputs[0].token_ids) for o in deltas) == 12
+    assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]

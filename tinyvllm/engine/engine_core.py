@@ -23,6 +23,7 @@ Messages (a multiprocessing Pipe, pickled):
                           [(request_id, exception)] that add_request raised (a caller's bad value)
                       ("failed", message, [request ids])                    a step raised; those
                           requests are gone from the engine, the engine goes on
+The engine's messages leave through a sender thread (``_Outbox``): stepping never waits on the pipe.
 """
 
 from __future__ import annotations
@@ -49,6 +50,39 @@ class EngineCoreError(RuntimeError):
 
 
 # ---- the engine's process ----------------------------------------------------------------------
+class _Outbox:
+    """The engine process's sender: a thread that pickles and writes each message, in order, so
+    that the engine never waits on a full pipe. A server busy with its streams may read late (its
+    reader thread shares the server's interpreter lock); meanwhile the steps' messages queue here
+    and the GPU keeps working. vLLM's EngineCore sends from a thread of its own for the same reason.
+    (Nothing in a queued message changes after it is queued: each step's outputs are new objects.)"""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tinyvllm-engine-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: tuple) -> None:
+        if self._error is not None:
+            raise BrokenPipeError(f"the server went away: {self._error}")
+        self._queue.put(msg)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (for up to ``timeout`` seconds), then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (BrokenPipeError, OSError) as e:  # the server is gone: the engine's next send says so
+                self._error = e
+                return
+
+
 def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.INFO) -> None:
     """Load the engine, say ready, then step while there is work and wait for messages while there is none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole process group: the server decides
@@ -63,6 +97,7 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
         return
     freeze_heap(collect=True)  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
     conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
+    outbox = _Outbox(conn)
     try:
         while True:
             if not engine.has_unfinished_requests():
@@ -89,12 +124,13 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
                 failed = list(engine.requests)
                 engine.abort_request(failed)
                 engine._pending.clear()  # (the abort outputs: the server fails those streams itself)
-                conn.send(("failed", f"{type(e).__name__}: {e}", failed))
+                outbox.send(("failed", f"{type(e).__name__}: {e}", failed))
                 continue
-            conn.send(("step", outputs, refused, engine.scheduler_stats()))
+            outbox.send(("step", outputs, refused, engine.scheduler_stats()))
     except (EOFError, BrokenPipeError):  # the server went away
         return
     finally:
+        outbox.close()
         engine.shutdown()
 
 
