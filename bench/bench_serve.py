@@ -4,7 +4,8 @@ rates, against offline `LLM.generate` on the same requests, in one run on one ca
 No weights can be downloaded on the GPU machine, so the model has the exact shape of Llama 3.2 1B
 Instruct with random bf16 weights (bench/random_llama.py): speed does not depend on the values.
 
-  1. The server: `python -m tinyvllm serve MODEL` in its own process (as a user starts it).
+  1. The server: `python -m tinyvllm serve MODEL` in its own process (as a user starts it), and one
+     request to warm it up, not counted.
   2. The client: `tinyvllm bench serve` (tinyvllm/benchmarks/serve.py, vLLM's metrics) with random
      token-id prompts (perf.md: ids from [0, 10000)), greedy, ignore_eos, at each request rate;
      at a finite rate R it sends about R x --seconds requests, at `inf` all --num-prompts at once.
@@ -73,6 +74,16 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def warm_up(port: int, input_len: int) -> None:
+    """One request before any run: the server's first one pays its one-time costs (the GPU's first
+    kernels, lazy imports), which would land in the first run's server-side means."""
+    body = json.dumps({"prompt": [1] * input_len, "max_tokens": 4, "ignore_eos": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
 
 
 def server_latencies(port: int) -> dict[str, float]:
@@ -167,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = start_server(model, port, os.path.join(work, "serve.log"), serve_args)
     runs = []
     try:
+        warm_up(port, a.input_len)
         for rate in rates:
             n = a.num_prompts if math.isinf(rate) else max(2, min(a.num_prompts, round(rate * a.seconds)))
             runs.append(run_client(port, rate, n, a.input_len, a.output_len, vocab,
