@@ -86,6 +86,16 @@ def warm_up(port: int, input_len: int) -> None:
         r.read()
 
 
+# The server's histograms (tinyvllm/entrypoints/openai/metrics.py) whose mean each run reports: its
+# TTFT and inter-token latency, and the first token's stages (the engine's queue, the prefill, the
+# delivery back to the server).
+SERVER_MEANS = (("time_to_first_token_seconds", "server_mean_ttft_ms"),
+                ("inter_token_latency_seconds", "server_mean_itl_ms"),
+                ("request_queue_time_seconds", "server_mean_queue_ms"),
+                ("request_prefill_time_seconds", "server_mean_prefill_ms"),
+                ("first_token_delivery_seconds", "server_mean_delivery_ms"))  # fmt: skip
+
+
 def server_latencies(port: int) -> dict[str, float]:
     """The server's own TTFT and inter-token histograms (sums and counts) from /metrics: measured
     from the moment the request reached the engine's stream, so the client's TTFT minus the
@@ -94,7 +104,7 @@ def server_latencies(port: int) -> dict[str, float]:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        for key in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
+        for key, _ in SERVER_MEANS:
             for part in ("sum", "count"):
                 if line.startswith(f"tinyvllm:{key}_{part} "):
                     out[f"{key}_{part}"] = float(line.split()[1])
@@ -104,7 +114,7 @@ def server_latencies(port: int) -> dict[str, float]:
 def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_len: int, vocab: int,
                result: str) -> dict:
     """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them, plus the
-    server's mean TTFT and inter-token latency over the run (``server_mean_ttft_ms``, ``server_mean_itl_ms``)."""
+    server's means over the run (``SERVER_MEANS``)."""
     before = server_latencies(port)
     from tinyvllm.benchmarks.serve import bench_serve_main
     from tinyvllm.entrypoints.cli import build_parser
@@ -118,7 +128,7 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
         run = json.load(f)["runs"][0]
     run["rc"] = rc
     after = server_latencies(port)
-    for key, name in (("time_to_first_token_seconds", "server_mean_ttft_ms"), ("inter_token_latency_seconds", "server_mean_itl_ms")):
+    for key, name in SERVER_MEANS:
         n = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
         run[name] = 1e3 * (after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)) / n if n else None
     return run
@@ -204,6 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['request_rate']:>6} {r['completed']:>5} {r['output_throughput']:>10.0f} {r['median_ttft_ms']:>9.1f} "
               f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['median_itl_ms']:>8.2f} {r['p99_itl_ms']:>8.2f} "
               f"{server:>21}")  # fmt: skip
+    print("server-side first token, mean ms: TTFT = before the engine + queue + prefill + delivery")
+    for r in runs:
+        stages = [r.get(k) for k in ("server_mean_queue_ms", "server_mean_prefill_ms", "server_mean_delivery_ms")]
+        if r["server_mean_ttft_ms"] is not None and None not in stages:
+            before = r["server_mean_ttft_ms"] - sum(stages)
+            print(f"{r['request_rate']:>6}: {r['server_mean_ttft_ms']:.2f} = {before:.2f} + {stages[0]:.2f} + "
+                  f"{stages[1]:.2f} + {stages[2]:.2f}")
     print(f"offline LLM.generate: {offline['output_throughput']:.0f} out tok/s; one prompt's prefill "
           f"{offline['prefill_ms_one_prompt']:.1f} ms")
     if sat:

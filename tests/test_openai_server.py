@@ -318,3 +318,11 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     assert after["tinyvllm:time_to_first_token_seconds_count"] == before["tinyvllm:time_to_first_token_seconds_count"] + 1
     assert after["tinyvllm:inter_token_latency_seconds_count"] - before["tinyvllm:inter_token_latency_seconds_count"] == 4
     assert after["tinyvllm:kv_cache_usage_perc"] == 0.0
+    # the first token's stages (queue, prefill, delivery), each once, together within the TTFT
+    ttft = after["tinyvllm:time_to_first_token_seconds_sum"] - before["tinyvllm:time_to_first_token_seconds_sum"]
+    stages = 0.0
+    for stage in ("request_queue_time", "request_prefill_time", "first_token_delivery"):
+        k = f"tinyvllm:{stage}_seconds"
+        assert after[k + "_count"] == before.get(k + "_count", 0) + 1, stage
+        stages += after[k + "_sum"] - before.get(k + "_sum", 0)
+    assert 0 < stages <= ttft + 0.005  # (two clocks: the engine's wall clock, the server's monotonic one)

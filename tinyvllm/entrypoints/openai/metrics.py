@@ -8,6 +8,16 @@ Counted per request as its stream passes through :meth:`ServerMetrics.track`:
     tinyvllm:inter_token_latency_seconds      the gap between two outputs that carry tokens
     tinyvllm:e2e_request_latency_seconds      arrival -> the last output
 
+and, of the first token, where its time went (the engine's clock, `RequestOutput.metrics`):
+
+    tinyvllm:request_queue_time_seconds       the engine's add_request -> its first step
+    tinyvllm:request_prefill_time_seconds     its first step -> the first token known on the host
+    tinyvllm:first_token_delivery_seconds     the first token known -> here (the pipe from the engine
+                                              process, the threads, the event loop)
+
+The time to first token less these three is what the server spent before the engine had the request
+(parsing, tokenizing, the pipe to the engine process).
+
 Read from the engine at each scrape (the engine thread's snapshot after its latest step):
 
     tinyvllm:num_requests_running, tinyvllm:num_requests_waiting
@@ -64,7 +74,21 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.e2e = Histogram("tinyvllm:e2e_request_latency_seconds", "Arrival to the last output.",
                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_time = Histogram("tinyvllm:request_queue_time_seconds", "Engine arrival to the first step.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.prefill_time = Histogram("tinyvllm:request_prefill_time_seconds", "First step to the first token.",
+                                      buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.delivery = Histogram("tinyvllm:first_token_delivery_seconds", "First token known to the server having it.",
+                                  buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         r.register(_EngineCollector(engine))
+
+    def _first_token_stages(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.first_scheduled_time is None:
+            return
+        self.queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+        self.prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+        self.delivery.observe(max(0.0, time.time() - m.first_token_time))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -85,6 +109,7 @@ class ServerMetrics:
                         new = total - num_tokens
                         if num_tokens == 0:
                             self.ttft.observe(now - arrival)
+                            self._first_token_stages(out)
                             new -= 1
                         for _ in range(new):
                             self.itl.observe((now - last) / (total - num_tokens))
