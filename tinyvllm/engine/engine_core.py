@@ -236,11 +236,12 @@ class EngineCoreClient:
                 tracked = self.requests.get(delta.request_id)
                 if tracked is None:
                     continue  # aborted meanwhile
-                tracked.total = delta if tracked.total is None else tracked.total.add(delta)
                 if tracked.kind == RequestOutputKind.DELTA:
-                    deltas.append(delta)
-                elif delta.finished or tracked.kind == RequestOutputKind.CUMULATIVE:
-                    latest[delta.request_id] = tracked.total
+                    deltas.append(delta)  # (as it came: no sum to keep)
+                else:
+                    tracked.total = delta if tracked.total is None else tracked.total.add(delta)
+                    if delta.finished or tracked.kind == RequestOutputKind.CUMULATIVE:
+                        latest[delta.request_id] = tracked.total
                 if delta.finished:
                     del self.requests[delta.request_id]
             if self._inbox.empty():
