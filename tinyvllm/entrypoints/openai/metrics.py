@@ -68,18 +68,15 @@ class ServerMetrics:
         self.generation_tokens = Counter("tinyvllm:generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter("tinyvllm:request_success", "Requests finished, by finish reason.",
                                        ["finished_reason"], registry=r)  # fmt: skip
-        self.ttft = Histogram("tinyvllm:time_to_first_token_seconds", "Time to the first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.itl = Histogram("tinyvllm:inter_token_latency_seconds", "Time between two outputs of a request.",
-                             buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("tinyvllm:e2e_request_latency_seconds", "Arrival to the last output.",
-                             buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_time = Histogram("tinyvllm:request_queue_time_seconds", "Engine arrival to the first step.",
-                                    buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.prefill_time = Histogram("tinyvllm:request_prefill_time_seconds", "First step to the first token.",
-                                      buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.delivery = Histogram("tinyvllm:first_token_delivery_seconds", "First token known to the server having it.",
-                                  buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(f"tinyvllm:{name}_seconds", doc, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.ttft = latency("time_to_first_token", "Time to the first token.")
+        self.itl = latency("inter_token_latency", "Time between two outputs of a request.")
+        self.e2e = latency("e2e_request_latency", "Arrival to the last output.")
+        self.queue_time = latency("request_queue_time", "Engine arrival to the first step.")
+        self.prefill_time = latency("request_prefill_time", "First step to the first token.")
+        self.delivery = latency("first_token_delivery", "First token known to the server having it.")
         r.register(_EngineCollector(engine))
 
     def _first_token_stages(self, out: RequestOutput) -> None:
