@@ -30,6 +30,7 @@ never runs out (no preemption). No torch here: it is arithmetic, tested on the C
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -173,15 +174,20 @@ class ScheduleRecorder:
 
     It wraps the scheduler's ``schedule`` method on that one instance (the package is not
     changed): per step it reads each scheduled sequence's ``num_computed_tokens`` (what the
-    cache holds) and its scheduled count, O(batch) list work, a few microseconds at batch 256."""
+    cache holds) and its scheduled count, O(batch) list work, a few microseconds at batch 256. And
+    the host clock at each call (``times``): the time from one step's scheduling to the next is
+    that step's share of the run (the host runs one step ahead of the GPU, so a step's share is
+    the GPU time of its neighbour, give or take; the kinds come in long runs, so the sums hold)."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.steps: list[Step] = []
+        self.times: list[float] = []
         self._own = "schedule" in vars(scheduler)  # already wrapped on the instance (else: the class's method)
         self._inner = scheduler.schedule
 
         def schedule() -> Any:
+            self.times.append(time.perf_counter())
             out = self._inner()
             self.steps.append(Step(tuple([s.num_computed_tokens for s in out.seqs]), tuple(out.num_scheduled_tokens)))
             return out
@@ -195,3 +201,12 @@ class ScheduleRecorder:
         else:
             del self.scheduler.schedule
         return self.steps
+
+    def seconds_by_kind(self, end: float) -> dict[str, float]:
+        """Wall seconds from each step's scheduling to the next's (the last: to ``end``), summed
+        over the prefill steps (any sequence with more than one new token) and the decode steps."""
+        out = {"prefill_s": 0.0, "decode_s": 0.0}
+        for i, step in enumerate(self.steps):
+            nxt = self.times[i + 1] if i + 1 < len(self.times) else end
+            out["decode_s" if step.is_decode else "prefill_s"] += nxt - self.times[i]
+        return out

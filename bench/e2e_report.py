@@ -48,6 +48,12 @@ def print_tables(result: dict) -> None:
             own = f"{100 * r['fraction_of_bound']:11.1f}%" if "fraction_of_bound" in r else f"{'-':>12}"
             print(f"{w:<9}{ENGINE_NAMES.get(k, k):<15}{r['requests']:>9}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
                   f"{r['output_tok_s']:>11.0f}{ideal['output_tok_s']:>12.0f}{100 * r['fraction_of_ideal']:>8.1f}%{own}")
+        for w, k, r in rows:  # where a run's time went: its prefill steps and its decode steps, each against its bound
+            if "step_seconds" in r and "bound" in r:
+                t, b = r["step_seconds"], r["bound"]
+                print(f"  {w} {ENGINE_NAMES.get(k, k)}: steps with prompt tokens {t['prefill_s']:.2f} s (bound "
+                      f"{b['prefill_s']:.2f} s, {b['prefill_steps']} steps), decode steps {t['decode_s']:.2f} s "
+                      f"(bound {b['decode_s']:.2f} s, {b['decode_steps']} steps)")
     if result.get("errors"):
         print(f"\nfailed parts: {', '.join(result['errors'])} (tracebacks in the JSON)")
 

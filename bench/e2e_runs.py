@@ -146,6 +146,7 @@ def tinyvllm_throughput(llm, requests: list[Request], rc: RunConfig) -> tuple[di
     outs: list = []
     try:
         seconds = timed(lambda: outs.extend(llm.generate(prompts, params, use_tqdm=False)), rc.sync)
+        by_kind = recorder.seconds_by_kind(time.perf_counter())
     finally:
         steps = recorder.detach()
     for r, o in zip(requests, outs, strict=True):
@@ -159,6 +160,7 @@ def tinyvllm_throughput(llm, requests: list[Request], rc: RunConfig) -> tuple[di
         "total_tok_s": (prompt_tokens + output_tokens) / seconds, "steps": len(steps),
         "prefill_steps": sum(not s.is_decode for s in steps), "preemptions": engine.scheduler.num_preemptions - preempted,
         "max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "step_seconds": by_kind,  # wall time of the steps with prompt tokens and of the pure decode steps
     }, steps
 
 

@@ -135,3 +135,24 @@ def test_the_engines_recorded_schedule_is_the_ideal_one_when_the_cache_is_large_
     assert "schedule" not in vars(engine.scheduler)  # the scheduler has its own method back
     ideal = ideal_schedule([p for p, _ in reqs], [o for _, o in reqs], max_num_seqs=3, max_num_batched_tokens=20)
     assert [(sorted(s.cached), sorted(s.new)) for s in steps] == [(sorted(s.cached), sorted(s.new)) for s in ideal]
+
+
+def test_the_recorder_splits_the_runs_wall_time_between_prefill_and_decode_steps():
+    # Three steps scheduled at t = 1, 3 and 4 s, the run ending at 10 s: the prefill step owns
+    # 1 -> 3, the decode steps 3 -> 4 and 4 -> 10.
+    class FakeScheduler:
+        def __init__(self) -> None:
+            self.out = iter([((0,), (5,)), ((5,), (1,)), ((6,), (1,))])
+
+        def schedule(self):
+            cached, new = next(self.out)
+            seq = type("Seq", (), {"num_computed_tokens": cached[0]})()
+            return type("Out", (), {"seqs": [seq], "num_scheduled_tokens": list(new)})()
+
+    sched = FakeScheduler()
+    recorder = ScheduleRecorder(sched)
+    for t in (1.0, 3.0, 4.0):
+        sched.schedule()
+        recorder.times[-1] = t  # (the clock, made up)
+    assert recorder.seconds_by_kind(end=10.0) == {"prefill_s": 2.0, "decode_s": 7.0}
+    assert [s.is_decode for s in recorder.detach()] == [False, True, True]
