@@ -169,3 +169,29 @@ def test_the_engine_steps_on_while_the_server_reads_late(model):
     deltas = [o for m in conn.sent[1:] if m[0] == "step" for o in m[1]]
     assert sum(len(o.outputs[0].token_ids) for o in deltas) == 12
     assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
+
+
+def test_outputs_of_the_engine_process_reach_the_event_loop_without_a_waiting_thread(model):
+    """With the engine in its own process, requests go down the pipe from the event loop and the
+    outputs come up to it from the pipe's reader thread: no thread of the server's process blocks
+    on the engine's steps (the engine thread of the in-process engine is never started), and the
+    first output is the same as offline."""
+    want = LLM(model=model, **ENGINE).generate([{"prompt_token_ids": [5, 6, 7]}],
+                                               SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                                               use_tqdm=False)[0]
+
+    async def main():
+        engine = AsyncLLMEngine.from_config(EngineConfig(model, **ENGINE), engine_process=True)
+        outs = [o async for o in engine.generate({"prompt_token_ids": [5, 6, 7]},
+                                                 SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), "r")]
+        threads = [t.name for t in threading.enumerate()]
+        await engine.shutdown()
+        return outs, threads
+
+    outs, threads = asyncio.run(main())
+    for t in threading.enumerate():  # (the pipe closed: the readers end; let them go before later tests)
+        if t.name == "tinyvllm-engine-reader":
+            t.join(10)
+    assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+    assert "tinyvllm-engine-reader" in threads
+    assert not [name for name in threads if name.startswith("tinyvllm-engine_")], threads  # (the executor's)

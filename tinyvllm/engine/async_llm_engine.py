@@ -24,6 +24,12 @@ engine's state are touched from one thread only) while the event loop keeps acce
 streaming chunks and noticing disconnects. The loop touches the LLMEngine only from that thread,
 and only one step is ever in flight.
 
+With the engine in its own process (``engine_process=True``, what ``tinyvllm serve`` runs;
+tinyvllm/engine/engine_core.py) there is nothing to wait for in a thread: ``generate`` and
+``abort`` write the request or the abort down the pipe at once (the engine process takes it before
+its next step), and the loop awaits the steps' outputs on the event loop itself, woken by the
+thread that reads the pipe. An output crosses one thread boundary on its way to its stream, not two.
+
 An exception from a step fails the requests that were in the engine (each stream raises
 :class:`EngineError`), frees their blocks, and the loop keeps serving new requests.
 :meth:`shutdown` ends every open stream with :class:`EngineShutdownError`.
@@ -84,6 +90,9 @@ class AsyncLLMEngine:
         self._shutdown = False
         # One thread, always the same: the LLMEngine (and the CUDA context) is touched from it only.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyvllm-engine")
+        # An engine in its own process is driven from the event loop itself (its calls only write
+        # to a pipe; its step_async() awaits the outputs): see _engine_process_loop.
+        self._direct = hasattr(engine, "step_async")
         self.num_steps = 0
         self._lock = threading.Lock()  # guards the stats snapshot, written by the engine thread
         self._stats = self._read_stats()
@@ -123,6 +132,8 @@ class AsyncLLMEngine:
         if self._shutdown:
             raise EngineShutdownError("the engine has been shut down")
         if not self.is_running:
+            if self._direct:
+                self.engine.attach(asyncio.get_running_loop())
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run_engine_loop(), name="tinyvllm-engine-loop")
 
@@ -145,8 +156,14 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
+        if self._direct:  # straight down the pipe: the engine process takes it before its next step
+            try:
+                self.engine.add_request(request_id, prompt, sampling_params, prompt_token_ids=prompt_token_ids)
+            except Exception as e:  # noqa: BLE001 - the engine process is gone
+                raise EngineError(f"the engine failed: {type(e).__name__}: {e}") from e
+        else:
+            self._work.new.append(_NewRequest(request_id, prompt, sampling_params, prompt_token_ids))
         self._streams[request_id] = queue
-        self._work.new.append(_NewRequest(request_id, prompt, sampling_params, prompt_token_ids))
         self._wake.set()
         finished = False
         # A cumulative output holds everything the earlier ones did: when this client is behind
@@ -172,6 +189,9 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request: it leaves the batch (blocks freed) before the next step. Unknown ids are ignored."""
         if self._streams.pop(request_id, None) is not None:
+            if self._direct:
+                self._abort_now([request_id])
+                return
             pending = [r for r in self._work.new if r.request_id == request_id]
             if pending:  # its client left before it was even added: it never reaches the engine
                 self._work.new.remove(pending[0])
@@ -199,6 +219,8 @@ class AsyncLLMEngine:
         for rid, queue in list(self._streams.items()):
             queue.put_nowait(err)
             self._work.aborts.add(rid)
+        if self._direct:
+            self._abort_now(list(self._streams))
         self._streams.clear()
         if self._wake is not None:
             self._wake.set()
@@ -220,7 +242,16 @@ class AsyncLLMEngine:
         with frozen_heap():
             await self._engine_loop()
 
+    def _abort_now(self, request_ids: list[str]) -> None:
+        """(An engine process) the aborts straight down the pipe; a dead process has nothing to abort."""
+        try:
+            self.engine.abort_request(request_ids)
+        except Exception:  # noqa: BLE001
+            logger.debug("tinyvllm: abort not sent (the engine process is gone)", exc_info=True)
+
     async def _engine_loop(self) -> None:
+        if self._direct:
+            return await self._engine_process_loop()
         loop = asyncio.get_running_loop()
         while True:
             if not self._work and not self.engine.has_unfinished_requests():
@@ -253,6 +284,38 @@ class AsyncLLMEngine:
                     del self._streams[out.request_id]
             if self._shutdown and not self.engine.has_unfinished_requests() and not self._work:
                 return
+
+    async def _engine_process_loop(self) -> None:
+        """The loop for an engine in its own process: requests and aborts already went down the
+        pipe (``generate``, ``abort``); here the steps' outputs come back, awaited on this loop (the
+        reader thread wakes it), and go to their streams. No thread of this process waits for them."""
+        while True:
+            if not self.engine.has_unfinished_requests():
+                if self._shutdown:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await self.engine.step_async()
+            except Exception as e:  # noqa: BLE001 - an engine failure fails requests, not the server
+                logger.exception("tinyvllm: engine step failed")
+                await self._fail_all(asyncio.get_running_loop(), e, _Work())
+                continue
+            self.num_steps += 1
+            for request_id, exc in self.engine.pop_refused():
+                queue = self._streams.pop(request_id, None)
+                if queue is not None:
+                    queue.put_nowait(exc)
+            # (The client dropped the outputs of aborted requests: every output here belongs to the
+            # request now holding its id.)
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is None:
+                    continue
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._streams[out.request_id]
 
     def _engine_step(self, work: _Work) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
         """In the engine thread: apply the aborts, add the new requests, run one step. (Aborts
@@ -295,6 +358,9 @@ class AsyncLLMEngine:
                 self._stats = self._read_stats()
 
         try:
-            await loop.run_in_executor(self._executor, clean)
+            if self._direct:  # (the pipe is written from the event loop only)
+                clean()
+            else:
+                await loop.run_in_executor(self._executor, clean)
         except Exception:  # noqa: BLE001
             logger.exception("tinyvllm: could not clean up after the failed step")

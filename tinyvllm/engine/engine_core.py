@@ -28,6 +28,7 @@ The engine's messages leave through a sender thread (``_Outbox``): stepping neve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import queue
@@ -165,6 +166,8 @@ class EngineCoreClient:
         # A reader thread empties the pipe as messages come, so the engine never waits on a full
         # pipe while the server is busy; ``step()`` takes them from this queue.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None  # (see attach())
+        self._arrived: asyncio.Event | None = None
         threading.Thread(target=self._read, name="tinyvllm-engine-reader", daemon=True).start()
         self.requests: dict[str, _Tracked] = {}
         self._pending: list[RequestOutput] = []  # (AsyncLLMEngine's clean-up clears it; nothing waits here)
@@ -212,6 +215,24 @@ class EngineCoreClient:
         return refused
 
     # ---- steps -----------------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver to this event loop: from now on the reader thread wakes ``loop`` as each message
+        arrives, and :meth:`step_async` (on that loop) takes the steps: one thread hop from the pipe
+        to the event loop instead of two (reader, then a thread blocked in :meth:`step`)."""
+        self._arrived = asyncio.Event()
+        self._loop = loop
+
+    async def step_async(self) -> list[RequestOutput]:
+        """:meth:`step` for the attached event loop: await the engine's next step without blocking
+        the loop, then take every step that has arrived."""
+        if not self.requests:
+            return []
+        while self._inbox.empty():
+            self._arrived.clear()  # (the reader's set() runs on this loop: it cannot slip in between)
+            if self._inbox.empty():
+                await self._arrived.wait()
+        return self.step()
+
     def step(self) -> list[RequestOutput]:
         """Wait for the engine's next step, take every step that has arrived, and return one
         output per request that advanced (each delta for a DELTA caller)."""
@@ -271,11 +292,17 @@ class EngineCoreClient:
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
-                self._inbox.put(("gone",))
-                return
+                msg = ("gone",)
             if msg[0] == "step":
                 self._stats = msg[3]  # (live: /metrics reads it between steps the server has not taken)
             self._inbox.put(msg)
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._arrived.set)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    pass
+            if msg[0] == "gone":
+                return
 
     def _recv(self) -> tuple:
         msg = self._inbox.get()
