@@ -17,6 +17,7 @@ from engine_helpers import make_tiny_llama
 from tinyvllm import LLM, SamplingParams
 from tinyvllm.engine.async_llm_engine import AsyncLLMEngine
 from tinyvllm.engine.engine_config import EngineConfig
+from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind
 
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=8, num_kv_blocks=64)
@@ -144,14 +145,17 @@ def test_the_engine_steps_on_while_the_server_reads_late(model):
     ran_while_blocked = []
 
     def server() -> None:
-        ran_while_blocked.append(conn.idle.wait(20))  # the request finished while nothing was read
-        conn.release.set()
-        deadline = time.time() + 60
-        while not any(m[0] == "step" and any(o.finished for o in m[1]) for m in list(conn.sent)):
-            if time.time() > deadline:
-                break
-            time.sleep(0.01)
-        conn.inbox.put(("stop",))
+        try:
+            ran_while_blocked.append(conn.idle.wait(20))  # the request finished while nothing was read
+            conn.release.set()
+            deadline = time.time() + 60
+            while not any(m[0] == "step" and any(RequestOutput.from_wire(o).finished for o in m[1])
+                          for m in list(conn.sent)):
+                if time.time() > deadline:
+                    break
+                time.sleep(0.01)
+        finally:  # (whatever happened here, the engine's loop ends)
+            conn.inbox.put(("stop",))
 
     sigint = signal.getsignal(signal.SIGINT)
     depth = gc_heap._depth
@@ -166,7 +170,7 @@ def test_the_engine_steps_on_while_the_server_reads_late(model):
             gc_heap.thaw_heap()
     assert ran_while_blocked == [True]
     assert conn.sent[0][0] == "ready"
-    deltas = [o for m in conn.sent[1:] if m[0] == "step" for o in m[1]]
+    deltas = [RequestOutput.from_wire(o) for m in conn.sent[1:] if m[0] == "step" for o in m[1]]
     assert sum(len(o.outputs[0].token_ids) for o in deltas) == 12
     assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
 

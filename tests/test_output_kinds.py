@@ -47,3 +47,29 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(async_scheduling):
                 assert a.logprobs == b.logprobs and a.cumulative_logprob == b.cumulative_logprob
         assert any(len(d.outputs[0].token_ids) == 1 for d in deltas[rid][1:])  # really deltas
     assert cumulative["stop"][-1].outputs[0].stop_reason == "aO"  # (the stop string cut the text)
+
+
+def test_an_output_survives_its_wire_form_and_the_engine_builds_the_same_one():
+    """RequestOutput.to_wire / from_wire (what an engine process sends) keep every field; the
+    engine's wire outputs (``wire_outputs``, prompt text in the first delta only) rebuild to its
+    objects."""
+    from tinyvllm.engine.request_state import RequestState
+    from tinyvllm.engine.sequence import Sequence
+    from tinyvllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+    out = RequestOutput("r", "hi", [1, 2], [CompletionOutput(0, "a", [3], -0.5, [{3: Logprob(-0.5, 1, "a")}], "stop", 3)],
+                        True, None, [None, {2: Logprob(-1.0, 2, "b")}], RequestMetrics(1.0, 2.0, 1.1, 1.5, 0.1, 2.0, 4), 4)
+    assert RequestOutput.from_wire(out.to_wire()) == out
+    params = SamplingParams(max_tokens=4, output_kind=RequestOutputKind.DELTA)
+    seq = Sequence("r", [1, 2], params)
+    state = RequestState("r", "hi", [1, 2], params, seqs=[seq], logprobs=[None], cumulative_logprobs=[None])
+    seq.token_ids.append(7)
+    seq.output_text = "x"
+    first = RequestOutput.from_wire(state.wire_output(prompt_once=True))
+    seq.token_ids.append(8)
+    seq.output_text = "xy"
+    later_wire = state.wire_output(prompt_once=True)
+    assert first.prompt == "hi" and first.outputs[0].token_ids == [7] and first.prompt_token_ids == [1, 2]
+    later = RequestOutput.from_wire(later_wire)
+    assert later.prompt is None and later.prompt_token_ids is None
+    assert later.outputs[0].token_ids == [8] and later.outputs[0].text == "y"

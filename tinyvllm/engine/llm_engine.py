@@ -109,6 +109,9 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}  # unfinished requests by id
         self._owner: dict[int, tuple[RequestState, int]] = {}  # id(seq) -> its request, its index there
         self._pending: list[RequestOutput] = []  # finished outside a step (errors, aborts)
+        # True in an engine process (engine_core.py): step() returns each output in its wire form,
+        # RequestOutput.to_wire's tuple, cheap to pickle; the server's side builds the objects.
+        self.wire_outputs = False
         self._token_texts = TokenTexts(tokenizer)  # each token alone as text (Logprob.decoded_token)
         self._arrival = itertools.count()
         self.num_steps = 0
@@ -472,4 +475,6 @@ class LLMEngine:
                     break
 
     def _make_output(self, state: RequestState) -> RequestOutput:
+        if self.wire_outputs:  # (an engine process: tuples to send, see RequestOutput.to_wire)
+            return state.wire_output(prompt_once=True)
         return state.make_output()

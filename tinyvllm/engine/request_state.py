@@ -13,7 +13,7 @@ from typing import Any
 
 from tinyvllm.engine.logprobs import PromptLogprobsChunk, TokenLogprobs
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
+from tinyvllm.outputs import Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -60,6 +60,12 @@ class RequestState:
     def make_output(self) -> RequestOutput:
         """The request's output as its ``output_kind`` wants it: everything so far, or (DELTA) what
         is new since its last output, the prompt's ids and log-probabilities in the first only."""
+        return RequestOutput.from_wire(self.wire_output())
+
+    def wire_output(self, prompt_once: bool = False) -> tuple:
+        """:meth:`make_output` as plain tuples (``RequestOutput.to_wire``'s form): what an engine
+        process sends, built without the objects. ``prompt_once``: a DELTA output after the first
+        leaves the prompt's text out too (the receiver has it from the first)."""
         delta = self.params.output_kind == RequestOutputKind.DELTA
         first = not self.sent
         completions = []
@@ -81,22 +87,16 @@ class RequestState:
             text = text[t0:end] if t0 or end < len(text) else text
             if logprobs is not None:
                 logprobs = logprobs[l0:]
-            completions.append(CompletionOutput(
-                index=index, text=text, token_ids=token_ids,
-                cumulative_logprob=self.cumulative_logprobs[index],
-                logprobs=logprobs,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))  # fmt: skip
+            completions.append((index, text, token_ids, self.cumulative_logprobs[index], logprobs,
+                                seq.finish_reason, seq.stop_reason))  # (CompletionOutput's fields)
         # (A server makes one of these per running request per step: the prompt's ids are shared,
         # not copied, as vLLM's outputs share them; nothing in the engine changes them.)
         later_delta = delta and not first
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=None if later_delta else self.prompt_token_ids,
-            outputs=completions, finished=self.finished, error=self.error,
-            prompt_logprobs=None if self.prompt_logprobs is None or later_delta else list(self.prompt_logprobs),
-            metrics=RequestMetrics(**vars(self.seqs[0].metrics)), num_cached_tokens=self.seqs[0].metrics.num_cached_tokens,
-        )
+        m = self.seqs[0].metrics
+        return (self.request_id, None if later_delta and prompt_once else self.prompt,
+                None if later_delta else self.prompt_token_ids, completions, self.finished, self.error,
+                None if self.prompt_logprobs is None or later_delta else list(self.prompt_logprobs),
+                tuple(vars(m).values()), m.num_cached_tokens)  # fmt: skip
 
     @property
     def finished(self) -> bool:
