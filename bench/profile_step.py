@@ -12,7 +12,7 @@ scheduling, input preparation, the graph replay, sampling and its sync, detokeni
      profiler's own start-up), each inside ``record_function("decode_step_<i>")``;
   4. group the GPU kernels per step and per kind and measure the gaps (bench/step_trace.py):
      time and count per step of gemm / our skinny gemm / rms_norm / rope / cache write /
-     attention decode / merge / silu / sampling / other / memcpy; the GPU idle time inside a
+     attention decode (or prefill) / merge / silu / sampling / other / memcpy; the GPU idle time inside a
      step (between its kernels) and between steps (the host's time).
 
 The profiler's CPU-side recording makes the host slower than it is (about a microsecond per
@@ -22,7 +22,10 @@ and the Chrome traces (``--trace-dir``; open them in Perfetto).
 
     python bench/profile_step.py --out bench/results/step_anatomy.json [--batches 1,64,256]
         [--prompt-len 512] [--steps 10] [--model PATH] [--trace-dir DIR] [--enforce-eager] [--tiny]
-        [--no-freeze-heap]
+        [--no-freeze-heap] [--prefill-len 1024]
+
+``--prefill-len L`` adds a column for the prompt steps of the `random` workload: max_num_seqs
+prompts of L tokens at once, their first ``--steps`` steps (each a full token budget, eager).
 
 ``--model`` takes a checkpoint directory (bench/random_llama.py writes one); without it a
 random Llama-3.2-1B-shaped one is written to a temporary directory. ``--tiny``: the CPU, a tiny
@@ -63,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trace-dir", default=None, help="keep the Chrome traces here (default: next to --out)")
     ap.add_argument("--enforce-eager", action="store_true", help="profile the eager decode step instead of the graphs")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny random Llama, float32")
+    ap.add_argument("--prefill-len", type=int, default=0,
+                    help="also profile the first --steps steps of a wave of max_num_seqs prompts of this many "
+                         "tokens (the `random` workload's prompt steps: each a full token budget, mixed with the "
+                         "decodes of the prompts before); 0: off")
     ap.add_argument("--no-freeze-heap", action="store_true",
                     help="leave the start-up heap to the garbage collector (the engine's own loops freeze it: gc_heap.py)")
     args = ap.parse_args(argv)
@@ -182,6 +189,61 @@ def profile_batch(engine, batch: int, args: argparse.Namespace, device: str, tra
     return result
 
 
+def profile_prefill_wave(engine, args: argparse.Namespace, device: str, trace_path: str) -> dict:
+    """The first ``args.steps`` steps of ``max_num_seqs`` prompts of ``args.prefill_len`` tokens
+    arriving at once: chunked prompt steps of a full token budget, eager (no graph holds them), with
+    the decodes of the prompts already in. Timed without the profiler, then profiled as a second wave."""
+    from tinyvllm import SamplingParams
+
+    n = engine.config.max_num_seqs
+    vocab = engine.model_config.vocab_size if hasattr(engine, "model_config") else None
+    params = SamplingParams(temperature=args.temperature, max_tokens=4, ignore_eos=True)
+
+    def wave(tag: str) -> list[str]:
+        ids = [f"{tag}-{i}" for i in range(n)]
+        for rid, p in zip(ids, latency_prompts(n, args.prefill_len, vocab, seed=len(tag))):
+            engine.add_request(rid, {"prompt_token_ids": p}, params)
+        return ids
+
+    def finish(ids: list[str]) -> None:
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    ids = wave("unprofiled")
+    engine.step()  # (the first step also pays the wave's add_request work)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    _sync(device)
+    unprofiled_us = (time.perf_counter() - t0) / args.steps * 1e6
+    finish(ids)
+
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    ids = wave("profiled")
+    recorder = ScheduleRecorder(engine.scheduler)
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=args.steps, repeat=1), acc_events=True,
+                 on_trace_ready=lambda p: p.export_chrome_trace(trace_path)) as prof:
+        for i in range(args.steps + 1):
+            with record_function(f"decode_step_{i}"):  # (the name step_trace.py looks for)
+                engine.step()
+            prof.step()
+    steps = recorder.detach()
+    finish(ids)
+    events = load_trace(trace_path)
+    windows = step_windows(events)
+    per_step, source, unassigned = group_by_step(events, windows)
+    result = anatomy(per_step, windows)
+    result.update(source=source, unassigned_events=unassigned, unprofiled_period_us=unprofiled_us,
+                  step_shapes=[(len(s.new), sum(s.new)) for s in steps], cuda_graphs=False, trace=trace_path)
+    print(f"prefill wave ({n} x {args.prefill_len} tokens): unprofiled period {unprofiled_us:.0f} us; "
+          f"(sequences, tokens) per profiled step {result['step_shapes']}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -200,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             path = tmp
         engine = LLMEngine.from_model(
             path, dtype=torch.float32 if args.tiny else torch.bfloat16, device=device,
-            max_model_len=256 if args.tiny else 4096, max_num_seqs=max(256, *args.batches), seed=0,
+            max_model_len=256 if args.tiny else max(4096, args.prefill_len + 64), max_num_seqs=max(256, *args.batches), seed=0,
             enforce_eager=args.enforce_eager,
         )
         results = {}
@@ -209,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             for b in args.batches:
                 results[str(b)] = profile_batch(engine, b, args, device, os.path.join(trace_dir, f"decode_b{b}.json"))
                 print(f"batch {b}: {results[str(b)]['steps']} steps profiled", flush=True)
+            if args.prefill_len:
+                key = f"{engine.config.max_num_seqs}x{args.prefill_len} prompts"
+                results[key] = profile_prefill_wave(engine, args, device, os.path.join(trace_dir, "prefill_wave.json"))
 
     if device == "cuda":
         from common import device_info

@@ -35,6 +35,7 @@ KINDS: list[tuple[str, str]] = [
     ("skinny gemm (ours)", r"skinny"),
     ("gemm (cuBLAS)", r"gemm|gemv|cublas|cutlass|nvjet|xmma|splitk|dot_kernel|aten::(mm|addmm|bmm|matmul|linear|mv)$|_linear_pointwise"),
     ("merge", r"merge"),
+    ("attention prefill", r"prefill"),
     ("attention decode", r"decode_(tensor|cuda)_cores|paged_attention|attention"),
     ("rms_norm", r"rms_?norm"),
     ("rope", r"rotary|rope"),

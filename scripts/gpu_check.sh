@@ -21,6 +21,7 @@
 #        --random-requests N; it prints the expected seconds of each part first. The whole e2e
 #        phase is about 7 minutes on an H100, the torch.compile peer 4 of them.)
 #   PROFILE_ARGS="--batches 1,64,256 --prompt-len 512" bash scripts/gpu_check.sh build profile
+#       (--prefill-len 1024 adds the `random` workload's prompt steps: 256 prompts of 1024 tokens)
 #       (the Chrome traces go to /tmp/tinyvllm_traces, since the device tool brings back at most
 #        8 files; PROFILE_TRACE_DIR=$OUT/traces brings them back, one per batch size)
 #

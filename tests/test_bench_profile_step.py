@@ -32,6 +32,7 @@ def ev(name, ts, dur, cat="kernel", corr=None, tid=7):
     ("void reshape_and_cache_kernel<__nv_bfloat16, 8, 4>(...)", "cache write"),
     ("void attn::decode_tensor_cores_kernel<__nv_bfloat16, 64, 4, 4, true>(attn::DecodeParams)", "attention decode"),
     ("void attn::decode_merge_kernel<__nv_bfloat16, 64>(attn::DecodeParams)", "merge"),
+    ("void tinyvllm::prefill::prefill_attention_mma_kernel<__nv_bfloat16, 64, 4>(PrefillParams)", "attention prefill"),
     ("void silu_and_mul_kernel<__nv_bfloat16, 8>(...)", "silu"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_warpgroupsize1x1x1", "gemm (cuBLAS)"),
     ("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "gemm (cuBLAS)"),
@@ -164,3 +165,14 @@ def test_tiny_profile_runs_the_engine_and_writes_the_table(tmp_path):
         assert len(names) > 5 and all(f[1] >= 0 and f[2] >= 0 and f[3] >= f[2] for f in a["host_functions"])
         assert os.path.exists(a["trace"])
     assert (tmp_path / "anatomy.md").read_text().count("| **gap between steps** (host) |") == 1
+
+
+def test_tiny_profile_of_a_prompt_wave_profiles_prompt_steps(tmp_path):
+    out = tmp_path / "anatomy.json"
+    assert profile_step.main(["--tiny", "--out", str(out), "--steps", "3", "--batches", "1", "--prefill-len", "32"]) == 0
+    r = json.loads(out.read_text())
+    wave = r["batches"]["256x32 prompts"]
+    assert wave["steps"] == 3 and wave["unprofiled_period_us"] > 0
+    n, tokens = wave["step_shapes"][0]
+    assert tokens > n  # the first profiled step carries prompt tokens
+    assert "256x32 prompts" in (tmp_path / "anatomy.md").read_text()
