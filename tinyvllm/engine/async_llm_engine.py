@@ -159,6 +159,8 @@ class AsyncLLMEngine:
         if self._direct:  # straight down the pipe: the engine process takes it before its next step
             try:
                 self.engine.add_request(request_id, prompt, sampling_params, prompt_token_ids=prompt_token_ids)
+            except (ValueError, TypeError):  # a caller's bad value (as the engine's own refusals)
+                raise
             except Exception as e:  # noqa: BLE001 - the engine process is gone
                 raise EngineError(f"the engine failed: {type(e).__name__}: {e}") from e
         else:
