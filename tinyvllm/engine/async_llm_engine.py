@@ -218,11 +218,12 @@ class AsyncLLMEngine:
             return
         self._shutdown = True
         err = EngineShutdownError("the server is shutting down; the request was ended")
-        for rid, queue in list(self._streams.items()):
+        for queue in self._streams.values():
             queue.put_nowait(err)
-            self._work.aborts.add(rid)
         if self._direct:
             self._abort_now(list(self._streams))
+        else:
+            self._work.aborts.update(self._streams)
         self._streams.clear()
         if self._wake is not None:
             self._wake.set()
@@ -318,6 +319,9 @@ class AsyncLLMEngine:
                 queue.put_nowait(out)
                 if out.finished:
                     del self._streams[out.request_id]
+            # Let the streams send what they just got before the next step's outputs are taken
+            # (step_async does not suspend when outputs are already waiting).
+            await asyncio.sleep(0)
 
     def _engine_step(self, work: _Work) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
         """In the engine thread: apply the aborts, add the new requests, run one step. (Aborts
