@@ -33,7 +33,8 @@ prompt tokens served from the prefix cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 
 
 @dataclass
@@ -69,6 +70,13 @@ class RequestMetrics:
     time_in_queue: float | None = None  # first_scheduled_time - arrival_time
     finished_time: float | None = None
     num_cached_tokens: int = 0
+
+    def as_tuple(self) -> tuple:
+        """The fields in order (``RequestMetrics(*t)`` rebuilds it): the wire form's metrics."""
+        return _metrics_fields(self)
+
+
+_metrics_fields = attrgetter(*(f.name for f in fields(RequestMetrics)))
 
 
 @dataclass
@@ -114,7 +122,7 @@ class RequestOutput:
         return (self.request_id, self.prompt, self.prompt_token_ids,
                 [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
                  for c in self.outputs],
-                self.finished, self.error, self.prompt_logprobs, None if m is None else tuple(vars(m).values()),
+                self.finished, self.error, self.prompt_logprobs, None if m is None else m.as_tuple(),
                 self.num_cached_tokens)  # fmt: skip
 
     @classmethod

@@ -96,7 +96,7 @@ class RequestState:
         return (self.request_id, None if later_delta and prompt_once else self.prompt,
                 None if later_delta else self.prompt_token_ids, completions, self.finished, self.error,
                 None if self.prompt_logprobs is None or later_delta else list(self.prompt_logprobs),
-                tuple(vars(m).values()), m.num_cached_tokens)  # fmt: skip
+                m.as_tuple(), m.num_cached_tokens)  # fmt: skip
 
     @property
     def finished(self) -> bool:
