@@ -8,6 +8,12 @@ chapter 24). This benchmark measures that host time on any machine, GPU or not: 
 minus the time inside the model's forward pass, divided by the steps. Best of --repeats runs.
 
     python bench/bench_host.py [--batch 256] [--prompt-len 16] [--max-tokens 128] [--out host.json]
+        [--outputs final|objects|wire]
+
+``--outputs``: ``final`` (the default) is `LLM.generate`: an output per request at its end only.
+The server needs one per running request per step (DELTA): ``objects`` steps the LLMEngine that way
+and pickles each step's RequestOutputs, as an engine process used to send them; ``wire`` does the
+same with the engine's wire form (``LLMEngine.wire_outputs``: tuples), as it sends them now.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ NEGLIGIBLE_LLAMA = dict(TINY_LLAMA, hidden_size=32, intermediate_size=64, num_hi
                         num_key_value_heads=1, head_dim=16, vocab_size=512)  # fmt: skip
 
 
-def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int) -> dict:
+def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs: str = "final") -> dict:
+    import pickle
+
     from tinyvllm import LLM, SamplingParams
+    from tinyvllm.engine.gc_heap import frozen_heap
+    from tinyvllm.sampling_params import RequestOutputKind
 
     path = tempfile.mkdtemp(prefix="tinyvllm-host-")
     make_random_llama(path, NEGLIGIBLE_LLAMA, device="cpu")
@@ -53,19 +63,35 @@ def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int) -> dict:
     prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(prompt_len)]} for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+    engine = llm.llm_engine
+    engine.wire_outputs = outputs == "wire"
+    delta = params.clone()
+    delta.output_kind = RequestOutputKind.DELTA
+
+    def serve_like(run: int) -> None:
+        """The engine process's loop: every step's outputs (one per running request) pickled."""
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{run}-{i}", p, delta)
+        with frozen_heap():
+            while engine.has_unfinished_requests():
+                pickle.dumps(engine.step(), protocol=pickle.HIGHEST_PROTOCOL)
+
     runs = []
-    for _ in range(repeats):
+    for run in range(repeats):
         in_model[0] = 0.0
         steps0 = llm.llm_engine.num_steps
         t0 = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
+        if outputs == "final":
+            llm.generate(prompts, params, use_tqdm=False)
+        else:
+            serve_like(run)
         wall = time.perf_counter() - t0
         steps = llm.llm_engine.num_steps - steps0
         runs.append({"steps": steps, "wall_s": wall, "model_s": in_model[0],
                      "host_us_per_step": (wall - in_model[0]) / steps * 1e6})  # fmt: skip
     best = min(r["host_us_per_step"] for r in runs)
     return {"batch": batch, "prompt_len": prompt_len, "max_tokens": max_tokens, "threads": torch.get_num_threads(),
-            "runs": runs, "host_us_per_step": best}  # fmt: skip
+            "outputs": outputs, "runs": runs, "host_us_per_step": best}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,14 +100,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--outputs", default="final", choices=["final", "objects", "wire"],
+                    help="final: LLM.generate; objects / wire: an output per request per step, pickled (a server's engine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = measure(a.batch, a.prompt_len, a.max_tokens, a.repeats)
+    result = measure(a.batch, a.prompt_len, a.max_tokens, a.repeats, a.outputs)
     for r in result["runs"]:
         print(f"{r['steps']} steps in {r['wall_s']:.2f} s, {r['model_s']:.2f} s in the model: "
               f"{r['host_us_per_step']:.0f} us of host per step")  # fmt: skip
-    print(f"batch {a.batch}: host time per step {result['host_us_per_step']:.0f} us (best of {a.repeats})")
+    print(f"batch {a.batch}, {a.outputs} outputs: host time per step {result['host_us_per_step']:.0f} us "
+          f"(best of {a.repeats})")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
