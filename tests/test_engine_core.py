@@ -199,3 +199,58 @@ def test_outputs_of_the_engine_process_reach_the_event_loop_without_a_waiting_th
     assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
     assert "tinyvllm-engine-reader" in threads
     assert not [name for name in threads if name.startswith("tinyvllm-engine_")], threads  # (the executor's)
+
+
+class _BusyEngineProcess:
+    """An engine-process client whose outputs are always already waiting: ``step_async`` returns
+    without suspending, one token for request "r" per call, ``steps`` of them."""
+
+    live_stats = True
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.requests = steps, {}
+        self._pending: list = []
+
+    def attach(self, loop) -> None:
+        pass
+
+    def add_request(self, request_id, prompt, params, *, prompt_token_ids=None) -> None:
+        self.requests[request_id] = params
+
+    def abort_request(self, request_id) -> None:
+        self.requests.clear()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def pop_refused(self) -> list:
+        return []
+
+    def scheduler_stats(self) -> dict:
+        return {}
+
+    async def step_async(self) -> list:
+        from tinyvllm.outputs import CompletionOutput
+
+        self.steps -= 1
+        done = self.steps == 0
+        if done:
+            self.requests.clear()
+        return [RequestOutput("r", None, [1], [CompletionOutput(0, "x", [7])], finished=done)]
+
+
+def test_the_engine_process_loop_lets_the_streams_run_between_steps():
+    """Outputs already waiting at every step (a busy engine, a slow server): each step's output
+    still reaches its stream before the next step's is taken: a cumulative stream, which keeps only
+    the newest of the outputs waiting for it, gets every step's (without the loop yielding it would
+    wake once, after the last step, with one output)."""
+
+    async def main():
+        engine = AsyncLLMEngine(_BusyEngineProcess(steps=5))
+        params = SamplingParams(max_tokens=5, output_kind=RequestOutputKind.CUMULATIVE)
+        outs = [o async for o in engine.generate([1], params, "r")]
+        await engine.shutdown()
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) == 5 and [o.finished for o in outs] == [False] * 4 + [True]
