@@ -17,6 +17,7 @@ Targets (issue 24): at saturation (`inf`) the server's output throughput at leas
 
     python bench/bench_serve.py --out bench/results/serve.json [--rates 1,4,inf] [--num-prompts 1000]
     python bench/bench_serve.py --tiny --out /tmp/serve.json     (CPU smoke run: not a measurement)
+    python bench/bench_serve.py --stream-intervals 10   (also rate inf with `serve --stream-interval 10`)
 """
 
 from __future__ import annotations
@@ -178,9 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
+    ap.add_argument("--stream-intervals", default="",
+                    help="also rate inf with `serve --stream-interval N` for each N here, comma-separated (e.g. 10)")
     a = ap.parse_args(argv)
-    if a.tiny:
-        a.num_prompts, a.input_len, a.output_len, a.seconds = min(a.num_prompts, 6), 16, 4, 2.0
+    if a.tiny:  # (the tiny model's own sizes, unless given: a larger --num-prompts loads the CPU's host path)
+        given = set(argv if argv is not None else sys.argv[1:])
+        a.num_prompts = a.num_prompts if "--num-prompts" in given else 6
+        a.input_len = a.input_len if "--input-len" in given else 16
+        a.output_len = a.output_len if "--output-len" in given else 4
+        a.seconds = a.seconds if "--seconds" in given else 2.0
     rates = [float(r) for r in a.rates.split(",")]
     vocab = 500 if a.tiny else 10000  # prompt ids from [0, vocab): perf.md's 10000 (the tiny model has 512)
     work = tempfile.mkdtemp(prefix="tinyvllm-serve-")
@@ -204,6 +211,17 @@ def main(argv: list[str] | None = None) -> dict:
                                    os.path.join(work, "run.json")))
     finally:
         stop_server(server)
+    # vLLM's --stream-interval N: a stream's outputs every N tokens, the host's work per token / N
+    thinned = {}
+    for interval in [int(n) for n in a.stream_intervals.split(",") if n]:
+        server = start_server(model, port, os.path.join(work, f"serve-{interval}.log"),
+                              serve_args + ["--stream-interval", str(interval)])  # fmt: skip
+        try:
+            warm_up(port, a.input_len)
+            thinned[interval] = run_client(port, math.inf, a.num_prompts, a.input_len, a.output_len, vocab,
+                                           os.path.join(work, "run.json"))  # fmt: skip
+        finally:
+            stop_server(server)
     offline = run_offline(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
     shutil.rmtree(work, ignore_errors=True)  # (the 1B checkpoint is 2.5 GB)
     result = {"card": _card(), "workload": {"input_len": a.input_len, "output_len": a.output_len,
@@ -212,6 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     sat = [r for r in runs if r["request_rate"] == "inf"]
     if sat:
         result["saturation_vs_offline"] = sat[0]["output_throughput"] / offline["output_throughput"]
+    if thinned:
+        result["stream_interval_runs"] = {str(n): r for n, r in thinned.items()}
+        result["saturation_by_stream_interval"] = {str(n): r["output_throughput"] / offline["output_throughput"]
+                                                   for n, r in thinned.items()}  # fmt: skip
     result["low_load_ttft_p50_over_prefill"] = runs[0]["median_ttft_ms"] / offline["prefill_ms_one_prompt"]
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -235,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{offline['prefill_ms_after_idle']:.1f} ms)")
     if sat:
         print(f"saturation / offline: {result['saturation_vs_offline']:.3f} (target >= 0.90)")
+    for n, r in thinned.items():
+        print(f"saturation / offline with --stream-interval {n}: {result['saturation_by_stream_interval'][str(n)]:.3f} "
+              f"({r['output_throughput']:.0f} out tok/s, TTFT p50 {r['median_ttft_ms']:.1f} ms, "
+              f"ITL p50 {r['median_itl_ms']:.2f} ms)")
     print(f"TTFT p50 at rate {runs[0]['request_rate']} / prefill: {result['low_load_ttft_p50_over_prefill']:.2f} "
           "(target < 2)")
     print(f"wrote {a.out}")

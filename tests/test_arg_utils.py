@@ -20,9 +20,9 @@ def parse(*argv):
 def test_flags_become_engine_config_fields():
     c = engine_config_from_args(parse("some/model", "--max-model-len", "512", "--max-num-seqs", "8", "--block-size", "32",
                                       "--num-gpu-blocks-override", "64", "--dtype", "float32", "--device", "cpu",
-                                      "--enforce-eager", "--seed", "3"))  # fmt: skip
-    assert (c.model, c.max_model_len, c.max_num_seqs, c.block_size, c.num_kv_blocks, c.enforce_eager, c.seed) == \
-        ("some/model", 512, 8, 32, 64, True, 3)  # fmt: skip
+                                      "--enforce-eager", "--seed", "3", "--stream-interval", "4"))  # fmt: skip
+    assert (c.model, c.max_model_len, c.max_num_seqs, c.block_size, c.num_kv_blocks, c.enforce_eager, c.seed,
+            c.stream_interval) == ("some/model", 512, 8, 32, 64, True, 3, 4)  # fmt: skip
     assert engine_config_from_args(parse("--model", "m", "--device", "cpu")).model == "m"
 
 

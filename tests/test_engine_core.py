@@ -254,3 +254,24 @@ def test_the_engine_process_loop_lets_the_streams_run_between_steps():
 
     outs = asyncio.run(main())
     assert len(outs) == 5 and [o.finished for o in outs] == [False] * 4 + [True]
+
+
+def test_stream_interval_thins_a_streams_outputs_and_keeps_its_tokens(model):
+    """``stream_interval=4`` in the engine's process (`tinyvllm serve --stream-interval 4`): a
+    cumulative stream grows by multiples of 4 tokens after its first (one output may carry
+    several, when the server reads late), and ends with exactly offline's tokens and text."""
+    params = SamplingParams(temperature=0.0, max_tokens=18, ignore_eos=True)
+    want = LLM(model=model, **ENGINE).generate([{"prompt_token_ids": [5, 9, 12]}], params, use_tqdm=False)[0]
+
+    async def main():
+        engine = AsyncLLMEngine.from_config(EngineConfig(model, stream_interval=4, **ENGINE), engine_process=True)
+        try:
+            return [o async for o in engine.generate({"prompt_token_ids": [5, 9, 12]}, params, "r")]
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(main())
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    assert lengths[0] == 1 and lengths[-1] == 18 and len(outs) <= 1 + 18 // 4 + 1
+    assert all((n - 1) % 4 == 0 for n in lengths[1:-1]), lengths
+    assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids and outs[-1].outputs[0].text == want.outputs[0].text

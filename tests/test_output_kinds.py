@@ -73,3 +73,46 @@ def test_an_output_survives_its_wire_form_and_the_engine_builds_the_same_one():
     later = RequestOutput.from_wire(later_wire)
     assert later.prompt is None and later.prompt_token_ids is None
     assert later.outputs[0].token_ids == [8] and later.outputs[0].text == "y"
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE])
+def test_stream_interval_sends_the_first_then_every_nth_step_then_the_last(kind, async_scheduling):
+    """EngineConfig.stream_interval = 4 (vLLM's --stream-interval): a streaming request's outputs
+    come at its first token, then every 4 tokens, and at its end; added up they are the outputs
+    of interval 1, token for token and character for character (a stop string still cuts)."""
+    def run_with(interval: int) -> dict[str, list]:
+        engine = make_fake_engine(async_scheduling=async_scheduling, stream_interval=interval)
+        engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=11, ignore_eos=True,
+                                                              output_kind=kind))  # fmt: skip
+        engine.add_request("stop", [8, 9], SamplingParams(temperature=0, max_tokens=12, stop=["aO", "zz"],
+                                                          ignore_eos=True, output_kind=kind))  # fmt: skip
+        outputs: dict[str, list] = {"plain": [], "stop": []}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        return outputs
+
+    every, fourth = run_with(1), run_with(4)
+    plain = [len(o.outputs[0].token_ids) for o in fourth["plain"]]
+    if kind == RequestOutputKind.DELTA:
+        assert plain == [1, 4, 4, 2]
+    else:
+        assert plain == [1, 5, 9, 11]
+    def whole(outs: list) -> tuple[str, list[int]]:  # what a client has at the end
+        if kind == RequestOutputKind.CUMULATIVE:
+            return outs[-1].outputs[0].text, outs[-1].outputs[0].token_ids
+        return "".join(o.outputs[0].text for o in outs), [t for o in outs for t in o.outputs[0].token_ids]
+
+    for rid in every:
+        assert len(fourth[rid]) < len(every[rid])
+        assert whole(fourth[rid]) == whole(every[rid])
+        assert fourth[rid][-1].finished and fourth[rid][-1].outputs[0].finish_reason == every[rid][-1].outputs[0].finish_reason
+    assert fourth["stop"][-1].outputs[0].stop_reason == "aO"
+
+
+def test_stream_interval_below_one_is_refused():
+    from tinyvllm.engine.engine_config import EngineConfig
+
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineConfig(device="cpu", stream_interval=0)

@@ -30,6 +30,7 @@ _ENGINE_FLAGS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--enable-prefix-caching",), "enable_prefix_caching", dict(action="store_true", help="reuse the KV blocks of shared prompt prefixes")),
     (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", dict(type=int, default=1, help="split the model across this many GPUs (one process each)")),
     (("--seed",), "seed", dict(type=int, default=0, help="the engine's sampling seed")),
+    (("--stream-interval",), "stream_interval", dict(type=int, default=1, help="a stream's outputs every N tokens (its first and last always): less host work per token at high load")),
 ]  # fmt: skip
 
 

@@ -111,6 +111,9 @@ class EngineConfig:
     disable_log_stats: bool = False  # True: no stats line in the log (LLM.get_metrics() still counts)
     async_scheduling: bool | None = None  # overlap the host's work with the GPU's step; None: on a GPU
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split across (Megatron-style)
+    # A streaming request's outputs every this many steps (its first and its last always): a server's
+    # host work per step (outputs, pipe, SSE chunks) divided by it. vLLM's --stream-interval; 1: every token.
+    stream_interval: int = 1
 
     # ---- completed while the engine is built (see the module docstring) ----
     eos_token_ids: tuple[int, ...] = ()  # the tokenizer's and config.json's end-of-sequence ids
@@ -133,6 +136,7 @@ class EngineConfig:
         check_int("seed", self.seed, optional=True)
         check_float("gpu_memory_utilization", self.gpu_memory_utilization, gt=0, le=1)
         check_int("tensor_parallel_size", self.tensor_parallel_size, ge=1)
+        check_int("stream_interval", self.stream_interval, ge=1)
         check_devices(self.tensor_parallel_size, self.device)  # one GPU per rank
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
             check_bool(name, getattr(self, name))

@@ -438,14 +438,21 @@ class LLMEngine:
                 done.add(state.request_id)
         self.stats.on_step(sampled)
         outputs = []
+        interval = self.config.stream_interval
         for rid, state in advanced.items():
             finished = rid in done and state.finished
             if finished:
                 del self.requests[rid]
                 for seq in state.seqs:
                     owner_of.pop(id(seq), None)
-            if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
-                outputs.append(self._make_output(state))
+            elif state.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
+            elif interval > 1:  # a stream's output every `interval` steps, its first at once (vLLM's)
+                state.unsent_steps += 1
+                if state.streamed and state.unsent_steps < interval:
+                    continue
+            state.unsent_steps, state.streamed = 0, True
+            outputs.append(self._make_output(state))
         return outputs
 
     def _update_text(self, seq: Sequence, pos: int) -> None:

@@ -56,6 +56,10 @@ class RequestState:
     error: str | None = None  # why the request failed (finish_reason "error")
     # DELTA outputs: per sequence, the characters, tokens and log-probabilities already returned
     sent: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # Streaming (DELTA / CUMULATIVE): steps that gave it tokens since its last output, and whether it
+    # had one (EngineConfig.stream_interval: an output every that many steps, the first at once)
+    unsent_steps: int = 0
+    streamed: bool = False
 
     def make_output(self) -> RequestOutput:
         """The request's output as its ``output_kind`` wants it: everything so far, or (DELTA) what
