@@ -29,11 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from random_llama import TINY_LLAMA, make_random_llama  # noqa: E402
-
-# Small enough that the forward pass is a minor share of a step (it is timed and subtracted anyway).
-NEGLIGIBLE_LLAMA = dict(TINY_LLAMA, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=16, vocab_size=512)  # fmt: skip
+from random_llama import NEGLIGIBLE_LLAMA, make_random_llama  # noqa: E402
 
 
 def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs: str = "final") -> dict:

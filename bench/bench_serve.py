@@ -17,6 +17,7 @@ Targets (issue 24): at saturation (`inf`) the server's output throughput at leas
 
     python bench/bench_serve.py --out bench/results/serve.json [--rates 1,4,inf] [--num-prompts 1000]
     python bench/bench_serve.py --tiny --out /tmp/serve.json     (CPU smoke run: not a measurement)
+    python bench/bench_serve.py --host-bound   (CPU: the server's host work against offline's, no model to speak of)
     python bench/bench_serve.py --stream-intervals 10   (also rate inf with `serve --stream-interval 10`)
 """
 
@@ -36,7 +37,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from random_llama import LLAMA_1B, TINY_LLAMA, make_random_llama  # noqa: E402
+from random_llama import LLAMA_1B, NEGLIGIBLE_LLAMA, TINY_LLAMA, make_random_llama  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log_path: str, extra: list[str], timeout: float = 600.0) -> subprocess.Popen:
-    """`tinyvllm serve` in its own process; returns once /health answers."""
+def start_server(model: str, port: int, log_path: str, extra: list[str], timeout: float = 600.0,
+                 env: dict | None = None) -> subprocess.Popen:  # fmt: skip
+    """`tinyvllm serve` in its own process (``env``: more environment variables); returns once /health answers."""
     cmd = [sys.executable, "-m", "tinyvllm", "serve", model, "--port", str(port), *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {}))  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     deadline = time.time() + timeout
     while True:
@@ -105,6 +108,8 @@ def server_latencies(port: int) -> dict[str, float]:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
+        if line.startswith("tinyvllm:engine_steps_total "):
+            out["engine_steps"] = float(line.split()[1])
         for key, _ in SERVER_MEANS:
             for part in ("sum", "count"):
                 if line.startswith(f"tinyvllm:{key}_{part} "):
@@ -129,6 +134,7 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
         run = json.load(f)["runs"][0]
     run["rc"] = rc
     after = server_latencies(port)
+    run["engine_steps"] = int(after.get("engine_steps", 0) - before.get("engine_steps", 0))
     for key, name in SERVER_MEANS:
         n = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
         run[name] = 1e3 * (after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)) / n if n else None
@@ -159,12 +165,12 @@ def run_offline(model: str, num_prompts: int, input_len: int, output_len: int, v
         t0 = time.perf_counter()
         llm.generate([p], one, use_tqdm=False)
         idle.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
+    t0, steps = time.perf_counter(), llm.llm_engine.num_steps
     outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    seconds, steps = time.perf_counter() - t0, llm.llm_engine.num_steps - steps
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"num_prompts": num_prompts, "seconds": seconds, "output_throughput": tokens / seconds,
-            "output_tokens": tokens, "prefill_ms_one_prompt": 1000 * min(prefill),
+            "output_tokens": tokens, "engine_steps": steps, "prefill_ms_one_prompt": 1000 * min(prefill),
             "prefill_ms_after_idle": 1000 * sorted(idle)[len(idle) // 2]}  # fmt: skip
 
 
@@ -179,29 +185,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
+    ap.add_argument("--host-bound", action="store_true",
+                    help="on the CPU, a model too small to matter and one thread per process: the server's host "
+                         "work against offline's (default 512 prompts of 16 tokens, 64 out, rate inf)")
     ap.add_argument("--stream-intervals", default="",
                     help="also rate inf with `serve --stream-interval N` for each N here, comma-separated (e.g. 10)")
     a = ap.parse_args(argv)
-    if a.tiny:  # (the tiny model's own sizes, unless given: a larger --num-prompts loads the CPU's host path)
-        given = set(argv if argv is not None else sys.argv[1:])
-        a.num_prompts = a.num_prompts if "--num-prompts" in given else 6
-        a.input_len = a.input_len if "--input-len" in given else 16
-        a.output_len = a.output_len if "--output-len" in given else 4
-        a.seconds = a.seconds if "--seconds" in given else 2.0
+    given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
+    for flag, tiny, host_bound in (("--num-prompts", 6, 512), ("--input-len", 16, 16), ("--output-len", 4, 64),
+                                   ("--seconds", 2.0, 2.0), ("--rates", "1,4,inf", "inf")):  # fmt: skip
+        if flag not in given and (a.tiny or a.host_bound):  # (the CPU runs' own sizes, unless given)
+            setattr(a, flag[2:].replace("-", "_"), host_bound if a.host_bound else tiny)
+    cpu = a.tiny or a.host_bound
+    # --host-bound: one thread per process (the server's engine too): the host's work, not the model's
+    server_env = {"OMP_NUM_THREADS": "1"} if a.host_bound else {}
     rates = [float(r) for r in a.rates.split(",")]
-    vocab = 500 if a.tiny else 10000  # prompt ids from [0, vocab): perf.md's 10000 (the tiny model has 512)
+    vocab = 500 if cpu else 10000  # prompt ids from [0, vocab): perf.md's 10000 (the CPU models have 512)
     work = tempfile.mkdtemp(prefix="tinyvllm-serve-")
     model = os.path.join(work, "model")
     os.makedirs(model)
-    make_random_llama(model, TINY_LLAMA if a.tiny else LLAMA_1B, device="cpu" if a.tiny else "cuda")
-    if not a.tiny:
+    shape = NEGLIGIBLE_LLAMA if a.host_bound else TINY_LLAMA if a.tiny else LLAMA_1B
+    make_random_llama(model, shape, device="cpu" if cpu else "cuda")
+    if not cpu:
         import torch
 
         torch.cuda.empty_cache()  # the server process gets the card
-    serve_args = ["--max-model-len", str(a.input_len + a.output_len + 64)] + (["--device", "cpu"] if a.tiny else [])
-    engine = {"max_model_len": a.input_len + a.output_len + 64} | ({"device": "cpu"} if a.tiny else {})
+    max_len = a.input_len + a.output_len + 64
+    serve_args = ["--max-model-len", str(max_len)] + (["--device", "cpu"] if cpu else [])
+    engine = {"max_model_len": max_len} | ({"device": "cpu"} if cpu else {})
+    if a.host_bound:  # a KV cache for 256 running sequences, as on a GPU (a CPU's default holds a few)
+        blocks = 256 * (-(-max_len // 16) + 1)
+        serve_args += ["--num-kv-blocks", str(blocks)]
+        engine["num_kv_blocks"] = blocks
     port = free_port()
-    server = start_server(model, port, os.path.join(work, "serve.log"), serve_args)
+    server = start_server(model, port, os.path.join(work, "serve.log"), serve_args, env=server_env)
     runs = []
     try:
         warm_up(port, a.input_len)
@@ -215,14 +232,21 @@ def main(argv: list[str] | None = None) -> dict:
     thinned = {}
     for interval in [int(n) for n in a.stream_intervals.split(",") if n]:
         server = start_server(model, port, os.path.join(work, f"serve-{interval}.log"),
-                              serve_args + ["--stream-interval", str(interval)])  # fmt: skip
+                              serve_args + ["--stream-interval", str(interval)], env=server_env)  # fmt: skip
         try:
             warm_up(port, a.input_len)
             thinned[interval] = run_client(port, math.inf, a.num_prompts, a.input_len, a.output_len, vocab,
                                            os.path.join(work, "run.json"))  # fmt: skip
         finally:
             stop_server(server)
-    offline = run_offline(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if a.host_bound else threads)
+    try:
+        offline = run_offline(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
+    finally:
+        torch.set_num_threads(threads)
     shutil.rmtree(work, ignore_errors=True)  # (the 1B checkpoint is 2.5 GB)
     result = {"card": _card(), "workload": {"input_len": a.input_len, "output_len": a.output_len,
               "num_prompts": a.num_prompts, "prompt_ids": "uniform in [0, 10000)", "greedy": True, "ignore_eos": True},
@@ -256,11 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{offline['prefill_ms_one_prompt']:.1f} ms (after a second of idle, median of 3: "
           f"{offline['prefill_ms_after_idle']:.1f} ms)")
     if sat:
-        print(f"saturation / offline: {result['saturation_vs_offline']:.3f} (target >= 0.90)")
+        print(f"saturation / offline: {result['saturation_vs_offline']:.3f} (target >= 0.90); model steps: "
+              f"{sat[0]['engine_steps']} served, {offline['engine_steps']} offline for the same tokens")
     for n, r in thinned.items():
         print(f"saturation / offline with --stream-interval {n}: {result['saturation_by_stream_interval'][str(n)]:.3f} "
               f"({r['output_throughput']:.0f} out tok/s, TTFT p50 {r['median_ttft_ms']:.1f} ms, "
-              f"ITL p50 {r['median_itl_ms']:.2f} ms)")
+              f"ITL p50 {r['median_itl_ms']:.2f} ms, {r['engine_steps']} model steps)")
     print(f"TTFT p50 at rate {runs[0]['request_rate']} / prefill: {result['low_load_ttft_p50_over_prefill']:.2f} "
           "(target < 2)")
     print(f"wrote {a.out}")

@@ -48,6 +48,10 @@ LLAMA_1B = dict(
 # The same architecture, small enough that the pure-torch reference ops run it in milliseconds.
 TINY_LLAMA = dict(LLAMA_1B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=[2])
+# Small enough that the forward pass is a minor share of a step: the host's own work, measured on any
+# machine (bench_host.py; bench_serve.py --host-bound).
+NEGLIGIBLE_LLAMA = dict(TINY_LLAMA, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, vocab_size=512)  # fmt: skip
 
 
 def make_random_llama(path: str, cfg: dict = LLAMA_1B, device: str = "cuda") -> int:

@@ -28,3 +28,20 @@ def test_tiny_run_measures_every_rate_and_the_offline_peer(tmp_path, capsys):
     assert sat["total_output_tokens"] == result["offline"]["output_tokens"] == 6 * 4
     assert result["saturation_vs_offline"] > 0 and result["offline"]["prefill_ms_one_prompt"] > 0
     assert "saturation / offline" in capsys.readouterr().out
+
+
+def test_host_bound_run_counts_the_model_steps_and_a_stream_interval(tmp_path, capsys):
+    """--host-bound (the CPU proxy of a slow host: a model too small to matter, 256 running
+    sequences) with a second server at --stream-interval 4: both runs' model steps are counted
+    (from the server's tinyvllm:engine_steps_total and the offline engine), and each gives every
+    token offline does."""
+    result = bench_serve.main(["--host-bound", "--num-prompts", "24", "--output-len", "9", "--stream-intervals", "4",
+                               "--out", str(tmp_path / "serve.json")])  # fmt: skip
+    sat, thinned = result["online"][0], result["stream_interval_runs"]["4"]
+    assert sat["request_rate"] == thinned["request_rate"] == "inf"
+    assert sat["total_output_tokens"] == thinned["total_output_tokens"] == result["offline"]["output_tokens"] == 24 * 9
+    # 24 requests of 9 tokens fit one batch: offline 1 prompt step + 8 more (+1 for async); served at least that
+    assert 9 <= result["offline"]["engine_steps"] <= 10
+    assert sat["engine_steps"] >= 9 and thinned["engine_steps"] >= 9
+    assert result["saturation_by_stream_interval"]["4"] > 0
+    assert "model steps" in capsys.readouterr().out

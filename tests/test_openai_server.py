@@ -318,6 +318,7 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     assert after["tinyvllm:time_to_first_token_seconds_count"] == before["tinyvllm:time_to_first_token_seconds_count"] + 1
     assert after["tinyvllm:inter_token_latency_seconds_count"] - before["tinyvllm:inter_token_latency_seconds_count"] == 4
     assert after["tinyvllm:kv_cache_usage_perc"] == 0.0
+    assert 5 <= after["tinyvllm:engine_steps_total"] - before["tinyvllm:engine_steps_total"] <= 7  # (a prompt step, 4 more)
     # the first token's stages (queue, prefill, delivery), each once, together within the TTFT
     ttft = after["tinyvllm:time_to_first_token_seconds_sum"] - before["tinyvllm:time_to_first_token_seconds_sum"]
     stages = 0.0

@@ -321,10 +321,11 @@ class LLMEngine:
         return len(self.requests)
 
     def scheduler_stats(self) -> dict[str, int]:
-        """Requests waiting and running, KV blocks in all and free (a server's gauges)."""
+        """Requests waiting and running, KV blocks in all and free (a server's gauges), model steps run."""
         s, bm = self.scheduler, self.block_manager
         return {"num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
-                "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks}  # fmt: skip
+                "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
+                "num_engine_steps": self.num_steps}  # fmt: skip
 
     def get_metrics(self) -> list[Metric]:
         """The engine's counters and gauges under vLLM's names (tinyvllm/engine/stats.py)."""

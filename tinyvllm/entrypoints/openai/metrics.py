@@ -22,6 +22,7 @@ Read from the engine at each scrape (the engine thread's snapshot after its late
 
     tinyvllm:num_requests_running, tinyvllm:num_requests_waiting
     tinyvllm:num_kv_blocks, tinyvllm:num_free_kv_blocks, tinyvllm:kv_cache_usage_perc (0..1)
+    tinyvllm:engine_steps_total               model steps run (tokens / steps: how full they were)
 
 Each server has its own registry, so several servers (tests) can live in one process.
 """
@@ -33,7 +34,7 @@ from contextlib import aclosing
 from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tinyvllm.outputs import RequestOutput
 
@@ -58,6 +59,9 @@ class _EngineCollector:
              1.0 - s["num_free_kv_blocks"] / max(1, s["num_kv_blocks"])),
         ]:  # fmt: skip
             yield GaugeMetricFamily(f"tinyvllm:{name}", doc, value=value)
+        # (the same number of tokens in fewer, fuller steps is what a server at saturation wants)
+        yield CounterMetricFamily("tinyvllm:engine_steps", "Model steps the engine has run.",
+                                  value=s.get("num_engine_steps", 0))  # fmt: skip
 
 
 class ServerMetrics:
