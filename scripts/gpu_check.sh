@@ -15,7 +15,8 @@
 #       wheels here first, `pip download --only-binary=:all: --python-version 3.12 --platform
 #       manylinux2014_x86_64 -d .whl fastapi uvicorn aiohttp openai gguf` (then delete the numpy,
 #       tqdm, requests, urllib3, certifi, charset_normalizer and idna wheels the machine has), and
-#       carry .whl: this script unpacks them onto PYTHONPATH.)
+#       carry .whl: this script unpacks them onto PYTHONPATH.
+#       SERVE_ARGS="--stream-intervals 10" adds a run at rate inf with `serve --stream-interval 10`.)
 #   E2E_ARGS="--skip-compile --workloads latency,nano" bash scripts/gpu_check.sh build e2e
 #       (bench/bench_e2e.py's options: --skip-hf, --skip-compile, --skip-eager, --workloads,
 #        --random-requests N; it prints the expected seconds of each part first. The whole e2e
