@@ -8,6 +8,7 @@
 #   bash scripts/gpu_check.sh build attn battn    (attention only: its tests, its benchmark)
 #   bash scripts/gpu_check.sh build ragged        (decode batches of unequal lengths)
 #   bash scripts/gpu_check.sh build gemm          (the skinny GEMM: its tests, memcheck, dev program, benchmark)
+#   bash scripts/gpu_check.sh build gemmbench host  (the GEMM benchmark alone; the host's time per step, bench_host.py)
 #   bash scripts/gpu_check.sh build e2e profile   (end to end, then the decode-step anatomy)
 #   bash scripts/gpu_check.sh build features serve   (prefix caching and chunked prefill on/off;
 #       tinyvllm serve under tinyvllm bench serve at 1, 4 and inf requests/s against offline LLM.generate.
@@ -125,6 +126,19 @@ if has gemm; then  # the skinny GEMM alone: tests, memcheck of its sanitize subs
   python3 bench/bench_gemm.py --smollm2 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log"
   note "bench_gemm rc=${PIPESTATUS[0]}"
   while read -r line; do note "  $line"; done < <(grep -A3 -E '^M = 1,' "$OUT/bench_gemm.log")
+fi
+
+if has gemmbench; then  # the GEMM benchmark alone (each linear against torch.matmul, cuBLAS and a copy of its own bytes)
+  python3 bench/bench_gemm.py --smollm2 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench_gemm.log"
+  note "bench_gemm rc=${PIPESTATUS[0]}"
+  while read -r line; do note "  $line"; done < <(grep -A3 -E '^M = 1,' "$OUT/bench_gemm.log")
+fi
+
+if has host; then  # this machine's host speed: the engine's host time per step at batch 256 (compare host-bound numbers only within a call)
+  for mode in final wire; do
+    python3 bench/bench_host.py --outputs "$mode" --out "$OUT/host_$mode.json" > "$OUT/bench_host_$mode.log" 2>&1
+    note "bench_host --outputs $mode: $(tail -1 "$OUT/bench_host_$mode.log")"
+  done
 fi
 
 if has battn; then
