@@ -452,7 +452,7 @@ class LLMEngine:
                 state.unsent_steps += 1
                 if state.streamed and state.unsent_steps < interval:
                     continue
-            state.unsent_steps, state.streamed = 0, True
+                state.unsent_steps, state.streamed = 0, True
             outputs.append(self._make_output(state))
         return outputs
 
