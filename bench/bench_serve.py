@@ -19,6 +19,7 @@ Targets (issue 24): at saturation (`inf`) the server's output throughput at leas
     python bench/bench_serve.py --tiny --out /tmp/serve.json     (CPU smoke run: not a measurement)
     python bench/bench_serve.py --host-bound   (CPU: the server's host work against offline's, no model to speak of)
     python bench/bench_serve.py --stream-intervals 10   (also rate inf with `serve --stream-interval 10`)
+    python bench/bench_serve.py --in-process   (also the requests handed to AsyncLLMEngine here: no HTTP)
 """
 
 from __future__ import annotations
@@ -141,6 +142,42 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
     return run
 
 
+def run_in_process(model: str, num_prompts: int, input_len: int, output_len: int, vocab: int, extra: dict) -> dict:
+    """The same requests handed at once to AsyncLLMEngine with the engine in its own process (what
+    the server runs), in this process: the server's engine path without HTTP. Against offline it
+    prices the engine process and its per-step outputs; against the served run, HTTP's admission."""
+    import asyncio
+
+    from tinyvllm import SamplingParams
+    from tinyvllm.benchmarks.datasets import random_requests
+    from tinyvllm.engine.async_llm_engine import AsyncLLMEngine
+    from tinyvllm.engine.engine_config import EngineConfig
+
+    requests = random_requests(None, num_prompts, input_len, output_len, seed=0, vocab_size=vocab)
+
+    async def main() -> dict:
+        engine = AsyncLLMEngine.from_config(EngineConfig(model, **extra), engine_process=True)
+
+        async def one(i: int, r) -> int:
+            params = SamplingParams(temperature=0, max_tokens=r.expected_output_len, ignore_eos=True)
+            out = None
+            async for out in engine.generate({"prompt_token_ids": r.prompt}, params, f"r{i}"):
+                pass
+            return len(out.outputs[0].token_ids)
+
+        try:
+            await one(-1, requests[0])  # warm-up
+            steps, t0 = engine.get_stats()["num_engine_steps"], time.perf_counter()
+            tokens = sum(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+            seconds = time.perf_counter() - t0
+            steps = engine.get_stats()["num_engine_steps"] - steps
+        finally:
+            await engine.shutdown()
+        return {"seconds": seconds, "output_tokens": tokens, "output_throughput": tokens / seconds, "engine_steps": steps}
+
+    return asyncio.run(main())
+
+
 def run_offline(model: str, num_prompts: int, input_len: int, output_len: int, vocab: int, extra: dict) -> dict:
     """LLM.generate of the same requests (bench serve's sampler, same seed), and one prompt's prefill."""
     from tinyvllm import LLM, SamplingParams
@@ -185,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also the same requests handed at once to AsyncLLMEngine in this process (no HTTP)")
     ap.add_argument("--host-bound", action="store_true",
                     help="on the CPU, a model too small to matter and one thread per process: the server's host "
                          "work against offline's (default 512 prompts of 16 tokens, 64 out, rate inf)")
@@ -245,6 +284,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1 if a.host_bound else threads)
     try:
         offline = run_offline(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
+        in_process = None
+        if a.in_process:  # (its engine process inherits this environment: the server's threads)
+            saved = dict(os.environ)
+            os.environ.update(server_env)
+            try:
+                in_process = run_in_process(model, a.num_prompts, a.input_len, a.output_len, vocab, engine)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
     finally:
         torch.set_num_threads(threads)
     shutil.rmtree(work, ignore_errors=True)  # (the 1B checkpoint is 2.5 GB)
@@ -254,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     sat = [r for r in runs if r["request_rate"] == "inf"]
     if sat:
         result["saturation_vs_offline"] = sat[0]["output_throughput"] / offline["output_throughput"]
+    if in_process is not None:
+        result["in_process"] = in_process
+        result["in_process_vs_offline"] = in_process["output_throughput"] / offline["output_throughput"]
     if thinned:
         result["stream_interval_runs"] = {str(n): r for n, r in thinned.items()}
         result["saturation_by_stream_interval"] = {str(n): r["output_throughput"] / offline["output_throughput"]
@@ -282,6 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     if sat:
         print(f"saturation / offline: {result['saturation_vs_offline']:.3f} (target >= 0.90); model steps: "
               f"{sat[0]['engine_steps']} served, {offline['engine_steps']} offline for the same tokens")
+    if in_process is not None:
+        print(f"in one process, no HTTP (AsyncLLMEngine, the engine process): {in_process['output_throughput']:.0f} "
+              f"out tok/s = {result['in_process_vs_offline']:.3f} of offline, {in_process['engine_steps']} model steps")
     for n, r in thinned.items():
         print(f"saturation / offline with --stream-interval {n}: {result['saturation_by_stream_interval'][str(n)]:.3f} "
               f"({r['output_throughput']:.0f} out tok/s, TTFT p50 {r['median_ttft_ms']:.1f} ms, "

@@ -32,11 +32,11 @@ def test_tiny_run_measures_every_rate_and_the_offline_peer(tmp_path, capsys):
 
 def test_host_bound_run_counts_the_model_steps_and_a_stream_interval(tmp_path, capsys):
     """--host-bound (the CPU proxy of a slow host: a model too small to matter, 256 running
-    sequences) with a second server at --stream-interval 4: both runs' model steps are counted
-    (from the server's tinyvllm:engine_steps_total and the offline engine), and each gives every
-    token offline does."""
+    sequences) with a second server at --stream-interval 4 and the in-process run (no HTTP): every
+    run's model steps are counted (the server's tinyvllm:engine_steps_total, the engines'), and
+    each gives every token offline does."""
     result = bench_serve.main(["--host-bound", "--num-prompts", "24", "--output-len", "9", "--stream-intervals", "4",
-                               "--out", str(tmp_path / "serve.json")])  # fmt: skip
+                               "--in-process", "--out", str(tmp_path / "serve.json")])  # fmt: skip
     sat, thinned = result["online"][0], result["stream_interval_runs"]["4"]
     assert sat["request_rate"] == thinned["request_rate"] == "inf"
     assert sat["total_output_tokens"] == thinned["total_output_tokens"] == result["offline"]["output_tokens"] == 24 * 9
@@ -44,4 +44,7 @@ def test_host_bound_run_counts_the_model_steps_and_a_stream_interval(tmp_path, c
     assert 9 <= result["offline"]["engine_steps"] <= 10
     assert sat["engine_steps"] >= 9 and thinned["engine_steps"] >= 9
     assert result["saturation_by_stream_interval"]["4"] > 0
+    # --in-process: the same requests through AsyncLLMEngine here, all at once: offline's tokens and steps
+    assert result["in_process"]["output_tokens"] == 24 * 9 and 9 <= result["in_process"]["engine_steps"] <= 10
+    assert result["in_process_vs_offline"] > 0
     assert "model steps" in capsys.readouterr().out
