@@ -116,3 +116,21 @@ def test_stream_interval_below_one_is_refused():
 
     with pytest.raises(ValueError, match="stream_interval"):
         EngineConfig(device="cpu", stream_interval=0)
+
+
+def test_add_extends_each_completion_and_keeps_index_order():
+    """RequestOutput.add: each completion of the delta extends its own (text, ids, log-probabilities,
+    the newest finish), one the delta lacks is kept as it was, one first seen in the delta joins in
+    index order; neither operand changes."""
+    from tinyvllm.outputs import CompletionOutput, RequestOutput
+
+    total = RequestOutput("r", "p", [1], [CompletionOutput(0, "ab", [3, 4], -1.0, [{3: 0.1}, {4: 0.2}]),
+                                          CompletionOutput(2, "x", [9])])  # fmt: skip
+    delta = RequestOutput("r", None, None, [CompletionOutput(1, "new", [7]),
+                                            CompletionOutput(0, "c", [5], -1.5, [{5: 0.3}], "length")], True)  # fmt: skip
+    merged = total.add(delta)
+    assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in merged.outputs] == \
+        [(0, "abc", [3, 4, 5], "length"), (1, "new", [7], None), (2, "x", [9], None)]  # fmt: skip
+    assert merged.outputs[0].logprobs == [{3: 0.1}, {4: 0.2}, {5: 0.3}] and merged.outputs[0].cumulative_logprob == -1.5
+    assert merged.finished and merged.prompt_token_ids == [1] and merged.prompt == "p"
+    assert total.outputs[0].token_ids == [3, 4] and len(total.outputs) == 2  # (unchanged)

@@ -134,21 +134,22 @@ class RequestOutput:
     def add(self, delta: "RequestOutput") -> "RequestOutput":
         """This (cumulative) output extended by ``delta``, a later DELTA output of the same request,
         as a new RequestOutput (neither is changed; vLLM's ``RequestOutput.add`` merges in place)."""
-        merged = {c.index: c for c in self.outputs}
-        for d in delta.outputs:
-            old = merged.get(d.index)
-            if old is None:
-                merged[d.index] = CompletionOutput(d.index, d.text, list(d.token_ids), d.cumulative_logprob,
-                                                   None if d.logprobs is None else list(d.logprobs),
-                                                   d.finish_reason, d.stop_reason)  # fmt: skip
-                continue
-            merged[d.index] = CompletionOutput(
+        new = {d.index: d for d in delta.outputs}  # (one, unless n > 1)
+        outputs = []
+        for old in self.outputs:  # (in index order)
+            d = new.pop(old.index, None)
+            outputs.append(old if d is None else CompletionOutput(
                 d.index, old.text + d.text, old.token_ids + d.token_ids, d.cumulative_logprob,
                 None if old.logprobs is None else old.logprobs + (d.logprobs or []), d.finish_reason, d.stop_reason,
-            )
+            ))  # fmt: skip
+        if new:  # a completion whose first delta this is
+            outputs += [CompletionOutput(d.index, d.text, list(d.token_ids), d.cumulative_logprob,
+                                         None if d.logprobs is None else list(d.logprobs), d.finish_reason,
+                                         d.stop_reason) for d in new.values()]  # fmt: skip
+            outputs.sort(key=lambda c: c.index)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[merged[i] for i in sorted(merged)], finished=delta.finished, error=delta.error or self.error,
+            outputs=outputs, finished=delta.finished, error=delta.error or self.error,
             prompt_logprobs=self.prompt_logprobs if delta.prompt_logprobs is None else delta.prompt_logprobs,
             metrics=delta.metrics or self.metrics,
             num_cached_tokens=self.num_cached_tokens if delta.num_cached_tokens is None else delta.num_cached_tokens,
