@@ -13,7 +13,9 @@ minus the time inside the model's forward pass, divided by the steps. Best of --
 ``--outputs``: ``final`` (the default) is `LLM.generate`: an output per request at its end only.
 The server needs one per running request per step (DELTA): ``objects`` steps the LLMEngine that way
 and pickles each step's RequestOutputs, as an engine process used to send them; ``wire`` does the
-same with the engine's wire form (``LLMEngine.wire_outputs``: tuples), as it sends them now.
+same with the engine's wire form (``LLMEngine.wire_outputs``: tuples) and with its text left to the
+server's side (``LLMEngine.text_in_client``: these requests have no stop strings, so the engine
+detokenizes nothing), as an engine process runs.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
     engine = llm.llm_engine
-    engine.wire_outputs = outputs == "wire"
+    if outputs == "wire":  # as engine_core_main sets its engine up (the text left to the server's side)
+        from tinyvllm.engine.engine_core import configure_engine_process
+
+        configure_engine_process(engine)
     delta = params.clone()
     delta.output_kind = RequestOutputKind.DELTA
 

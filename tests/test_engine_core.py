@@ -275,3 +275,67 @@ def test_stream_interval_thins_a_streams_outputs_and_keeps_its_tokens(model):
     assert lengths[0] == 1 and lengths[-1] == 18 and len(outs) <= 1 + 18 // 4 + 1
     assert all((n - 1) % 4 == 0 for n in lengths[1:-1]), lengths
     assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids and outs[-1].outputs[0].text == want.outputs[0].text
+
+
+def test_text_made_on_the_servers_side_equals_the_engines_own(smollm2_path):
+    """The engine process detokenizes only the requests with stop strings; the others' text is made
+    by the client from the token ids. On the real tokenizer (multi-byte characters, EOS ending the
+    reply) every request's text, ids and finish equal offline LLM.generate's, whose engine made it."""
+    from tinyvllm.engine.engine_core import configure_engine_process
+    from tinyvllm.engine.llm_engine import LLMEngine
+
+    engine_kw = dict(device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8, num_kv_blocks=96)
+    offline = LLM(model=smollm2_path, **engine_kw)
+    chat = offline.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Write three emoji that describe the sea, then one word in Japanese."}],
+        add_generation_prompt=True)  # fmt: skip
+    # a stop id that greedy decoding of "The sea is" surely meets: its 4th token
+    stop_id = offline.generate("The sea is", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids[3]
+    prompts = [chat, chat, chat, "The sea is", "The sea is", "The sea is", chat]
+    params = [
+        SamplingParams(temperature=0, max_tokens=48),  # ends with EOS
+        SamplingParams(temperature=0, max_tokens=48, stop=["sea"]),  # a stop string: the engine's text
+        SamplingParams(temperature=1.0, seed=7, max_tokens=20, n=2),
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]),  # its token is no text ...
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+        SamplingParams(temperature=0.9, seed=11, max_tokens=30, output_kind=RequestOutputKind.DELTA),
+        SamplingParams(temperature=0, max_tokens=48, include_stop_str_in_output=True),
+    ]
+    want = offline.generate(prompts, params, use_tqdm=False)
+    assert any(ord(ch) > 0x7FF for ch in want[0].outputs[0].text), want[0].outputs[0].text
+    assert want[0].outputs[0].finish_reason == "stop" and want[3].outputs[0].stop_reason == stop_id
+    assert want[3].outputs[0].text != want[4].outputs[0].text  # (the stop token has text)
+
+    # The engine process's LLMEngine: no text for a request without stop strings, text for one with.
+    engine = LLMEngine.from_config(EngineConfig(smollm2_path, **engine_kw))
+    configure_engine_process(engine)
+    delta = SamplingParams(temperature=0, max_tokens=6, output_kind=RequestOutputKind.DELTA)
+    engine.add_request("plain", "The sea is", delta)
+    engine.add_request("stops", "The sea is", SamplingParams(temperature=0, max_tokens=6, stop=["zzz"],
+                                                             output_kind=RequestOutputKind.DELTA))  # fmt: skip
+    sent = {"plain": [], "stops": []}
+    while engine.has_unfinished_requests():
+        for w in engine.step():
+            out = RequestOutput.from_wire(w)
+            sent[out.request_id].append((out.outputs[0].text, out.outputs[0].token_ids))
+    assert all(text == "" for text, _ in sent["plain"]) and sum(len(ids) for _, ids in sent["plain"]) == 6
+    assert "".join(text for text, _ in sent["stops"]) != ""
+
+    async def main():
+        server = AsyncLLMEngine.from_config(EngineConfig(smollm2_path, **engine_kw), engine_process=True)
+
+        async def run(i):
+            outs = [o async for o in server.generate(prompts[i], params[i], f"r{i}")]
+            total = outs[0]
+            for o in outs[1:]:
+                total = total.add(o) if params[i].output_kind == RequestOutputKind.DELTA else o
+            return total
+
+        try:
+            return await asyncio.gather(*(run(i) for i in range(len(prompts))))
+        finally:
+            await server.shutdown()
+
+    for i, (got, w) in enumerate(zip(asyncio.run(main()), want)):
+        assert [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in got.outputs] == \
+            [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in w.outputs], i  # fmt: skip

@@ -9,7 +9,11 @@ the engine steps back to back whatever the server is doing; a slow stream costs 
 
 What crosses the pipe is small. The server sends each request with ``output_kind=DELTA``, so a
 step's outputs carry only the new tokens and text (about 4 us each to pickle; a cumulative output
-grows with the sequence). The client adds them up (``RequestOutput.add``) into what the caller
+grows with the sequence). And the text, as in vLLM V1, is made on the server's side: the engine
+detokenizes only the requests whose stop strings it must check (``engine_needs_text``); for the
+others it sends token ids, and this client runs the same incremental detokenizer on them
+(``_Tracked.make_text``), in the server's process, while the engine runs its next steps. At 256
+running requests that takes about a quarter of the engine's host time per step off it. The client adds them up (``RequestOutput.add``) into what the caller
 asked for: the cumulative output (the default, what the server streams from), the deltas, or the
 final output. When the server falls behind, the client drains every step that has arrived at once,
 and a stream gets one output for all of them.
@@ -38,13 +42,15 @@ import queue
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.gc_heap import freeze_heap
+from tinyvllm.engine.request_state import engine_needs_text
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
+from tinyvllm.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("tinyvllm")
 
@@ -87,6 +93,13 @@ class _Outbox:
                 return
 
 
+def configure_engine_process(engine: Any) -> None:
+    """What an engine process changes in its LLMEngine (also what bench/bench_host.py measures):
+    outputs in their wire form, and the text left to the client where the engine needs none."""
+    engine.wire_outputs = True  # each output as a tuple (RequestOutput.to_wire): 20x cheaper to pickle
+    engine.text_in_client = True  # (the client detokenizes: _Tracked.make_text)
+
+
 def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.INFO) -> None:
     """Load the engine, say ready, then step while there is work and wait for messages while there is none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole process group: the server decides
@@ -99,7 +112,7 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    engine.wire_outputs = True  # each output as a tuple (RequestOutput.to_wire): 20x cheaper to pickle
+    configure_engine_process(engine)
     freeze_heap(collect=True)  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
     conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
     outbox = _Outbox(conn)
@@ -145,6 +158,28 @@ class _Tracked:
     kind: RequestOutputKind  # what the caller asked for
     total: RequestOutput | None = None  # the deltas so far, added up
     prompt: str | None = None  # the prompt's text, from the first output
+    # A request whose text is made here (the engine sent token ids only): its params, and each
+    # completion's incremental detokenizer, made at its first tokens. None: the engine sent the text.
+    params: SamplingParams | None = None
+    prompt_token_ids: list[int] | None = None
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+
+    def make_text(self, delta: RequestOutput, tokenizer: Any) -> None:
+        """Fill in each completion's new text from its new token ids, as the engine would have:
+        the same detokenizer fed the same ids, and a token stop (EOS, a stop id; no stop strings
+        here) adds no text unless ``include_stop_str_in_output``."""
+        if delta.prompt_token_ids is not None:
+            self.prompt_token_ids = delta.prompt_token_ids
+        for c in delta.outputs:
+            if not c.token_ids:
+                continue
+            detok = self.detokenizers.get(c.index)
+            if detok is None:
+                detok = self.detokenizers[c.index] = IncrementalDetokenizer(tokenizer, self.prompt_token_ids or [])
+            ids = c.token_ids
+            if c.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                ids = ids[:-1]  # (the token that stopped it is the delta's last)
+            c.text = "".join([detok.step(t) for t in ids])
 
 
 class EngineCoreClient:
@@ -190,7 +225,8 @@ class EngineCoreClient:
             params = copy.copy(params)  # (only a field of its own changes: a deep clone cost 26 us a request)
             params.output_kind = RequestOutputKind.DELTA
         self._send(("add", request_id, prompt, params, prompt_token_ids))
-        self.requests[request_id] = _Tracked(kind)
+        text_here = self.tokenizer is not None and not engine_needs_text(params)
+        self.requests[request_id] = _Tracked(kind, params=params if text_here else None)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -265,6 +301,8 @@ class EngineCoreClient:
                     continue  # aborted meanwhile
                 if tracked.prompt is None:
                     tracked.prompt = delta.prompt  # (the first output carries it; later ones on the wire do not)
+                if tracked.params is not None:
+                    tracked.make_text(delta, self.tokenizer)
                 if tracked.kind == RequestOutputKind.DELTA:
                     delta.prompt = tracked.prompt
                     deltas.append(delta)  # (as it came: no sum to keep)

@@ -25,7 +25,8 @@ the params whose ``seed``, when set, is ``seed + i`` (so the k completions diffe
 set is reproducible). They come back together: one RequestOutput per request, its ``outputs[i]``
 being sequence i (``index`` i), ``finished`` once all are. Aborting the request aborts them all.
 
-The engine owns the requests and the text (tokenizer, detokenizers, stop strings); the
+The engine owns the requests and the text (tokenizer, detokenizers, stop strings; in an engine
+process, only the text that stop strings need: the server's process makes the rest); the
 Scheduler owns the sequences' progress and the KV blocks; the ModelRunner owns the device.
 Requests may be added or aborted between any two steps; request ids are the handle, which
 is what an async loop or an OpenAI-compatible server needs.
@@ -54,7 +55,7 @@ import torch
 
 from tinyvllm.engine.engine_config import EngineConfig
 from tinyvllm.engine.logits_processors import tokenize_bad_words
-from tinyvllm.engine.request_state import RequestState, TokenTexts, child_params
+from tinyvllm.engine.request_state import RequestState, TokenTexts, child_params, engine_needs_text
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.engine.stats import EngineStats, Metric
@@ -112,6 +113,10 @@ class LLMEngine:
         # True in an engine process (engine_core.py): step() returns each output in its wire form,
         # RequestOutput.to_wire's tuple, cheap to pickle; the server's side builds the objects.
         self.wire_outputs = False
+        # True in an engine process too: a request whose text decides nothing here (no stop
+        # strings) is not detokenized here; the server's process makes its text from the token
+        # ids (engine_core.py, vLLM V1's split), off the step's critical path.
+        self.text_in_client = False
         self._token_texts = TokenTexts(tokenizer)  # each token alone as text (Logprob.decoded_token)
         self._arrival = itertools.count()
         self.num_steps = 0
@@ -242,7 +247,7 @@ class LLMEngine:
             if seq.sampling_params.seed is not None:
                 seq.generator = torch.Generator(device=self.config.device)
                 seq.generator.manual_seed(seq.sampling_params.seed)
-            if self.detokenizer_cls is not None:
+            if self.detokenizer_cls is not None and (not self.text_in_client or engine_needs_text(seq.sampling_params)):
                 seq.detokenizer = self.detokenizer_cls(self.tokenizer, seq.prompt_token_ids)
             self._owner[id(seq)] = (state, i)
             self.scheduler.add(seq)

@@ -119,6 +119,15 @@ class RequestState:
             self.prompt_logprobs[chunk.start + j] = texts.logprob_dict(scored)
 
 
+def engine_needs_text(params: SamplingParams) -> bool:
+    """Whether the engine itself must detokenize a sequence with these params: only where the
+    text decides when it ends (stop strings, checked on the text the moment each token is known,
+    so the request stops at the token that completes one and frees its blocks in that step).
+    Any other sequence's text can be made anywhere from its token ids: an engine process leaves
+    it to the server's process (``LLMEngine.text_in_client``, engine_core.py)."""
+    return bool(params.stop)
+
+
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     """Sequence ``index``'s params for a request of ``n > 1`` (vLLM's ParentRequest): n = 1, the
     seed ``seed + index``; the prompt's log-probabilities are computed by sequence 0 only."""
