@@ -12,6 +12,9 @@ Instruct with random bf16 weights (bench/random_llama.py): speed does not depend
   3. Offline: the server stopped, `LLM.generate` of the same --num-prompts requests in this
      process; and one prompt alone with max_tokens=1 (its prefill time, the TTFT floor).
 
+Each run also reports how busy the server's process, its engine process and the client were (CPU
+seconds over the run's duration, from /proc): at saturation, the one near 1.0 is the limit.
+
 Targets (issue 24): at saturation (`inf`) the server's output throughput at least 90% of offline's
 (the server costs little); at the lowest rate TTFT p50 under 2x one prompt's prefill time.
 
@@ -118,11 +121,46 @@ def server_latencies(port: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far: this one's, or another's
+    from /proc/PID/stat (its 14th and 15th fields, in clock ticks)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def engine_pid(server_pid: int) -> int | None:
+    """The server's engine process: the child it spawned (/proc/PID/task/PID/children, where the
+    kernel lists them) that is not multiprocessing's resource tracker."""
+    try:
+        with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        for child in children:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmd = f.read()
+            if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+                return child
+    except OSError:
+        pass
+    return None
+
+
 def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_len: int, vocab: int,
-               result: str) -> dict:
+               result: str, server_pid: int | None = None) -> dict:
     """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them, plus the
-    server's means over the run (``SERVER_MEANS``)."""
+    server's means over the run (``SERVER_MEANS``) and how busy each process was: the CPU seconds
+    it used over the run's duration (``*_cpu_busy``; 1.0 = one core all the time). A server or a
+    client near 1.0 at saturation is the limit, not the engine. (On a GPU the engine process's
+    figure reads near 1.0 whatever it does: its thread spins while it waits for the GPU.)"""
     before = server_latencies(port)
+    pids = {"server": server_pid, "engine": engine_pid(server_pid) if server_pid else None}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()}
     from tinyvllm.benchmarks.serve import bench_serve_main
     from tinyvllm.entrypoints.cli import build_parser
 
@@ -131,9 +169,12 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
         "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-vocab-size", str(vocab),
         "--ignore-eos", "--request-rate", str(rate), "--result-file", result])  # fmt: skip
     rc = bench_serve_main(args)
+    cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()}
     with open(result) as f:
         run = json.load(f)["runs"][0]
     run["rc"] = rc
+    for name in cpu0:  # (the client's seconds include its set-up; the run's duration does not)
+        run[f"{name}_cpu_busy"] = (cpu1[name] - cpu0[name]) / run["duration"] if run.get("duration") else None
     after = server_latencies(port)
     run["engine_steps"] = int(after.get("engine_steps", 0) - before.get("engine_steps", 0))
     for key, name in SERVER_MEANS:
@@ -264,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rate in rates:
             n = a.num_prompts if math.isinf(rate) else max(2, min(a.num_prompts, round(rate * a.seconds)))
             runs.append(run_client(port, rate, n, a.input_len, a.output_len, vocab,
-                                   os.path.join(work, "run.json")))
+                                   os.path.join(work, "run.json"), server.pid))
     finally:
         stop_server(server)
     # vLLM's --stream-interval N: a stream's outputs every N tokens, the host's work per token / N
@@ -275,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             warm_up(port, a.input_len)
             thinned[interval] = run_client(port, math.inf, a.num_prompts, a.input_len, a.output_len, vocab,
-                                           os.path.join(work, "run.json"))  # fmt: skip
+                                           os.path.join(work, "run.json"), server.pid)  # fmt: skip
         finally:
             stop_server(server)
     import torch
@@ -327,6 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
             before = r["server_mean_ttft_ms"] - sum(stages)
             print(f"{r['request_rate']:>6}: {r['server_mean_ttft_ms']:.2f} = {before:.2f} + {stages[0]:.2f} + "
                   f"{stages[1]:.2f} + {stages[2]:.2f}")
+    print("CPU busy over each run (CPU seconds / its duration): server process / engine process / client")
+    for label, r in [(r["request_rate"], r) for r in runs] + [(f"inf/{n}", r) for n, r in thinned.items()]:
+        busy = " / ".join("-" if r.get(f"{k}_cpu_busy") is None else f"{r[f'{k}_cpu_busy']:.2f}"
+                          for k in ("server", "engine", "client"))  # fmt: skip
+        print(f"{label:>6}: {busy}")  # (inf/N: the run with --stream-interval N)
     print(f"offline LLM.generate: {offline['output_throughput']:.0f} out tok/s; one prompt's prefill "
           f"{offline['prefill_ms_one_prompt']:.1f} ms (after a second of idle, median of 3: "
           f"{offline['prefill_ms_after_idle']:.1f} ms)")

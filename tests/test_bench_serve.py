@@ -47,4 +47,7 @@ def test_host_bound_run_counts_the_model_steps_and_a_stream_interval(tmp_path, c
     # --in-process: the same requests through AsyncLLMEngine here, all at once: offline's tokens and steps
     assert result["in_process"]["output_tokens"] == 24 * 9 and 9 <= result["in_process"]["engine_steps"] <= 10
     assert result["in_process_vs_offline"] > 0
+    # how busy each process was over the run (CPU seconds / duration): the server, its engine process, the client
+    for run in (sat, thinned):
+        assert all(0 < run[f"{k}_cpu_busy"] < 64 for k in ("server", "engine", "client")), run
     assert "model steps" in capsys.readouterr().out
