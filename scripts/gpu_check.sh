@@ -164,6 +164,7 @@ fi
 if has serve; then  # serve.json: the online workload against offline LLM.generate (about 2 minutes)
   python3 bench/bench_serve.py --out "$OUT/serve.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/bench_serve.log"
   note "bench_serve rc=${PIPESTATUS[0]}: $(grep -E '^saturation' "$OUT/bench_serve.log")"
+  note "serve CPU busy (server / engine / client): $(grep -E '^ *inf(/[0-9]+)?: [0-9.-]+ / ' "$OUT/bench_serve.log" | tr -s ' ' | tr '\n' ';')"
 fi
 
 if has profile; then  # step_anatomy.json/.md: graph-replayed decode steps, kernels by kind and GPU idle time (about 1 minute)
