@@ -73,6 +73,21 @@ def test_an_output_survives_its_wire_form_and_the_engine_builds_the_same_one():
     later = RequestOutput.from_wire(later_wire)
     assert later.prompt is None and later.prompt_token_ids is None
     assert later.outputs[0].token_ids == [8] and later.outputs[0].text == "y"
+    assert later_wire == ("r", [8], "y")  # a running plain stream's delta travels short
+    # its last delta (finished), or one with log-probabilities, travels whole
+    seq.token_ids.append(9)
+    seq.output_text, seq.finish_reason = "xyz", "length"
+    last = RequestOutput.from_wire(state.wire_output(prompt_once=True))
+    assert last.finished and last.outputs[0].finish_reason == "length" and last.metrics is not None
+    assert (first.add(later).add(last).outputs[0].text, first.add(later).add(last).outputs[0].token_ids) == ("xyz", [7, 8, 9])
+    scored = SamplingParams(max_tokens=4, logprobs=1, output_kind=RequestOutputKind.DELTA)
+    seq2 = Sequence("s", [1, 2], scored, token_ids=[1, 2, 7])
+    state2 = RequestState("s", "hi", [1, 2], scored, seqs=[seq2], logprobs=[[{7: Logprob(-0.1, 1, "a")}]],
+                          cumulative_logprobs=[-0.1])  # fmt: skip
+    state2.wire_output(prompt_once=True)
+    seq2.token_ids.append(8)
+    state2.logprobs[0].append({8: Logprob(-0.2, 1, "b")})
+    assert len(state2.wire_output(prompt_once=True)) == 9
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

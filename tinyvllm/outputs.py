@@ -127,6 +127,11 @@ class RequestOutput:
 
     @classmethod
     def from_wire(cls, w: tuple) -> "RequestOutput":
+        """The output from its wire form: ``to_wire``'s tuple, or the short one an engine process
+        sends for most of a stream's deltas, ``(request_id, token_ids, text)``: one running
+        completion (index 0) without log-probabilities; the rest is None, as in any later delta."""
+        if len(w) == 3:
+            return cls(w[0], None, None, [CompletionOutput(0, w[2], w[1])])
         request_id, prompt, prompt_token_ids, completions, finished, error, prompt_logprobs, m, cached = w
         return cls(request_id, prompt, prompt_token_ids, [CompletionOutput(*c) for c in completions], finished,
                    error, prompt_logprobs, None if m is None else RequestMetrics(*m), cached)  # fmt: skip

@@ -69,7 +69,8 @@ class RequestState:
     def wire_output(self, prompt_once: bool = False) -> tuple:
         """:meth:`make_output` as plain tuples (``RequestOutput.to_wire``'s form): what an engine
         process sends, built without the objects. ``prompt_once``: a DELTA output after the first
-        leaves the prompt's text out too (the receiver has it from the first)."""
+        leaves the prompt's text out too (the receiver has it from the first), and a running
+        stream's plain delta is sent short (see ``RequestOutput.from_wire``)."""
         delta = self.params.output_kind == RequestOutputKind.DELTA
         first = not self.sent
         completions = []
@@ -96,6 +97,11 @@ class RequestState:
         # (A server makes one of these per running request per step: the prompt's ids are shared,
         # not copied, as vLLM's outputs share them; nothing in the engine changes them.)
         later_delta = delta and not first
+        if later_delta and prompt_once and len(completions) == 1 and completions[0][4] is None and not self.finished:
+            # The common case of an engine process: a running single stream without log-probabilities.
+            # Only what is new travels, (request_id, token_ids, text): half the pickling, and the
+            # receiver builds two objects instead of four (RequestOutput.from_wire).
+            return (self.request_id, completions[0][2], completions[0][1])
         m = self.seqs[0].metrics
         return (self.request_id, None if later_delta and prompt_once else self.prompt,
                 None if later_delta else self.prompt_token_ids, completions, self.finished, self.error,
