@@ -6,6 +6,8 @@ after shutdown. On a tiny random Llama on the CPU (float32)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
 import queue
 import signal
 import threading
@@ -112,6 +114,14 @@ class _SlowServerConn:
         self.sent: list[tuple] = []
         self.release, self.idle = threading.Event(), threading.Event()
         self.received = 0
+        r, self.full_pipe = os.pipe()
+        os.set_blocking(self.full_pipe, False)
+        try:
+            while True:
+                os.write(self.full_pipe, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        self._keep = r  # (the read end stays open, unread)
 
     def poll(self, timeout: float | None = 0) -> bool:
         if timeout is None:  # the engine has no work: it sleeps until the server writes
@@ -129,6 +139,12 @@ class _SlowServerConn:
         if msg[0] != "ready":
             self.release.wait(60)
         self.sent.append(msg)
+
+    def send_bytes(self, data: bytes) -> None:  # (a message the engine pickled itself)
+        self.send(pickle.loads(data))
+
+    def fileno(self) -> int:  # a pipe with no room: the engine must not write from its own thread
+        return self.full_pipe
 
 
 def test_the_engine_steps_on_while_the_server_reads_late(model):
@@ -339,3 +355,50 @@ def test_text_made_on_the_servers_side_equals_the_engines_own(smollm2_path):
     for i, (got, w) in enumerate(zip(asyncio.run(main()), want)):
         assert [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in got.outputs] == \
             [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in w.outputs], i  # fmt: skip
+
+
+class _GatedConn:
+    """A pipe's engine end for _Outbox: records each message and the thread that wrote it; the
+    first ``send`` waits for ``gate`` (a server reading late); ``fileno`` is a pipe with room."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple]] = []
+        self.gate = threading.Event()
+        self._r, self._w = os.pipe()
+
+    def fileno(self) -> int:
+        return self._w
+
+    def send(self, msg: tuple) -> None:
+        if not self.sent:
+            self.gate.wait(20)
+        self.sent.append((threading.current_thread().name, msg))
+
+    def send_bytes(self, data) -> None:
+        self.send(pickle.loads(data))
+
+
+def test_the_engine_writes_a_small_step_itself_unless_something_is_queued_ahead():
+    """_Outbox: a step of a few outputs, with nothing queued and room in the pipe, is written by
+    the engine's own thread (no wait for the sender thread to get the interpreter lock); behind a
+    queued message (a big step, a server reading late) small ones queue too, and all arrive in order."""
+    from tinyvllm.engine.engine_core import _Outbox
+
+    conn = _GatedConn()
+    box = _Outbox(conn)
+    small = [("step", [("s", [k], "")], [], {}) for k in range(5)]
+    big = ("step", [(f"r{i}", [1], "") for i in range(_Outbox.DIRECT_MAX_OUTPUTS + 1)], [], {})
+    box.send(big)  # more outputs than a direct write takes: the thread writes it (and waits at the gate)
+    for msg in small:
+        box.send(msg)
+    conn.gate.set()
+    box.close()
+    assert [m for _, m in conn.sent] == [big] + small and box.num_direct == 0
+    assert {name for name, _ in conn.sent} == {"tinyvllm-engine-sender"}
+    idle = _GatedConn()
+    idle.gate.set()
+    box = _Outbox(idle)
+    for msg in small:
+        box.send(msg)
+    box.close()
+    assert idle.sent == [(threading.current_thread().name, m) for m in small] and box.num_direct == 5

@@ -39,10 +39,12 @@ import copy
 import logging
 import multiprocessing as mp
 import queue
+import select
 import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from tinyvllm.engine.engine_config import EngineConfig
@@ -65,19 +67,61 @@ class _Outbox:
     that the engine never waits on a full pipe. A server busy with its streams may read late (its
     reader thread shares the server's interpreter lock); meanwhile the steps' messages queue here
     and the GPU keeps working. vLLM's EngineCore sends from a thread of its own for the same reason.
-    (Nothing in a queued message changes after it is queued: each step's outputs are new objects.)"""
+    (Nothing in a queued message changes after it is queued: each step's outputs are new objects.)
+
+    But a thread hop has a price at low load: the sender needs the interpreter lock, and the
+    engine's main thread keeps it through its next step's host work (scheduling, inputs, launches)
+    until it blocks on the GPU, up to Python's 5 ms switch interval; every token of a lone stream
+    would reach the server one step's host time late. So a small message (a step of a few
+    requests) with nothing queued ahead of it is written at once, by the engine's thread, when
+    the pipe has room for it: select() calls the pipe (a Unix socket pair) writable only with far
+    more room than these few kilobytes, so the write cannot block. Everything else takes the thread."""
+
+    DIRECT_MAX_OUTPUTS = 8  # a step with more outputs is pickled and written by the thread
+    DIRECT_MAX_BYTES = 4092  # one page with multiprocessing's 4-byte length header (a plain pipe's PIPE_BUF)
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._writing = threading.Lock()  # held while a message is written (by either thread)
+        self._count = threading.Lock()  # guards _queued (held briefly, never during a write)
+        self._queued = 0  # messages queued and not yet written
+        self.num_direct = 0  # messages written by the engine's own thread (for tests)
         self._thread = threading.Thread(target=self._run, name="tinyvllm-engine-sender", daemon=True)
         self._thread.start()
 
     def send(self, msg: tuple) -> None:
         if self._error is not None:
             raise BrokenPipeError(f"the server went away: {self._error}")
+        if msg[0] != "step" or len(msg[1]) <= self.DIRECT_MAX_OUTPUTS:
+            data = ForkingPickler.dumps(msg)
+            if len(data) <= self.DIRECT_MAX_BYTES and self._write_now(data):
+                return
+            msg = data  # (already pickled: the thread writes the bytes)
+        with self._count:
+            self._queued += 1
         self._queue.put(msg)
+
+    def _write_now(self, data: memoryview) -> bool:
+        """Write ``data`` from this thread if nothing is queued ahead of it, no write is under way
+        and the pipe has room; False otherwise (the caller queues it)."""
+        with self._count:
+            if self._queued or not self._writing.acquire(blocking=False):
+                return False
+        try:
+            fileno = getattr(self._conn, "fileno", None)
+            if fileno is None or not select.select([], [fileno()], [], 0)[1]:
+                return False
+            try:
+                self._conn.send_bytes(data)
+            except (BrokenPipeError, OSError) as e:
+                self._error = e
+                raise BrokenPipeError(f"the server went away: {e}") from e
+            self.num_direct += 1
+            return True
+        finally:
+            self._writing.release()
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for up to ``timeout`` seconds), then stop the thread."""
@@ -87,10 +131,17 @@ class _Outbox:
     def _run(self) -> None:
         while (msg := self._queue.get()) is not None:
             try:
-                self._conn.send(msg)
+                with self._writing:
+                    if isinstance(msg, (bytes, memoryview)):
+                        self._conn.send_bytes(msg)
+                    else:
+                        self._conn.send(msg)
             except (BrokenPipeError, OSError) as e:  # the server is gone: the engine's next send says so
                 self._error = e
                 return
+            finally:
+                with self._count:
+                    self._queued -= 1
 
 
 def configure_engine_process(engine: Any) -> None:
