@@ -33,11 +33,22 @@ def test_two_models_or_a_bad_value_is_a_value_error():
         engine_config_from_args(parse("--max-num-seqs", "0", "--device", "cpu"))
 
 
-@pytest.mark.skipif("enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)},
-                    reason="this build has prefix caching")  # fmt: skip
-def test_a_flag_this_build_lacks_is_refused_by_name():
-    with pytest.raises(ValueError, match="--enable-prefix-caching is not supported by this build"):
-        engine_config_from_args(parse("--enable-prefix-caching", "--device", "cpu"))
+def test_the_command_lines_defaults_are_the_engines():
+    """`serve` and `chat` with no engine flags build the EngineConfig that LLM() and EngineConfig's
+    own defaults give (prefix caching on, as in vLLM V1); --no-enable-prefix-caching turns it off."""
+    from_flags = engine_config_from_args(parse("some/model", "--device", "cpu"))
+    assert from_flags == EngineConfig("some/model", device="cpu")
+    assert from_flags.enable_prefix_caching
+    assert not engine_config_from_args(parse("--no-enable-prefix-caching", "--device", "cpu")).enable_prefix_caching
+
+
+def test_a_flag_this_build_lacks_is_refused_by_name(monkeypatch):
+    from tinyvllm.engine import arg_utils
+
+    flags = arg_utils._ENGINE_FLAGS + [(("--fancy-feature",), "fancy_feature", dict(action="store_true", help="x"))]
+    monkeypatch.setattr(arg_utils, "_ENGINE_FLAGS", flags)
+    with pytest.raises(ValueError, match="--fancy-feature is not supported by this build"):
+        engine_config_from_args(parse("--fancy-feature", "--device", "cpu"))
     engine_config_from_args(parse("--device", "cpu"))  # unset: fine
 
 

@@ -27,7 +27,7 @@ _ENGINE_FLAGS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--gpu-memory-utilization",), "gpu_memory_utilization", dict(type=float, default=0.9, help="share of GPU memory to use")),
     (("--num-kv-blocks", "--num-gpu-blocks-override"), "num_kv_blocks", dict(type=int, default=None, help="KV-cache blocks (default: sized from memory)")),
     (("--enforce-eager",), "enforce_eager", dict(action="store_true", help="no CUDA graphs: every decode step launched op by op")),
-    (("--enable-prefix-caching",), "enable_prefix_caching", dict(action="store_true", help="reuse the KV blocks of shared prompt prefixes")),
+    (("--enable-prefix-caching",), "enable_prefix_caching", dict(action=argparse.BooleanOptionalAction, default=True, help="reuse the KV blocks of shared prompt prefixes (on by default, as in vLLM V1 and LLM(); --no-enable-prefix-caching turns it off)")),
     (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", dict(type=int, default=1, help="split the model across this many GPUs (one process each)")),
     (("--seed",), "seed", dict(type=int, default=0, help="the engine's sampling seed")),
     (("--stream-interval",), "stream_interval", dict(type=int, default=1, help="a stream's outputs every N tokens (its first and last always): less host work per token at high load")),
