@@ -12,6 +12,10 @@ Instruct with random bf16 weights (bench/random_llama.py): speed does not depend
   3. Offline: the server stopped, `LLM.generate` of the same --num-prompts requests in this
      process; and one prompt alone with max_tokens=1 (its prefill time, the TTFT floor).
 
+Prefix caching is on on both sides (the default), so no prompt may come twice: each run has prompts
+of its own (`bench serve --seed`), the run at saturation offline's, and the one-prompt probes are
+prompts never computed before (a repeated 512-token prompt is a cache hit: one token's prefill).
+
 Each run also reports how busy the server's process, its engine process and the client were (CPU
 seconds over the run's duration, from /proc): at saturation, the one near 1.0 is the limit.
 
@@ -94,6 +98,8 @@ def warm_up(port: int, input_len: int) -> None:
         r.read()
 
 
+PROBE_SEED = 1000  # the offline warm-up's and one-prompt probes' prompts (no run uses this seed)
+
 # The server's histograms (tinyvllm/entrypoints/openai/metrics.py) whose mean each run reports: its
 # TTFT and inter-token latency, and the first token's stages (the engine's queue, the prefill, the
 # delivery back to the server).
@@ -152,7 +158,7 @@ def engine_pid(server_pid: int) -> int | None:
 
 
 def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_len: int, vocab: int,
-               result: str, server_pid: int | None = None) -> dict:
+               result: str, server_pid: int | None = None, seed: int = 0) -> dict:
     """One `tinyvllm bench serve` run (in this process); its metrics as it wrote them, plus the
     server's means over the run (``SERVER_MEANS``) and how busy each process was: the CPU seconds
     it used over the run's duration (``*_cpu_busy``; 1.0 = one core all the time). A server or a
@@ -167,12 +173,13 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
     args = build_parser().parse_args([
         "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts),
         "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-vocab-size", str(vocab),
-        "--ignore-eos", "--request-rate", str(rate), "--result-file", result])  # fmt: skip
+        "--ignore-eos", "--request-rate", str(rate), "--seed", str(seed), "--result-file", result])  # fmt: skip
     rc = bench_serve_main(args)
     cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()}
     with open(result) as f:
         run = json.load(f)["runs"][0]
     run["rc"] = rc
+    run["seed"] = seed
     for name in cpu0:  # (the client's seconds include its set-up; the run's duration does not)
         run[f"{name}_cpu_busy"] = (cpu1[name] - cpu0[name]) / run["duration"] if run.get("duration") else None
     after = server_latencies(port)
@@ -195,6 +202,7 @@ def run_in_process(model: str, num_prompts: int, input_len: int, output_len: int
     from tinyvllm.engine.engine_config import EngineConfig
 
     requests = random_requests(None, num_prompts, input_len, output_len, seed=0, vocab_size=vocab)
+    warm = random_requests(None, 1, input_len, output_len, seed=PROBE_SEED + 1, vocab_size=vocab)[0]
 
     async def main() -> dict:
         engine = AsyncLLMEngine.from_config(EngineConfig(model, **extra), engine_process=True)
@@ -207,7 +215,7 @@ def run_in_process(model: str, num_prompts: int, input_len: int, output_len: int
             return len(out.outputs[0].token_ids)
 
         try:
-            await one(-1, requests[0])  # warm-up
+            await one(-1, warm)  # warm-up (a prompt of its own: requests[0] would then be a cache hit)
             steps, t0 = engine.get_stats()["num_engine_steps"], time.perf_counter()
             tokens = sum(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
             seconds = time.perf_counter() - t0
@@ -229,16 +237,21 @@ def run_offline(model: str, num_prompts: int, input_len: int, output_len: int, v
     prompts = [{"prompt_token_ids": r.prompt} for r in requests]
     params = [SamplingParams(temperature=0, max_tokens=r.expected_output_len, ignore_eos=True) for r in requests]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-    prefill = []
-    for p in prompts[:5]:
+    # The warm-up and the one-prompt probes on prompts of their own, each computed once: with prefix
+    # caching on, a prompt computed before is a cache hit (one token's prefill), not a prefill.
+    probes = [{"prompt_token_ids": r.prompt}
+              for r in random_requests(None, 12, input_len, 1, seed=PROBE_SEED, vocab_size=vocab)]  # fmt: skip
+    llm.generate(probes[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    prefill, cached = [], 0
+    for p in probes[4:9]:
         t0 = time.perf_counter()
-        llm.generate([p], one, use_tqdm=False)
+        out = llm.generate([p], one, use_tqdm=False)[0]
         prefill.append(time.perf_counter() - t0)
+        cached += out.num_cached_tokens or 0
     # The same after a second of idle, as a request at rate 1 finds the engine: the host's caches
     # and clocks (and the GPU's) have cooled; this is what the server's first token pays at low load.
     idle = []
-    for p in prompts[5:8] or prompts[:1]:
+    for p in probes[9:12]:
         time.sleep(1.0)
         t0 = time.perf_counter()
         llm.generate([p], one, use_tqdm=False)
@@ -249,7 +262,8 @@ def run_offline(model: str, num_prompts: int, input_len: int, output_len: int, v
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"num_prompts": num_prompts, "seconds": seconds, "output_throughput": tokens / seconds,
             "output_tokens": tokens, "engine_steps": steps, "prefill_ms_one_prompt": 1000 * min(prefill),
-            "prefill_ms_after_idle": 1000 * sorted(idle)[len(idle) // 2]}  # fmt: skip
+            "prefill_ms_after_idle": 1000 * sorted(idle)[len(idle) // 2],
+            "prefill_probes_cached_tokens": cached}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -302,10 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     try:
         warm_up(port, a.input_len)
-        for rate in rates:
+        for i, rate in enumerate(rates):
             n = a.num_prompts if math.isinf(rate) else max(2, min(a.num_prompts, round(rate * a.seconds)))
+            # Each run its own prompts (prefix caching is on: a run must not find an earlier run's
+            # prompts cached); seed 0, offline's requests, for the run at saturation.
+            seed = 0 if math.isinf(rate) else 1 + i
             runs.append(run_client(port, rate, n, a.input_len, a.output_len, vocab,
-                                   os.path.join(work, "run.json"), server.pid))
+                                   os.path.join(work, "run.json"), server.pid, seed))
     finally:
         stop_server(server)
     # vLLM's --stream-interval N: a stream's outputs every N tokens, the host's work per token / N

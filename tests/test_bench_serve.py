@@ -27,6 +27,10 @@ def test_tiny_run_measures_every_rate_and_the_offline_peer(tmp_path, capsys):
     # The server and LLM.generate produced the same number of tokens (greedy, ignore_eos).
     assert sat["total_output_tokens"] == result["offline"]["output_tokens"] == 6 * 4
     assert result["saturation_vs_offline"] > 0 and result["offline"]["prefill_ms_one_prompt"] > 0
+    # prefix caching is on: each run has prompts of its own (the saturation run offline's), and the
+    # one-prompt prefill is timed on prompts never computed before (no cache hit: a real prefill)
+    assert [r["seed"] for r in result["online"]] == [1, 2, 0]
+    assert result["offline"]["prefill_probes_cached_tokens"] == 0
     assert "saturation / offline" in capsys.readouterr().out
 
 
