@@ -59,6 +59,8 @@ def test_every_engine_reports_its_decode_step_against_the_floor(tiny_run):
             assert x["x_floor"] == pytest.approx(x["decode_step_ms"] / lat["floors"][b]["floor_ms"])
     for name in ("tinyvllm", "tinyvllm_eager", "transformers"):
         assert lat["engines"][name]["ttft_long_ms"] > 0
+    for name in ("tinyvllm", "tinyvllm_eager"):  # every timed prompt computed in full (prefix caching is on)
+        assert lat["engines"][name]["prefix_cache_hits"] == 0
     assert lat["engines"]["torch_compile"]["compiled"] is False  # tiny mode: the peer's code, eagerly
 
 
