@@ -58,9 +58,12 @@ def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs:
 
     runner.run_model = timed_run_model
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(prompt_len)]} for _ in range(batch)]
+
+    def new_prompts(n: int) -> list[dict]:  # (new ones for every run: a prompt seen before is a prefix-cache hit)
+        return [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(prompt_len)]} for _ in range(n)]
+
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+    llm.generate(new_prompts(8), params, use_tqdm=False)  # warm-up
     engine = llm.llm_engine
     if outputs == "wire":  # as engine_core_main sets its engine up (the text left to the server's side)
         from tinyvllm.engine.engine_core import configure_engine_process
@@ -69,7 +72,7 @@ def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs:
     delta = params.clone()
     delta.output_kind = RequestOutputKind.DELTA
 
-    def serve_like(run: int) -> None:
+    def serve_like(run: int, prompts: list[dict]) -> None:
         """The engine process's loop: every step's outputs (one per running request) pickled."""
         for i, p in enumerate(prompts):
             engine.add_request(f"{run}-{i}", p, delta)
@@ -79,13 +82,14 @@ def measure(batch: int, prompt_len: int, max_tokens: int, repeats: int, outputs:
 
     runs = []
     for run in range(repeats):
+        prompts = new_prompts(batch)
         in_model[0] = 0.0
         steps0 = llm.llm_engine.num_steps
         t0 = time.perf_counter()
         if outputs == "final":
             llm.generate(prompts, params, use_tqdm=False)
         else:
-            serve_like(run)
+            serve_like(run, prompts)
         wall = time.perf_counter() - t0
         steps = llm.llm_engine.num_steps - steps0
         runs.append({"steps": steps, "wall_s": wall, "model_s": in_model[0],
