@@ -307,6 +307,19 @@ def test_api_key_is_required_on_the_api_but_not_on_health(server, headers):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_metrics_count_the_prefix_caches_lookups_and_hits(server):
+    """Prefix caching is on by default, as offline: the same 40-token prompt twice, the second finds
+    its two full blocks of 16 in the cache."""
+    before = server.wait_idle()
+    for _ in range(2):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": list(range(5, 45)), "max_tokens": 1},
+                       headers=AUTH, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+    after = server.wait_idle()
+    assert after["tinyvllm:prefix_cache_queries_total"] - before["tinyvllm:prefix_cache_queries_total"] == 80
+    assert after["tinyvllm:prefix_cache_hits_total"] - before["tinyvllm:prefix_cache_hits_total"] == 32
+
+
 def test_metrics_count_requests_tokens_and_latencies(server):
     before = server.wait_idle()
     httpx.post(server.url + "/v1/completions", json={"prompt": "count me", "max_tokens": 5, "ignore_eos": True},

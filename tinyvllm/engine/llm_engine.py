@@ -326,11 +326,13 @@ class LLMEngine:
         return len(self.requests)
 
     def scheduler_stats(self) -> dict[str, int]:
-        """Requests waiting and running, KV blocks in all and free (a server's gauges), model steps run."""
+        """Requests waiting and running, KV blocks in all and free (a server's gauges), model steps
+        run, and the prefix cache's lookups and hits so far, in prompt tokens."""
         s, bm = self.scheduler, self.block_manager
         return {"num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
                 "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
-                "num_engine_steps": self.num_steps}  # fmt: skip
+                "num_engine_steps": self.num_steps, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits}  # fmt: skip
 
     def get_metrics(self) -> list[Metric]:
         """The engine's counters and gauges under vLLM's names (tinyvllm/engine/stats.py)."""

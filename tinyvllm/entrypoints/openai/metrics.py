@@ -23,6 +23,8 @@ Read from the engine at each scrape (the engine thread's snapshot after its late
     tinyvllm:num_requests_running, tinyvllm:num_requests_waiting
     tinyvllm:num_kv_blocks, tinyvllm:num_free_kv_blocks, tinyvllm:kv_cache_usage_perc (0..1)
     tinyvllm:engine_steps_total               model steps run (tokens / steps: how full they were)
+    tinyvllm:prefix_cache_queries_total, tinyvllm:prefix_cache_hits_total   prompt tokens looked up in
+                                              the prefix cache, and found there (vLLM's counters)
 
 Each server has its own registry, so several servers (tests) can live in one process.
 """
@@ -62,6 +64,11 @@ class _EngineCollector:
         # (the same number of tokens in fewer, fuller steps is what a server at saturation wants)
         yield CounterMetricFamily("tinyvllm:engine_steps", "Model steps the engine has run.",
                                   value=s.get("num_engine_steps", 0))  # fmt: skip
+        # vLLM's prefix-cache counters, in prompt tokens: hits / queries is the hit rate
+        yield CounterMetricFamily("tinyvllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.get("prefix_cache_queries", 0))  # fmt: skip
+        yield CounterMetricFamily("tinyvllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.get("prefix_cache_hits", 0))  # fmt: skip
 
 
 class ServerMetrics:
