@@ -31,7 +31,7 @@ def test_llm_arguments_are_the_config_fields():
         "model", "dtype", "max_model_len", "max_num_seqs", "block_size", "seed", "device",
         "gpu_memory_utilization", "max_num_batched_tokens", "num_kv_blocks", "enforce_eager",
         "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats",
-        "async_scheduling", "tensor_parallel_size",
+        "async_scheduling", "tensor_parallel_size", "generation_config",
     ]  # fmt: skip
 
 

@@ -30,6 +30,7 @@ _ENGINE_FLAGS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--enable-prefix-caching",), "enable_prefix_caching", dict(action=argparse.BooleanOptionalAction, default=True, help="reuse the KV blocks of shared prompt prefixes (on by default, as in vLLM V1 and LLM(); --no-enable-prefix-caching turns it off)")),
     (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", dict(type=int, default=1, help="split the model across this many GPUs (one process each)")),
     (("--seed",), "seed", dict(type=int, default=0, help="the engine's sampling seed")),
+    (("--generation-config",), "generation_config", dict(default="auto", help="sampling defaults for fields a request leaves unset: auto (the model's generation_config.json), vllm (none) or a folder")),
     (("--stream-interval",), "stream_interval", dict(type=int, default=1, help="a stream's outputs every N tokens (its first and last always): less host work per token at high load")),
 ]  # fmt: skip
 

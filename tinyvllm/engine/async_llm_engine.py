@@ -122,6 +122,11 @@ class AsyncLLMEngine:
         return self.engine.config
 
     @property
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's sampling defaults for fields a request leaves unset (its generation config)."""
+        return self.engine.default_sampling
+
+    @property
     def is_running(self) -> bool:
         """The loop runs (and an engine process, if any, is alive): what /health answers."""
         alive = getattr(self.engine, "is_alive", None)

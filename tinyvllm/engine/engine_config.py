@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from tinyvllm.generation_config import check_generation_config
+
 from tinyvllm.distributed.utils import check_devices, check_tensor_parallel
 from tinyvllm.validation import check_bool, check_float, check_int
 
@@ -111,6 +113,9 @@ class EngineConfig:
     disable_log_stats: bool = False  # True: no stats line in the log (LLM.get_metrics() still counts)
     async_scheduling: bool | None = None  # overlap the host's work with the GPU's step; None: on a GPU
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split across (Megatron-style)
+    # Where unset request fields take their defaults: the model's generation_config.json ("auto",
+    # vLLM's default), none ("vllm"), or a folder's (tinyvllm/generation_config.py).
+    generation_config: str = "auto"
     # A streaming request's outputs every this many steps (its first and its last always): a server's
     # host work per step (outputs, pipe, SSE chunks) divided by it. vLLM's --stream-interval; 1: every token.
     stream_interval: int = 1
@@ -137,6 +142,7 @@ class EngineConfig:
         check_float("gpu_memory_utilization", self.gpu_memory_utilization, gt=0, le=1)
         check_int("tensor_parallel_size", self.tensor_parallel_size, ge=1)
         check_int("stream_interval", self.stream_interval, ge=1)
+        check_generation_config(self.generation_config)
         check_devices(self.tensor_parallel_size, self.device)  # one GPU per rank
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats"):
             check_bool(name, getattr(self, name))

@@ -21,7 +21,7 @@ and a stream gets one output for all of them.
 Messages (a multiprocessing Pipe, pickled):
 
     server -> engine  ("add", request_id, prompt, params, prompt_token_ids) | ("abort", [ids]) | ("stop",)
-    engine -> server  ("ready", config, vocab_size, tokenizer, stats)       once, after loading
+    engine -> server  ("ready", config, vocab_size, tokenizer, stats, default_sampling)   once, after loading
                       ("error", message)                                    instead, if loading failed
                       ("step", outputs, refused, stats)                     after each step; outputs:
                           each a RequestOutput in its wire form (RequestOutput.to_wire: tuples, 20x
@@ -165,7 +165,8 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
         return
     configure_engine_process(engine)
     freeze_heap(collect=True)  # this process runs only the engine: its start-up heap is never garbage (gc_heap.py)
-    conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats()))
+    conn.send(("ready", engine.config, engine.vocab_size, engine.tokenizer, engine.scheduler_stats(),
+               engine.default_sampling))  # fmt: skip
     outbox = _Outbox(conn)
     try:
         while True:
@@ -236,7 +237,7 @@ class _Tracked:
 class EngineCoreClient:
     """What AsyncLLMEngine needs of an LLMEngine (``add_request``, ``abort_request``, ``step``,
     ``has_unfinished_requests``, ``requests``, ``config``, ``tokenizer``, ``vocab_size``, ``is_alive``,
-    ``scheduler_stats``), over a pipe to the engine's process. ``step()`` waits for the engine's
+    ``scheduler_stats``, ``default_sampling``), over a pipe to the engine's process. ``step()`` waits for the engine's
     next step (without the interpreter lock) and returns the outputs of every step that arrived."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -253,7 +254,7 @@ class EngineCoreClient:
         if msg[0] != "ready":
             self._proc.join(5)
             raise RuntimeError(f"the engine failed to start: {msg[1]}")
-        _, self.config, self.vocab_size, self.tokenizer, self._stats = msg
+        _, self.config, self.vocab_size, self.tokenizer, self._stats, self.default_sampling = msg
         # A reader thread empties the pipe as messages come, so the engine never waits on a full
         # pipe while the server is busy; ``step()`` takes them from this queue.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -59,6 +59,7 @@ from tinyvllm.engine.request_state import RequestState, TokenTexts, child_params
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from tinyvllm.engine.stats import EngineStats, Metric
+from tinyvllm.generation_config import load_sampling_defaults
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -117,6 +118,9 @@ class LLMEngine:
         # strings) is not detokenized here; the server's process makes its text from the token
         # ids (engine_core.py, vLLM V1's split), off the step's critical path.
         self.text_in_client = False
+        # The model's recommended sampling (its generation_config.json), for fields a request leaves
+        # unset: a server's requests, LLM.get_default_sampling_params() (tinyvllm/generation_config.py)
+        self.default_sampling: dict[str, Any] = {}
         self._token_texts = TokenTexts(tokenizer)  # each token alone as text (Logprob.decoded_token)
         self._arrival = itertools.count()
         self.num_steps = 0
@@ -159,6 +163,11 @@ class LLMEngine:
             )
         engine = cls(config, runner, tokenizer, vocab_size=model_config.vocab_size)
         engine.model_config = model_config
+        engine.default_sampling = load_sampling_defaults(path, config.generation_config)
+        if engine.default_sampling:
+            logger.warning("tinyvllm: the model's generation config sets the sampling defaults of requests that "
+                           "leave them unset: %s (generation_config='vllm' / --generation-config vllm: none)",
+                           ", ".join(f"{k}={v}" for k, v in engine.default_sampling.items()))  # fmt: skip
         return engine
 
     @staticmethod

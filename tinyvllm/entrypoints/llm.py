@@ -62,6 +62,7 @@ class LLM:
         disable_log_stats: bool = False,
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
+        generation_config: str = "auto",
     ) -> None:
         """vLLM's arguments; they become one EngineConfig (tinyvllm.engine.engine_config), which
         validates them and documents each."""
@@ -72,12 +73,19 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             disable_log_stats=disable_log_stats,
             async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
+            generation_config=generation_config,
         )
         self.llm_engine = LLMEngine.from_config(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended settings (its generation_config.json, unless
+        ``generation_config="vllm"``), SamplingParams' own defaults elsewhere: what ``generate``
+        and ``chat`` use when given none (vLLM's)."""
+        return SamplingParams(**self.llm_engine.default_sampling)
 
     def get_metrics(self) -> list[Metric]:
         """The engine's counters and gauges, as vLLM's ``LLM.get_metrics()``: a list of
@@ -136,11 +144,11 @@ class LLM:
         return self._run(prompts, params_list, use_tqdm)
 
     # ---- internals ------------------------------------------------------------------------------
-    @staticmethod
-    def _params_list(sampling_params, n: int) -> list[SamplingParams]:
-        """One SamplingParams per prompt from None, one SamplingParams (or dict), or a list of them."""
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt from None (the model's defaults), one SamplingParams (or
+        dict), or a list of them."""
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sampling_params, (SamplingParams, dict)):
             return [_as_sampling_params(sampling_params, "sampling_params")] * n
         if not isinstance(sampling_params, (list, tuple)):

@@ -73,6 +73,7 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        max_tokens = self.default("max_tokens", max_tokens)  # (unset: the model's default, if it has one)
         text, ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
         self.check_prompt(ids, max_tokens, what="messages")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None

@@ -64,7 +64,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in p:
             text, ids = (item, await self.encode(item)) if isinstance(item, str) else (None, list(item))
-            self.check_prompt(ids, request.max_tokens)
+            self.check_prompt(ids, self.default("max_tokens", request.max_tokens))
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return prompts
 

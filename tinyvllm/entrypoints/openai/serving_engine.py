@@ -100,8 +100,15 @@ class OpenAIServing:
         if model is not None and model not in self.served_model_names:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
 
+    def default(self, name: str, value: Any) -> Any:
+        """A request's field, or where it left it unset, the model's default for it (its
+        generation_config.json: tinyvllm/generation_config.py), or None."""
+        return value if value is not None else self.engine.default_sampling.get(name)
+
     def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The request's SamplingParams (OpenAI's defaults: temperature 1, top_p 1)."""
+        """The request's SamplingParams: its fields; where it leaves temperature, top_p, top_k, min_p,
+        repetition_penalty or max_tokens unset, the model's recommended values (vLLM's
+        ``--generation-config auto``); else OpenAI's defaults (temperature 1, top_p 1)."""
         logit_bias = None
         if request.logit_bias:
             try:
@@ -109,13 +116,15 @@ class OpenAIServing:
             except ValueError as e:
                 raise OpenAIError(400, f"logit_bias keys must be token ids, got {list(request.logit_bias)!r}.",
                                   param="logit_bias") from e
+        d = self.default
         return make_sampling_params(
-            n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            min_p=request.min_p, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
-            ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
-            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            repetition_penalty=request.repetition_penalty, logit_bias=logit_bias, best_of=request.best_of,
+            n=request.n, temperature=d("temperature", request.temperature), top_p=d("top_p", request.top_p),
+            top_k=d("top_k", request.top_k), min_p=d("min_p", request.min_p), seed=request.seed, stop=request.stop,
+            stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, max_tokens=d("max_tokens", max_tokens),
+            min_tokens=request.min_tokens, include_stop_str_in_output=request.include_stop_str_in_output,
+            logprobs=logprobs, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            repetition_penalty=d("repetition_penalty", request.repetition_penalty), logit_bias=logit_bias,
+            best_of=request.best_of,
         )  # fmt: skip
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, what: str = "prompt") -> None:
