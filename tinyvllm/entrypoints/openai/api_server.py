@@ -79,8 +79,11 @@ class APIKeyMiddleware:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key: str | None = None,
-              model_path: str | None = None) -> FastAPI:  # fmt: skip
-    """The FastAPI app; ``engine`` is started with the app and shut down with it."""
+              model_path: str | None = None, chat_template: str | None = None,
+              trust_request_chat_template: bool = False) -> FastAPI:  # fmt: skip
+    """The FastAPI app; ``engine`` is started with the app and shut down with it. ``chat_template``:
+    the template chat requests are rendered with (None: the model's); a request's own only with
+    ``trust_request_chat_template``."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,7 +94,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key:
     app = FastAPI(title="tinyvllm", version=tinyvllm.__version__, lifespan=lifespan)
     metrics = ServerMetrics(engine)
     completions = OpenAIServingCompletion(engine, served_model_names, metrics)
-    chat = OpenAIServingChat(engine, served_model_names, metrics)
+    chat = OpenAIServingChat(engine, served_model_names, metrics, chat_template=chat_template,
+                             trust_request_chat_template=trust_request_chat_template)  # fmt: skip
     app.state.engine = engine
 
     # ---- errors: every failure leaves as OpenAI's error object ----------------------------------
@@ -182,16 +186,41 @@ def default_model_name(model: str | None) -> str:
     return model
 
 
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's contents, or the value itself if it is a template (vLLM's rule:
+    it holds Jinja's braces); a ValueError for a path that does not exist or a template that does
+    not compile."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            value = f.read()
+    elif "{" not in value:
+        raise ValueError(f"--chat-template {value!r}: no such file (nor a template: it has no '{{')")
+    import jinja2
+
+    from tinyvllm.tokenizer import _compile_template
+
+    try:
+        _compile_template(value)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"--chat-template does not compile: {e}") from e
+    return value
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Build the engine and the app from ``tinyvllm serve``'s flags; serve until SIGINT/SIGTERM."""
     from tinyvllm.engine.arg_utils import engine_config_from_args, model_from_args
 
     config = engine_config_from_args(args)
     names = args.served_model_name or [default_model_name(model_from_args(args))]
+    chat_template = load_chat_template(args.chat_template)  # (before the engine: a bad one fails at once)
     # The engine in its own process (engine_core.py), unless TINYVLLM_ENGINE_PROCESS=0 (vLLM's
     # VLLM_ENABLE_V1_MULTIPROCESSING): then it steps in a thread of this one.
     engine = AsyncLLMEngine.from_config(config, engine_process=os.environ.get("TINYVLLM_ENGINE_PROCESS", "1") != "0")
-    app = build_app(engine, names, api_key=args.api_key, model_path=config.model)
+    app = build_app(engine, names, api_key=args.api_key, model_path=config.model, chat_template=chat_template,
+                    trust_request_chat_template=args.trust_request_chat_template)  # fmt: skip
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     timeout_graceful_shutdown=5), engine)  # fmt: skip
     print(f"tinyvllm: serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)

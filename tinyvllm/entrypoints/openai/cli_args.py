@@ -29,6 +29,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: $TINYVLLM_API_KEY, else none)")  # fmt: skip
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="the name(s) clients use in 'model' (default: the model argument)")
+    g.add_argument("--chat-template", default=None,
+                   help="the chat template for /v1/chat/completions: a Jinja file's path, or the template itself "
+                        "(default: the model's)")  # fmt: skip
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own chat_template (vLLM's flag: off, a template is code the server runs)")
     g.add_argument("--uvicorn-log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve_main)
     return p

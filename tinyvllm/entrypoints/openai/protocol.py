@@ -99,6 +99,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # this request's template (default: the server's)
     chat_template_kwargs: dict[str, Any] | None = None
 
 
