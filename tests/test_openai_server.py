@@ -182,6 +182,37 @@ def test_completion_logprobs_match_transformers(client, llm, tiny_llama_dir):
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(client, llm, tiny_llama_dir):
+    """lm-evaluation-harness's loglikelihood request (echo=True, logprobs=1, max_tokens=1): the
+    prompt comes back before the completion, its tokens' logprobs first (the first one None), each
+    the model's log-probability of that prompt token given the ones before; streamed, the same."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    prompt_ids = [7, 8, 9, 10, 11]
+    kw = dict(model="tiny", prompt=prompt_ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    r = client.completions.create(**kw).choices[0]
+    gen = offline(llm, {"prompt_token_ids": prompt_ids}, 1)
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + gen.token_ids])).logits[0].float()
+    ids = torch.tensor(prompt_ids[1:] + gen.token_ids)
+    want = torch.log_softmax(logits[:-1], -1).gather(1, ids[:, None])[:, 0]
+    prompt_text = llm.get_tokenizer().decode(prompt_ids)
+    assert r.text == prompt_text + gen.text
+    lp = r.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt_ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-3)
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(prompt_text)  # (the completion after the prompt)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.text
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:])
+    plain = client.completions.create(model="tiny", prompt="hello", max_tokens=2, temperature=0, echo=True).choices[0]
+    assert plain.text.startswith("hello") and plain.logprobs is None
+
+
 # ---- 64 concurrent streams -----------------------------------------------------------------------------
 def test_64_concurrent_streams_match_offline_and_free_every_block(server, llm):
     prompts = [f"#{i}:" for i in range(64)]

@@ -7,6 +7,11 @@ Each prompt is one engine request (with ``n`` completions each); choice ``index`
 text the engine added since the previous chunk: the engine's text never splits a UTF-8
 character (incremental detokenization) and holds back what could be the start of a stop string,
 so the chunks joined are the non-streamed text.
+
+``echo``: each choice's text starts with its prompt (the first chunk of a stream carries it), and
+with ``logprobs`` its logprobs start with the prompt's (the engine's ``prompt_logprobs``; the first
+token's are None). That is how lm-evaluation-harness scores a continuation: ``echo=True,
+logprobs=1, max_tokens=1`` on context + continuation, then the continuation's token logprobs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from tinyvllm.entrypoints.openai.logprobs import completion_logprobs
+from tinyvllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs
 from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from tinyvllm.entrypoints.openai.serving_engine import (
     OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
@@ -29,16 +34,16 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(request.model)
         if request.suffix:
             raise OpenAIError(400, "suffix is not supported by tinyvllm.", param="suffix")
-        if request.echo:
-            raise OpenAIError(400, "echo is not supported by tinyvllm.", param="echo")
         prompts = await self._prompts(request)
-        params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+        echo_logprobs = request.logprobs if request.echo else None  # (the prompt's, to echo them)
+        params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs,
+                                      prompt_logprobs=echo_logprobs)  # fmt: skip
         request_id = new_request_id("cmpl")
         streams = [self.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
         merged = merge_async_iterators(streams)
         num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         if request.stream:
-            body = self._stream(merged, request, request_id, params.n, num_prompt_tokens)
+            body = self._stream(merged, request, request_id, params.n, num_prompt_tokens, prompts)
             return StreamingResponse(body, media_type="text/event-stream")
         with raise_as_openai_error():
             finals = await last_items(merged, raw_request, len(prompts))
@@ -47,12 +52,24 @@ class OpenAIServingCompletion(OpenAIServing):
             if out.error:
                 raise OpenAIError(400, out.error, param="prompt")
             for c in out.outputs:
-                logprobs = completion_logprobs(c, 0, request.logprobs or 0, self.tokenizer, 0)
-                choices.append(CompletionChoice(index=i * params.n + c.index, text=c.text, logprobs=logprobs,
+                echoed, logprobs = self._echo(request, prompts[i], out)
+                logprobs = completion_logprobs(c, 0, request.logprobs or 0, self.tokenizer, len(echoed), logprobs)
+                choices.append(CompletionChoice(index=i * params.n + c.index, text=echoed + c.text, logprobs=logprobs,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))  # fmt: skip
         completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                   usage=_usage(num_prompt_tokens, completion_tokens))  # fmt: skip
+
+    def _echo(self, request: CompletionRequest, prompt: dict, out: Any) -> tuple[str, Any]:
+        """What ``echo`` puts before a choice: the prompt's text, and with ``logprobs`` the prompt's
+        logprobs (else None); ("", None) without echo."""
+        if not request.echo:
+            return "", None
+        ids = prompt["prompt_token_ids"]
+        text = prompt["prompt"] if prompt["prompt"] is not None else self.tokenizer.decode(ids)
+        if request.logprobs is None or out.prompt_logprobs is None:
+            return text, None
+        return text, prompt_logprobs(ids, out.prompt_logprobs, request.logprobs, self.tokenizer)
 
     async def _prompts(self, request: CompletionRequest) -> list[dict]:
         """Every prompt as {"prompt": text or None, "prompt_token_ids": ids}, each checked."""
@@ -69,12 +86,13 @@ class OpenAIServingCompletion(OpenAIServing):
         return prompts
 
     async def _stream(self, merged: AsyncIterator, request: CompletionRequest, request_id: str, n: int,
-                      num_prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
+                      num_prompt_tokens: int, prompts: list[dict]) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
         sent_text: dict[int, int] = {}  # choice index -> characters sent
         sent_tokens: dict[int, int] = {}  # choice index -> tokens sent
+        echoed: dict[int, int] = {}  # choice index -> characters of its echoed prompt (sent in its first chunk)
         finished: set[int] = set()
-        num_logprobs = request.logprobs or 0
+        num_logprobs = request.logprobs
         try:
             async with aclosing(merged) as stream:
                 async for i, out in stream:
@@ -88,7 +106,13 @@ class OpenAIServingCompletion(OpenAIServing):
                         delta = c.text[t0:]
                         if not delta and c.finish_reason is None:
                             continue  # nothing new to show yet (a held-back character or stop-string prefix)
-                        logprobs = completion_logprobs(c, k0, num_logprobs, self.tokenizer, t0) if num_logprobs else None
+                        head, logprobs = "", None
+                        if index not in echoed:  # its first chunk: the echoed prompt, if asked
+                            head, logprobs = self._echo(request, prompts[i], out)
+                            echoed[index] = len(head)
+                        if num_logprobs is not None:
+                            logprobs = completion_logprobs(c, k0, num_logprobs, self.tokenizer, echoed[index] + t0, logprobs)
+                        delta = head + delta
                         sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                         if c.finish_reason is not None:
                             finished.add(index)

@@ -105,7 +105,8 @@ class OpenAIServing:
         generation_config.json: tinyvllm/generation_config.py), or None."""
         return value if value is not None else self.engine.default_sampling.get(name)
 
-    def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
         """The request's SamplingParams: its fields; where it leaves temperature, top_p, top_k, min_p,
         repetition_penalty or max_tokens unset, the model's recommended values (vLLM's
         ``--generation-config auto``); else OpenAI's defaults (temperature 1, top_p 1)."""
@@ -122,7 +123,7 @@ class OpenAIServing:
             top_k=d("top_k", request.top_k), min_p=d("min_p", request.min_p), seed=request.seed, stop=request.stop,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, max_tokens=d("max_tokens", max_tokens),
             min_tokens=request.min_tokens, include_stop_str_in_output=request.include_stop_str_in_output,
-            logprobs=logprobs, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             repetition_penalty=d("repetition_penalty", request.repetition_penalty), logit_bias=logit_bias,
             best_of=request.best_of,
         )  # fmt: skip
