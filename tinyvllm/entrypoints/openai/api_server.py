@@ -80,7 +80,7 @@ class APIKeyMiddleware:
 
 def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key: str | None = None,
               model_path: str | None = None, chat_template: str | None = None,
-              trust_request_chat_template: bool = False) -> FastAPI:  # fmt: skip
+              trust_request_chat_template: bool = False, enable_prompt_tokens_details: bool = False) -> FastAPI:  # fmt: skip
     """The FastAPI app; ``engine`` is started with the app and shut down with it. ``chat_template``:
     the template chat requests are rendered with (None: the model's); a request's own only with
     ``trust_request_chat_template``."""
@@ -93,9 +93,11 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], *, api_key:
 
     app = FastAPI(title="tinyvllm", version=tinyvllm.__version__, lifespan=lifespan)
     metrics = ServerMetrics(engine)
-    completions = OpenAIServingCompletion(engine, served_model_names, metrics)
+    details = enable_prompt_tokens_details
+    completions = OpenAIServingCompletion(engine, served_model_names, metrics, enable_prompt_tokens_details=details)
     chat = OpenAIServingChat(engine, served_model_names, metrics, chat_template=chat_template,
-                             trust_request_chat_template=trust_request_chat_template)  # fmt: skip
+                             trust_request_chat_template=trust_request_chat_template,
+                             enable_prompt_tokens_details=details)  # fmt: skip
     app.state.engine = engine
 
     # ---- errors: every failure leaves as OpenAI's error object ----------------------------------
@@ -220,7 +222,8 @@ def run_server(args: argparse.Namespace) -> int:
     # VLLM_ENABLE_V1_MULTIPROCESSING): then it steps in a thread of this one.
     engine = AsyncLLMEngine.from_config(config, engine_process=os.environ.get("TINYVLLM_ENGINE_PROCESS", "1") != "0")
     app = build_app(engine, names, api_key=args.api_key, model_path=config.model, chat_template=chat_template,
-                    trust_request_chat_template=args.trust_request_chat_template)  # fmt: skip
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    enable_prompt_tokens_details=args.enable_prompt_tokens_details)  # fmt: skip
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     timeout_graceful_shutdown=5), engine)  # fmt: skip
     print(f"tinyvllm: serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)

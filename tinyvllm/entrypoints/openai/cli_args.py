@@ -34,6 +34,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: the model's)")  # fmt: skip
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request bring its own chat_template (vLLM's flag: off, a template is code the server runs)")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="report usage.prompt_tokens_details.cached_tokens: prompt tokens the prefix cache served")
     g.add_argument("--uvicorn-log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve_main)
     return p

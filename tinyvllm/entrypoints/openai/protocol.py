@@ -41,6 +41,7 @@ class ErrorResponse(OpenAIBaseModel):
 # ---- requests ----------------------------------------------------------------------------------
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -117,10 +118,15 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 
 # ---- responses ---------------------------------------------------------------------------------
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # with `serve --enable-prompt-tokens-details`
 
 
 class CompletionLogProbs(OpenAIBaseModel):

@@ -5,7 +5,8 @@ sandbox transformers uses) and tokenized without adding special tokens (the temp
 exactly as ``LLM.chat`` does, so the server and the offline API give the same reply. A streamed
 reply opens each choice with ``delta: {"role": "assistant", "content": ""}``, then sends the new
 text of each step, then a chunk with the ``finish_reason``; with ``stream_options.include_usage``
-a last chunk holds the usage; ``data: [DONE]`` ends the stream.
+a last chunk holds the usage (and every chunk the usage so far with vLLM's
+``continuous_usage_stats``); ``data: [DONE]`` ends the stream.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
             for c in final.outputs
         ]  # fmt: skip
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens, total_tokens=len(ids) + completion_tokens)
+        usage = self.usage(len(ids), completion_tokens, final.num_cached_tokens or 0)
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _stream(self, merged: AsyncIterator, request: ChatCompletionRequest, request_id: str,
@@ -121,11 +122,19 @@ class OpenAIServingChat(OpenAIServing):
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
+        cached = 0  # prompt tokens the prefix cache served
+        options = request.stream_options
+        continuous = options is not None and options.include_usage and options.continuous_usage_stats
+
+        def usage() -> UsageInfo:
+            return self.usage(num_prompt_tokens, sum(sent_tokens.values()), cached)
+
         try:
             async with aclosing(merged) as stream:
                 async for _, out in stream:
                     if out.error:
                         raise OpenAIError(400, out.error, param="messages")
+                    cached = out.num_cached_tokens or 0
                     for c in out.outputs:
                         i = c.index
                         if i in finished:
@@ -141,11 +150,10 @@ class OpenAIServingChat(OpenAIServing):
                         if c.finish_reason is not None:
                             finished.add(i)
                         yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])  # fmt: skip
-            if request.stream_options and request.stream_options.include_usage:
-                completion_tokens = sum(sent_tokens.values())
-                yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=num_prompt_tokens + completion_tokens))  # fmt: skip
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
+                                    usage() if continuous else None)  # fmt: skip
+            if options is not None and options.include_usage:
+                yield chunk([], usage())
         except Exception as e:  # noqa: BLE001 - the status line is gone: the error travels as an event
             yield error_event(e)
         yield sse("[DONE]")

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from tinyvllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs
-from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from tinyvllm.entrypoints.openai.serving_engine import (
     OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
 )  # fmt: skip
@@ -57,8 +57,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionChoice(index=i * params.n + c.index, text=echoed + c.text, logprobs=logprobs,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))  # fmt: skip
         completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        cached = sum(out.num_cached_tokens or 0 for out in finals)
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                  usage=_usage(num_prompt_tokens, completion_tokens))  # fmt: skip
+                                  usage=self.usage(num_prompt_tokens, completion_tokens, cached))  # fmt: skip
 
     def _echo(self, request: CompletionRequest, prompt: dict, out: Any) -> tuple[str, Any]:
         """What ``echo`` puts before a choice: the prompt's text, and with ``logprobs`` the prompt's
@@ -93,11 +94,19 @@ class OpenAIServingCompletion(OpenAIServing):
         echoed: dict[int, int] = {}  # choice index -> characters of its echoed prompt (sent in its first chunk)
         finished: set[int] = set()
         num_logprobs = request.logprobs
+        cached: dict[int, int] = {}  # prompt index -> its tokens the prefix cache served
+        options = request.stream_options
+        continuous = options is not None and options.include_usage and options.continuous_usage_stats
+
+        def usage() -> Any:
+            return self.usage(num_prompt_tokens, sum(sent_tokens.values()), sum(cached.values()))
+
         try:
             async with aclosing(merged) as stream:
                 async for i, out in stream:
                     if out.error:
                         raise OpenAIError(400, out.error, param="prompt")
+                    cached[i] = out.num_cached_tokens or 0
                     for c in out.outputs:
                         index = i * n + c.index
                         if index in finished:
@@ -118,15 +127,10 @@ class OpenAIServingCompletion(OpenAIServing):
                             finished.add(index)
                         choice = CompletionChoice(index=index, text=delta, logprobs=logprobs,
                                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)  # fmt: skip
-                        yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[choice]))
-            if request.stream_options and request.stream_options.include_usage:
-                usage = _usage(num_prompt_tokens, sum(sent_tokens.values()))
-                yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[], usage=usage))
+                        yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[choice],
+                                                     usage=usage() if continuous else None))  # fmt: skip
+            if options is not None and options.include_usage:
+                yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[], usage=usage()))
         except Exception as e:  # noqa: BLE001 - the status line is gone: the error travels as an event
             yield error_event(e)
         yield sse("[DONE]")
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)  # fmt: skip

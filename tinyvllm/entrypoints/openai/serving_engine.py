@@ -23,7 +23,9 @@ from typing import Any, AsyncIterator
 
 from tinyvllm.engine.async_llm_engine import AsyncLLMEngine, EngineError, EngineShutdownError
 from tinyvllm.entrypoints.openai.metrics import ServerMetrics
-from tinyvllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, random_id
+from tinyvllm.entrypoints.openai.protocol import (
+    ErrorInfo, ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo, random_id,
+)  # fmt: skip
 from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import SamplingParams
 
@@ -82,11 +84,20 @@ def make_sampling_params(**fields: Any) -> SamplingParams:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics, *,
+                 enable_prompt_tokens_details: bool = False) -> None:  # fmt: skip
         self.engine = engine
         self.served_model_names = served_model_names
         self.metrics = metrics
         self.max_model_len = engine.config.max_model_len
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        """A response's token counts; with ``--enable-prompt-tokens-details`` (vLLM's) also how many
+        prompt tokens the prefix cache served (``prompt_tokens_details.cached_tokens``, OpenAI's field)."""
+        details = PromptTokensDetails(cached_tokens=cached_tokens) if self.enable_prompt_tokens_details else None
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)  # fmt: skip
 
     @property
     def model_name(self) -> str:
