@@ -141,6 +141,10 @@ def test_chat_single_and_batch_no_double_bos(llm):
     assert outs[1].prompt.startswith("<s><|system|>be brief</s>")
     no_gen = llm.chat(conv, GREEDY, use_tqdm=False, add_generation_prompt=False)
     assert not no_gen[0].prompt.endswith("<|assistant|>")
+    begun = conv + [{"role": "assistant", "content": "Sure"}]  # a reply the caller began: continued, not closed
+    cont = llm.chat(begun, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    assert cont[0].prompt == "<s><|user|>hi</s><|assistant|>Sure"
+    assert cont[0].prompt_token_ids == tok.encode(cont[0].prompt, add_special_tokens=False)
     with pytest.raises(ValueError):
         llm.chat([], GREEDY)
 

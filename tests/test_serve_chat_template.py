@@ -54,3 +54,17 @@ def test_a_bad_chat_template_is_one_line_at_start_up(value, match):
 
     with pytest.raises(ValueError, match=match):
         load_chat_template(value)
+
+
+def test_continue_final_message_goes_on_with_the_assistants_begun_reply(model, tmp_path):
+    from tinyvllm.tokenizer import Tokenizer
+
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
+    want = Tokenizer.from_pretrained(model).apply_chat_template(conv, add_generation_prompt=False, tokenize=True,
+                                                                continue_final_message=True)  # fmt: skip
+    body = {"messages": conv, "max_tokens": 2, "continue_final_message": True, "add_generation_prompt": False}
+    with serve(model, "--max-model-len", "64", "--num-kv-blocks", "32", tmp_dir=tmp_path) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+        r = httpx.post(server.url + "/v1/chat/completions", json=body | {"add_generation_prompt": True}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"

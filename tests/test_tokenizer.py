@@ -116,6 +116,25 @@ def test_llama3_chat_template_matches_transformers(llama3):
 
 
 @pytest.mark.parametrize("which", [pytest.param("smollm2", marks=pytest.mark.smollm2), "llama3"])
+def test_continue_final_message_stops_after_its_content_as_transformers_does(which, request):
+    """An assistant reply begun by the caller is continued, not closed: the text ends with its
+    content (kept as written, trailing space too, where the template keeps it)."""
+    tok, ref = request.getfixturevalue(which)
+    for chat in CHATS:
+        for begun in ("Sure: {", "Sure: ", "  4"):
+            conv = chat + [{"role": "assistant", "content": begun}]
+            text = tok.apply_chat_template(conv, add_generation_prompt=False, continue_final_message=True)
+            assert text == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=False,
+                                                   continue_final_message=True)  # fmt: skip
+            assert text.rstrip().endswith(begun.strip())
+    with pytest.raises(ValueError, match="add_generation_prompt must be False"):
+        tok.apply_chat_template(CHATS[0], continue_final_message=True)
+    with pytest.raises(ValueError, match="does not appear"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+                                add_generation_prompt=False, continue_final_message=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", [pytest.param("smollm2", marks=pytest.mark.smollm2), "llama3"])
 def test_incremental_detokenizer(which, request):
     tok, _ = request.getfixturevalue(which)
     prompt = tok.encode("Say something:")

@@ -171,17 +171,40 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
-        """Render `messages` with the model's chat template (the prompt string, or its ids if tokenize)."""
+        """Render `messages` with the model's chat template (the prompt string, or its ids if tokenize).
+
+        ``continue_final_message`` (transformers' and vLLM's): the text stops right after the last
+        message's content, without the end-of-turn the template writes after it, so the model goes
+        on with that message ("Sure, here is the JSON: {") instead of starting a new one.
+        """
         template = kwargs.pop("chat_template", None) or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template=... or a plain prompt")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: add_generation_prompt must be False")
         # As transformers does: drop None-valued keys, let kwargs override the special tokens.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         context = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
         text = _compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        if continue_final_message:
+            text = _cut_after_final_message(text, messages[-1].get("content", "") if messages else "")
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """``text`` up to the end of its last occurrence of the final message's content. Templates often
+    strip a message (``message['content'] | trim``), so the content is looked for stripped, and
+    its own trailing spaces kept only where the template kept them."""
+    core = final.strip()
+    if not core or core not in text:
+        raise ValueError("continue_final_message: the final message's content does not appear in the rendered chat")
+    start = text.rindex(core)
+    kept = final.lstrip()  # (the content as written, without the spaces a template drops in front)
+    end = start + (len(kept) if text[start : start + len(kept)] == kept else len(core))
+    return text[:end]
 
 
 class IncrementalDetokenizer:

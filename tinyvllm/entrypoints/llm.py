@@ -120,9 +120,12 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a batch
         of conversations (a list of such lists), using the tokenizer's chat template.
+        ``continue_final_message``: go on with the last message (an assistant reply begun by the
+        caller) instead of starting a new one; ``add_generation_prompt`` must then be False.
 
         The template already writes the BOS token when the model wants one, so the rendered
         text is tokenized without adding special tokens (no double BOS).
@@ -138,7 +141,8 @@ class LLM:
         for conv in conversations:
             if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
                 raise ValueError("each conversation must be a list of {'role': ..., 'content': ...} dicts")
-            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt, **kwargs)
+            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **kwargs)  # fmt: skip
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         params_list = self._params_list(sampling_params, len(prompts))
         return self._run(prompts, params_list, use_tqdm)

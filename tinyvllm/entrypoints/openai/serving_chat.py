@@ -57,7 +57,8 @@ class OpenAIServingChat(OpenAIServing):
         self.trust_request_chat_template = trust_request_chat_template
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               chat_template_kwargs: dict | None = None, chat_template: str | None = None) -> tuple[str, list[int]]:  # fmt: skip
+               chat_template_kwargs: dict | None = None, chat_template: str | None = None,
+               continue_final_message: bool = False) -> tuple[str, list[int]]:  # fmt: skip
         """The prompt text and ids of a conversation (400 if the template refuses it), rendered with
         ``chat_template`` (a request's own), else the server's ``--chat-template``, else the model's."""
         import jinja2
@@ -68,7 +69,8 @@ class OpenAIServingChat(OpenAIServing):
         if template is not None:
             kwargs["chat_template"] = template
         try:
-            text = self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, **kwargs)
+            text = self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message, **kwargs)  # fmt: skip
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)
@@ -82,14 +84,15 @@ class OpenAIServingChat(OpenAIServing):
         if request.chat_template is not None and not self.trust_request_chat_template:
             raise OpenAIError(400, "a request's own chat_template needs the server started with "
                               "--trust-request-chat-template.", param="chat_template")  # fmt: skip
-        if request.continue_final_message:
-            raise OpenAIError(400, "continue_final_message is not supported by tinyvllm.", param="continue_final_message")
+        if request.continue_final_message and request.add_generation_prompt:
+            raise OpenAIError(400, "continue_final_message continues the last message: set add_generation_prompt "
+                              "to false.", param="continue_final_message")  # fmt: skip
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = self.default("max_tokens", max_tokens)  # (unset: the model's default, if it has one)
         text, ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs,
-                                request.chat_template)  # fmt: skip
+                                request.chat_template, request.continue_final_message)  # fmt: skip
         self.check_prompt(ids, max_tokens, what="messages")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=num_logprobs)
