@@ -34,6 +34,13 @@ def test_the_sampling_fields_are_read_by_samplingparams_names(model, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0.9, "repetition_penalty": 1.1}))
     assert load_sampling_defaults(model, str(tmp_path)) == {"top_p": 0.9, "repetition_penalty": 1.1}
     assert load_sampling_defaults(str(tmp_path / "model.gguf")) == {}  # (a GGUF ships none)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        load_sampling_defaults(model, str(tmp_path / "bad"))
+    (tmp_path / "bad" / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match="generation_config.json: temperature "):
+        load_sampling_defaults(model, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="^generation_config "):
         EngineConfig(model, device="cpu", generation_config=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="^generation_config "):

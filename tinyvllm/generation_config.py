@@ -44,9 +44,20 @@ def load_sampling_defaults(model_path: str, generation_config: str = "auto") -> 
     file = folder / GENERATION_CONFIG
     if not file.is_file():  # (a .gguf file, or a checkpoint without one)
         return {}
-    with open(file) as f:
-        config = json.load(f)
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); generation_config='vllm' ignores it") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds {type(config).__name__}, not a JSON object; generation_config='vllm' ignores it")
     defaults = {name: config[name] for name in _FIELDS if config.get(name) is not None}
     if "max_new_tokens" in defaults:
         defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    from tinyvllm.sampling_params import SamplingParams
+
+    try:  # (checked once here: a bad value would otherwise fail every request that leaves it unset)
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e} (generation_config='vllm' ignores the file)") from e
     return defaults
