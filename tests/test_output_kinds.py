@@ -8,6 +8,7 @@ import pytest
 
 from engine_helpers import make_fake_engine
 from tinyvllm import SamplingParams
+from tinyvllm.outputs import RequestOutput
 from tinyvllm.sampling_params import RequestOutputKind
 
 
@@ -46,6 +47,9 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(async_scheduling):
                        (b.index, b.text, b.token_ids, b.finish_reason, b.stop_reason)  # fmt: skip
                 assert a.logprobs == b.logprobs and a.cumulative_logprob == b.cumulative_logprob
         assert any(len(d.outputs[0].token_ids) == 1 for d in deltas[rid][1:])  # really deltas
+        # merged in one pass: the same as added up one by one (what a server does with a stream's deltas)
+        assert RequestOutput.merge(deltas[rid]) == total
+        assert RequestOutput.merge(deltas[rid][:3]) == deltas[rid][0].add(deltas[rid][1]).add(deltas[rid][2])
     assert cumulative["stop"][-1].outputs[0].stop_reason == "aO"  # (the stop string cut the text)
 
 

@@ -173,15 +173,18 @@ class AsyncLLMEngine:
         self._streams[request_id] = queue
         self._wake.set()
         finished = False
-        # A cumulative output holds everything the earlier ones did: when this client is behind
-        # (several steps' outputs queued), only the newest is worth sending. So a slow consumer
-        # costs one chunk per turn of the event loop, not one per step (vLLM merges the same way).
-        merge = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
+        # When this client is behind (several steps' outputs queued), they go out as one: a
+        # cumulative output holds everything the earlier ones did, so only the newest counts; DELTA
+        # outputs are added up. So a slow consumer costs one chunk per turn of the event loop, not
+        # one per step (vLLM's output collector merges the same way).
+        kind = getattr(sampling_params, "output_kind", None)
         try:
             while True:
                 item = await queue.get()
-                while merge and not queue.empty() and not isinstance(item, BaseException):
-                    item = queue.get_nowait()
+                while not queue.empty() and not isinstance(item, BaseException) and kind != RequestOutputKind.FINAL_ONLY:
+                    newer = queue.get_nowait()
+                    item = newer if kind == RequestOutputKind.CUMULATIVE or isinstance(newer, BaseException) \
+                        else item.add(newer)  # fmt: skip
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item

@@ -101,8 +101,10 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def track(self, stream: AsyncIterator[RequestOutput], num_prompt_tokens: int) -> AsyncIterator[RequestOutput]:
-        """Pass ``stream`` through, recording its timings and token counts."""
+    async def track(self, stream: AsyncIterator[RequestOutput], num_prompt_tokens: int,
+                    delta: bool = False) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """Pass ``stream`` through, recording its timings and token counts (``delta``: its outputs
+        are DELTA ones, each with the new tokens only; else each holds all tokens so far)."""
         arrival = last = time.perf_counter()
         num_tokens = 0
         finished_reason = "abort"  # unless the stream ends properly
@@ -110,7 +112,7 @@ class ServerMetrics:
             async with aclosing(stream) as s:
                 async for out in s:
                     now = time.perf_counter()
-                    total = sum(len(c.token_ids) for c in out.outputs)
+                    total = sum(len(c.token_ids) for c in out.outputs) + (num_tokens if delta else 0)
                     if total > num_tokens:
                         # One inter-token sample per token: an output that brings k tokens at once (a
                         # stream that fell behind gets several steps merged) splits its interval evenly.

@@ -23,7 +23,8 @@ from tinyvllm.entrypoints.openai.protocol import (
     ChatStreamChoice, DeltaMessage, UsageInfo,
 )  # fmt: skip
 from tinyvllm.entrypoints.openai.serving_engine import (
-    OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
+    OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, merge_async_iterators, new_request_id,
+    raise_as_openai_error, sse,
 )  # fmt: skip
 
 
@@ -132,12 +133,14 @@ class OpenAIServingChat(OpenAIServing):
         def usage() -> UsageInfo:
             return self.usage(num_prompt_tokens, sum(sent_tokens.values()), cached)
 
+        unsent = UnsentDeltas()
         try:
             async with aclosing(merged) as stream:
-                async for _, out in stream:
+                async for _, out in stream:  # (DELTA outputs: each choice's new tokens and text)
                     if out.error:
                         raise OpenAIError(400, out.error, param="messages")
-                    cached = out.num_cached_tokens or 0
+                    if out.num_cached_tokens is not None:
+                        cached = out.num_cached_tokens
                     for c in out.outputs:
                         i = c.index
                         if i in finished:
@@ -145,14 +148,14 @@ class OpenAIServingChat(OpenAIServing):
                         if i not in sent_text:  # the first chunk of a choice names the role
                             sent_text[i], sent_tokens[i] = 0, 0
                             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-                        delta = c.text[sent_text[i]:]
-                        if not delta and c.finish_reason is None:
-                            continue
-                        logprobs = chat_logprobs(c, sent_tokens[i], num_logprobs, self.tokenizer) if num_logprobs is not None else None
-                        sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                        if (c := unsent.take(i, c)) is None:
+                            continue  # nothing new to show yet (a held-back character or stop-string prefix)
+                        logprobs = chat_logprobs(c, 0, num_logprobs, self.tokenizer) if num_logprobs is not None else None
+                        sent_text[i] += len(c.text)
+                        sent_tokens[i] += len(c.token_ids)
                         if c.finish_reason is not None:
                             finished.add(i)
-                        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=c.text), logprobs=logprobs,
                                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
                                     usage() if continuous else None)  # fmt: skip
             if options is not None and options.include_usage:

@@ -25,7 +25,8 @@ from fastapi.responses import StreamingResponse
 from tinyvllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs
 from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from tinyvllm.entrypoints.openai.serving_engine import (
-    OpenAIError, OpenAIServing, error_event, last_items, merge_async_iterators, new_request_id, raise_as_openai_error, sse,
+    OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, merge_async_iterators, new_request_id,
+    raise_as_openai_error, sse,
 )  # fmt: skip
 
 
@@ -101,31 +102,32 @@ class OpenAIServingCompletion(OpenAIServing):
         def usage() -> Any:
             return self.usage(num_prompt_tokens, sum(sent_tokens.values()), sum(cached.values()))
 
+        unsent = UnsentDeltas()
+        first: dict[int, Any] = {}  # prompt index -> its first output (an echo's prompt logprobs)
         try:
             async with aclosing(merged) as stream:
-                async for i, out in stream:
+                async for i, out in stream:  # (DELTA outputs: each choice's new tokens and text)
                     if out.error:
                         raise OpenAIError(400, out.error, param="prompt")
-                    cached[i] = out.num_cached_tokens or 0
+                    first.setdefault(i, out)
+                    if out.num_cached_tokens is not None:
+                        cached[i] = out.num_cached_tokens
                     for c in out.outputs:
                         index = i * n + c.index
-                        if index in finished:
-                            continue
-                        t0, k0 = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                        delta = c.text[t0:]
-                        if not delta and c.finish_reason is None:
+                        if index in finished or (c := unsent.take(index, c)) is None:
                             continue  # nothing new to show yet (a held-back character or stop-string prefix)
                         head, logprobs = "", None
                         if index not in echoed:  # its first chunk: the echoed prompt, if asked
-                            head, logprobs = self._echo(request, prompts[i], out)
+                            head, logprobs = self._echo(request, prompts[i], first[i])
                             echoed[index] = len(head)
+                        t0 = sent_text.get(index, 0)
                         if num_logprobs is not None:
-                            logprobs = completion_logprobs(c, k0, num_logprobs, self.tokenizer, echoed[index] + t0, logprobs)
-                        delta = head + delta
-                        sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                            logprobs = completion_logprobs(c, 0, num_logprobs, self.tokenizer, echoed[index] + t0, logprobs)
+                        sent_text[index] = t0 + len(c.text)
+                        sent_tokens[index] = sent_tokens.get(index, 0) + len(c.token_ids)
                         if c.finish_reason is not None:
                             finished.add(index)
-                        choice = CompletionChoice(index=index, text=delta, logprobs=logprobs,
+                        choice = CompletionChoice(index=index, text=head + c.text, logprobs=logprobs,
                                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)  # fmt: skip
                         yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[choice],
                                                      usage=usage() if continuous else None))  # fmt: skip

@@ -26,8 +26,8 @@ from tinyvllm.entrypoints.openai.metrics import ServerMetrics
 from tinyvllm.entrypoints.openai.protocol import (
     ErrorInfo, ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo, random_id,
 )  # fmt: skip
-from tinyvllm.outputs import RequestOutput
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.outputs import CompletionOutput, RequestOutput
+from tinyvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tinyvllm")
 
@@ -129,7 +129,10 @@ class OpenAIServing:
                 raise OpenAIError(400, f"logit_bias keys must be token ids, got {list(request.logit_bias)!r}.",
                                   param="logit_bias") from e
         d = self.default
-        return make_sampling_params(
+        # DELTA outputs (vLLM's server does the same): each carries only what is new, so a stream
+        # sends it as it is and a whole response joins them once (last_items); a CUMULATIVE one
+        # would be rebuilt, copying the whole sequence so far, at every step.
+        return make_sampling_params(output_kind=RequestOutputKind.DELTA,
             n=request.n, temperature=d("temperature", request.temperature), top_p=d("top_p", request.top_p),
             top_k=d("top_k", request.top_k), min_p=d("min_p", request.min_p), seed=request.seed, stop=request.stop,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, max_tokens=d("max_tokens", max_tokens),
@@ -166,8 +169,10 @@ class OpenAIServing:
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
     def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """The engine's stream for one prompt, with the server's metrics recorded along the way."""
-        return self.metrics.track(self.engine.generate(prompt, params, request_id), len(prompt["prompt_token_ids"]))
+        """The engine's stream for one prompt (DELTA outputs: see :meth:`sampling_params`), with the
+        server's metrics recorded along the way."""
+        return self.metrics.track(self.engine.generate(prompt, params, request_id), len(prompt["prompt_token_ids"]),
+                                  delta=params.output_kind == RequestOutputKind.DELTA)  # fmt: skip
 
 
 # ---- streams -----------------------------------------------------------------------------------
@@ -209,15 +214,15 @@ async def merge_async_iterators(iterators: list[AsyncIterator]) -> AsyncIterator
 
 
 async def last_items(stream: AsyncIterator[tuple[int, RequestOutput]], raw_request: Any, count: int) -> list[RequestOutput]:
-    """The final output of each of ``count`` merged requests; if the client disconnects first, the
-    requests are aborted and ClientDisconnected is raised."""
+    """The whole output of each of ``count`` merged requests (their DELTA outputs joined once); if
+    the client disconnects first, the requests are aborted and ClientDisconnected is raised."""
 
     async def consume() -> list[RequestOutput]:
-        final: list[RequestOutput | None] = [None] * count
+        deltas: list[list[RequestOutput]] = [[] for _ in range(count)]
         async with aclosing(stream) as s:
             async for i, out in s:
-                final[i] = out
-        return final
+                deltas[i].append(out)
+        return [RequestOutput.merge(d) if d else None for d in deltas]
 
     work = asyncio.ensure_future(consume())
     watch = asyncio.ensure_future(_wait_for_disconnect(raw_request))
@@ -239,6 +244,28 @@ async def _wait_for_disconnect(raw_request: Any) -> None:
         message = await raw_request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class UnsentDeltas:
+    """A stream's completions in DELTA form, held back while they bring no text: a token that ends
+    inside a UTF-8 character, or text held back as a possible stop string, brings tokens (and their
+    logprobs) but nothing to show. They go out with the next delta that has text, or a finish."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, CompletionOutput] = {}
+
+    def take(self, index: int, c: CompletionOutput) -> CompletionOutput | None:
+        """Choice ``index``'s new delta ``c``, joined to what was held back; None while there is
+        nothing to send (it is held)."""
+        held = self._held.pop(index, None)
+        if held is not None:
+            c = CompletionOutput(c.index, held.text + c.text, held.token_ids + c.token_ids, c.cumulative_logprob,
+                                 None if held.logprobs is None else held.logprobs + (c.logprobs or []),
+                                 c.finish_reason, c.stop_reason)  # fmt: skip
+        if not c.text and c.finish_reason is None:
+            self._held[index] = c
+            return None
+        return c
 
 
 def sse(data: Any) -> str:
