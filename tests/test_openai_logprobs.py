@@ -60,3 +60,20 @@ def test_two_ids_with_the_same_text_keep_the_better_logprob():
     steps = [{5: Logprob(-0.1, 1, "\ufffd"), 6: Logprob(-1.0, 2, "\ufffd"), 7: Logprob(-2.0, 3, "x")}]
     lp = completion_logprobs(CompletionOutput(0, "", [5], logprobs=steps), 0, 3, Tok(), 0)
     assert lp.top_logprobs == [{"\ufffd": -0.1, "x": -2.0}]
+
+
+def test_a_delta_without_text_waits_for_the_next_and_goes_out_joined():
+    """UnsentDeltas: tokens that bring no text yet (half a character, a possible stop string) are
+    held, then sent with the next delta that has text, their logprobs first; a finish goes out even
+    without text."""
+    from tinyvllm.entrypoints.openai.serving_engine import UnsentDeltas
+
+    lp = lambda t: {t: Logprob(-0.5, 1, None)}  # noqa: E731
+    unsent = UnsentDeltas()
+    assert unsent.take(0, CompletionOutput(0, "", [40], logprobs=[lp(40)])) is None
+    assert unsent.take(1, CompletionOutput(1, "x", [7], logprobs=[lp(7)])).token_ids == [7]  # (another choice)
+    joined = unsent.take(0, CompletionOutput(0, "é", [41], logprobs=[lp(41)]))
+    assert (joined.text, joined.token_ids, [list(d) for d in joined.logprobs]) == ("é", [40, 41], [[40], [41]])
+    assert unsent.take(0, CompletionOutput(0, "", [42], logprobs=[lp(42)])) is None
+    end = unsent.take(0, CompletionOutput(0, "", [2], logprobs=[lp(2)], finish_reason="stop"))
+    assert end.token_ids == [42, 2] and end.finish_reason == "stop" and end.text == ""
