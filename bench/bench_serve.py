@@ -199,6 +199,7 @@ def run_in_process(model: str, num_prompts: int, input_len: int, output_len: int
     from tinyvllm import SamplingParams
     from tinyvllm.benchmarks.datasets import random_requests
     from tinyvllm.engine.async_llm_engine import AsyncLLMEngine
+    from tinyvllm.sampling_params import RequestOutputKind
     from tinyvllm.engine.engine_config import EngineConfig
 
     requests = random_requests(None, num_prompts, input_len, output_len, seed=0, vocab_size=vocab)
@@ -207,12 +208,13 @@ def run_in_process(model: str, num_prompts: int, input_len: int, output_len: int
     async def main() -> dict:
         engine = AsyncLLMEngine.from_config(EngineConfig(model, **extra), engine_process=True)
 
-        async def one(i: int, r) -> int:
-            params = SamplingParams(temperature=0, max_tokens=r.expected_output_len, ignore_eos=True)
-            out = None
+        async def one(i: int, r) -> int:  # (DELTA outputs, as the server asks for them)
+            params = SamplingParams(temperature=0, max_tokens=r.expected_output_len, ignore_eos=True,
+                                    output_kind=RequestOutputKind.DELTA)  # fmt: skip
+            tokens = 0
             async for out in engine.generate({"prompt_token_ids": r.prompt}, params, f"r{i}"):
-                pass
-            return len(out.outputs[0].token_ids)
+                tokens += len(out.outputs[0].token_ids)
+            return tokens
 
         try:
             await one(-1, warm)  # warm-up (a prompt of its own: requests[0] would then be a cache hit)
