@@ -123,8 +123,7 @@ class OpenAIServingChat(OpenAIServing):
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage))
 
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}  # choice index -> tokens sent (a choice is here once its role went out)
         finished: set[int] = set()
         cached = 0  # prompt tokens the prefix cache served
         options = request.stream_options
@@ -145,13 +144,12 @@ class OpenAIServingChat(OpenAIServing):
                         i = c.index
                         if i in finished:
                             continue
-                        if i not in sent_text:  # the first chunk of a choice names the role
-                            sent_text[i], sent_tokens[i] = 0, 0
+                        if i not in sent_tokens:  # the first chunk of a choice names the role
+                            sent_tokens[i] = 0
                             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                         if (c := unsent.take(i, c)) is None:
                             continue  # nothing new to show yet (a held-back character or stop-string prefix)
                         logprobs = chat_logprobs(c, 0, num_logprobs, self.tokenizer) if num_logprobs is not None else None
-                        sent_text[i] += len(c.text)
                         sent_tokens[i] += len(c.token_ids)
                         if c.finish_reason is not None:
                             finished.add(i)
