@@ -208,7 +208,8 @@ def engine_core_main(config: EngineConfig, conn: Any, log_level: int = logging.I
 @dataclass
 class _Tracked:
     kind: RequestOutputKind  # what the caller asked for
-    total: RequestOutput | None = None  # the deltas so far, added up
+    total: RequestOutput | None = None  # CUMULATIVE: the deltas so far, added up
+    deltas: list[RequestOutput] = field(default_factory=list)  # FINAL_ONLY: the deltas so far
     prompt: str | None = None  # the prompt's text, from the first output
     # A request whose text is made here (the engine sent token ids only): its params, and each
     # completion's incremental detokenizer, made at its first tokens. None: the engine sent the text.
@@ -358,10 +359,13 @@ class EngineCoreClient:
                 if tracked.kind == RequestOutputKind.DELTA:
                     delta.prompt = tracked.prompt
                     deltas.append(delta)  # (as it came: no sum to keep)
-                else:
+                elif tracked.kind == RequestOutputKind.CUMULATIVE:
                     tracked.total = delta if tracked.total is None else tracked.total.add(delta)
-                    if delta.finished or tracked.kind == RequestOutputKind.CUMULATIVE:
-                        latest[delta.request_id] = tracked.total
+                    latest[delta.request_id] = tracked.total
+                else:  # FINAL_ONLY: the deltas kept, joined once at the end (not re-added every step)
+                    tracked.deltas.append(delta)
+                    if delta.finished:
+                        latest[delta.request_id] = RequestOutput.merge(tracked.deltas)
                 if delta.finished:
                     del self.requests[delta.request_id]
             if self._inbox.empty():
