@@ -74,3 +74,14 @@ def test_chat_without_a_template_is_one_line_error(tmp_path, tiny_llama_dir):
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     r = run_chat(model, "hi\n")
     assert r.returncode == 2 and r.stderr.decode().startswith("tinyvllm: error: this model has no chat template")
+
+
+def test_chat_sampling_takes_the_flags_then_the_models_defaults_then_its_own():
+    from tinyvllm.entrypoints.cli import build_parser
+    from tinyvllm.entrypoints.cli_chat import chat_sampling
+
+    args = build_parser().parse_args(["chat", "--top-k", "7"])
+    p = chat_sampling(args, {"temperature": 0.6, "top_p": 0.9, "top_k": 50})  # (Llama 3.2 Instruct's file, and a top_k)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.min_p) == (0.6, 0.9, 7, 512, 0.0)
+    p = chat_sampling(args, {})
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.7, 1.0, 512)

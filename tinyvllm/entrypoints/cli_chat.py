@@ -35,13 +35,25 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
     add_engine_args(p)
     g = p.add_argument_group("sampling")
     g.add_argument("--system", default=None, help="a system message that opens the conversation")
-    g.add_argument("--max-tokens", type=int, default=512, help="longest reply (default 512)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
+    # Unset: the model's recommended value (its generation_config.json, as the server does), else ours.
+    g.add_argument("--max-tokens", type=int, default=None, help="longest reply (default: the model's, else 512)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.7)")
+    g.add_argument("--top-p", type=float, default=None, help="(default: the model's, else 1)")
+    g.add_argument("--top-k", type=int, default=None, help="0 or -1 = off (default: the model's, else off)")
+    g.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0)")
     p.set_defaults(func=chat_main)
     return p
+
+
+CHAT_DEFAULTS = {"max_tokens": 512, "temperature": 0.7}  # where neither the flags nor the model say
+
+
+def chat_sampling(args: argparse.Namespace, model_defaults: dict[str, Any]) -> Any:
+    """The reply's SamplingParams: the flags given, else the model's generation config, else ours."""
+    from tinyvllm.sampling_params import SamplingParams
+
+    given = {name: getattr(args, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p")}
+    return SamplingParams(**(CHAT_DEFAULTS | model_defaults | {k: v for k, v in given.items() if v is not None}))
 
 
 class ChatSession:
@@ -98,12 +110,11 @@ class ChatSession:
 def chat_main(args: argparse.Namespace) -> int:
     from tinyvllm.engine.arg_utils import engine_config_from_args
     from tinyvllm.engine.llm_engine import LLMEngine
-    from tinyvllm.sampling_params import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, min_p=args.min_p)  # fmt: skip
+        chat_sampling(args, {})  # (a bad flag fails before the model loads)
         engine = LLMEngine.from_config(engine_config_from_args(args))
+        params = chat_sampling(args, engine.default_sampling)
     except (ValueError, FileNotFoundError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 2
