@@ -13,10 +13,12 @@ grows with the sequence). And the text, as in vLLM V1, is made on the server's s
 detokenizes only the requests whose stop strings it must check (``engine_needs_text``); for the
 others it sends token ids, and this client runs the same incremental detokenizer on them
 (``_Tracked.make_text``), in the server's process, while the engine runs its next steps. At 256
-running requests that takes about a quarter of the engine's host time per step off it. The client adds them up (``RequestOutput.add``) into what the caller
-asked for: the cumulative output (the default, what the server streams from), the deltas, or the
-final output. When the server falls behind, the client drains every step that has arrived at once,
-and a stream gets one output for all of them.
+running requests that takes about a quarter of the engine's host time per step off it.
+
+The client hands each caller what it asked for: the deltas as they come (what the server asks for),
+the cumulative output (the deltas added up each step, ``RequestOutput.add``), or the final output
+(the deltas joined once at the end, ``RequestOutput.merge``). When the server falls behind, the
+client drains every step that has arrived at once.
 
 Messages (a multiprocessing Pipe, pickled):
 
