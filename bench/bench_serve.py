@@ -25,6 +25,7 @@ Targets (issue 24): at saturation (`inf`) the server's output throughput at leas
     python bench/bench_serve.py --out bench/results/serve.json [--rates 1,4,inf] [--num-prompts 1000]
     python bench/bench_serve.py --tiny --out /tmp/serve.json     (CPU smoke run: not a measurement)
     python bench/bench_serve.py --host-bound   (CPU: the server's host work against offline's, no model to speak of)
+    python bench/bench_serve.py --paced   (CPU: the same, every model step as long as an H100's: the GPU's question)
     python bench/bench_serve.py --stream-intervals 10   (also rate inf with `serve --stream-interval 10`)
     python bench/bench_serve.py --in-process   (also the requests handed to AsyncLLMEngine here: no HTTP)
 """
@@ -60,8 +61,8 @@ def start_server(model: str, port: int, log_path: str, extra: list[str], timeout
                  env: dict | None = None) -> subprocess.Popen:  # fmt: skip
     """`tinyvllm serve` in its own process (``env``: more environment variables); returns once /health answers."""
     cmd = [sys.executable, "-m", "tinyvllm", "serve", model, "--port", str(port), *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env or {}))  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     deadline = time.time() + timeout
     while True:
@@ -164,9 +165,13 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
     it used over the run's duration (``*_cpu_busy``; 1.0 = one core all the time). A server or a
     client near 1.0 at saturation is the limit, not the engine. (On a GPU the engine process's
     figure reads near 1.0 whatever it does: its thread spins while it waits for the GPU.)"""
-    before = server_latencies(port)
     pids = {"server": server_pid, "engine": engine_pid(server_pid) if server_pid else None}
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()}
+    before, cpu0 = {}, {}
+
+    def snapshot() -> None:  # (after bench serve's initial test request: its steps and CPU are not the run's)
+        before.update(server_latencies(port))
+        cpu0.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()})
+
     from tinyvllm.benchmarks.serve import bench_serve_main
     from tinyvllm.entrypoints.cli import build_parser
 
@@ -174,13 +179,13 @@ def run_client(port: int, rate: float, num_prompts: int, input_len: int, output_
         "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", str(num_prompts),
         "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-vocab-size", str(vocab),
         "--ignore-eos", "--request-rate", str(rate), "--seed", str(seed), "--result-file", result])  # fmt: skip
-    rc = bench_serve_main(args)
+    rc = bench_serve_main(args, before_run=snapshot)
     cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items() if pid} | {"client": cpu_seconds()}
     with open(result) as f:
         run = json.load(f)["runs"][0]
     run["rc"] = rc
     run["seed"] = seed
-    for name in cpu0:  # (the client's seconds include its set-up; the run's duration does not)
+    for name in cpu0:
         run[f"{name}_cpu_busy"] = (cpu1[name] - cpu0[name]) / run["duration"] if run.get("duration") else None
     after = server_latencies(port)
     run["engine_steps"] = int(after.get("engine_steps", 0) - before.get("engine_steps", 0))
@@ -284,17 +289,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--host-bound", action="store_true",
                     help="on the CPU, a model too small to matter and one thread per process: the server's host "
                          "work against offline's (default 512 prompts of 16 tokens, 64 out, rate inf)")
+    ap.add_argument("--paced", action="store_true",
+                    help="--host-bound with every model step as long as an H100's (bench/paced_step.py), and the "
+                         "online workload's sizes (1000 prompts of 512 tokens, 128 out, rate inf): does one server "
+                         "process keep up with a GPU's engine?")
     ap.add_argument("--stream-intervals", default="",
                     help="also rate inf with `serve --stream-interval N` for each N here, comma-separated (e.g. 10)")
     a = ap.parse_args(argv)
+    a.host_bound = a.host_bound or a.paced
     given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
     for flag, tiny, host_bound in (("--num-prompts", 6, 512), ("--input-len", 16, 16), ("--output-len", 4, 64),
                                    ("--seconds", 2.0, 2.0), ("--rates", "1,4,inf", "inf")):  # fmt: skip
         if flag not in given and (a.tiny or a.host_bound):  # (the CPU runs' own sizes, unless given)
+            if a.paced and flag != "--rates":
+                continue  # (paced: the GPU's sizes)
             setattr(a, flag[2:].replace("-", "_"), host_bound if a.host_bound else tiny)
     cpu = a.tiny or a.host_bound
     # --host-bound: one thread per process (the server's engine too): the host's work, not the model's
     server_env = {"OMP_NUM_THREADS": "1"} if a.host_bound else {}
+    if a.paced:  # the server's engine process, the in-process run's and offline's steps at an H100's pace
+        import paced_step
+
+        server_env |= paced_step.env()
+        paced_step.install()
     rates = [float(r) for r in a.rates.split(",")]
     vocab = 500 if cpu else 10000  # prompt ids from [0, vocab): perf.md's 10000 (the CPU models have 512)
     work = tempfile.mkdtemp(prefix="tinyvllm-serve-")

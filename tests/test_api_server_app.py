@@ -67,3 +67,53 @@ def test_health_is_503_once_the_engine_is_shut_down():
         assert client.get("/health").status_code == 503
         r = client.post("/v1/completions", json={"prompt": [3], "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == 503
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_is_aborted():
+    """The request is added to the engine by the handler, before its response starts: a client
+    gone before the response's first byte (the body never read) must still abort it."""
+    import asyncio
+
+    inner = make_fake_engine(max_model_len=64)
+    body = json.dumps({"prompt": [3, 4, 5], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}  # fmt: skip
+
+    async def main():
+        engine = AsyncLLMEngine(inner)
+        app = build_app(engine, ["toy"])
+        received = []
+
+        async def receive():
+            if not received:
+                received.append(1)
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            if message["type"] == "http.response.start":  # the socket is gone: the first write fails
+                while not engine.num_steps:  # (the request is already running)
+                    await asyncio.sleep(0.005)
+                raise OSError("connection reset by peer")
+
+        try:
+            await app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - Starlette reports the disconnect its own way
+            pass
+        at_disconnect = len(inner.model_runner.batches)
+        for _ in range(200):
+            if not inner.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        return at_disconnect
+
+    at_disconnect = asyncio.run(main())
+    ran = [step for step in inner.model_runner.batches if any(r.startswith("cmpl") for r, _ in step)]
+    assert at_disconnect >= 1 and ran, "the request never ran before the client left"
+    assert len(ran) <= at_disconnect + 1 < 60, "the request ran on after its client left"
+    bm = inner.block_manager
+    assert not inner.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks

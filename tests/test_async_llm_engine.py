@@ -205,3 +205,46 @@ def test_an_id_reused_right_after_its_abort_gets_only_its_own_outputs():
     outs = asyncio.run(main())
     assert outs[-1].outputs[0].token_ids == want["x"].outputs[0].token_ids
     assert outs[-1].prompt_token_ids == [9, 4] and outs[-1].outputs[0].finish_reason == "length"
+
+
+def test_add_request_runs_the_request_before_its_stream_is_read():
+    """A server adds a request as soon as it is checked: the engine steps it while nobody reads."""
+    async def main():
+        engine = AsyncLLMEngine(make_fake_engine())
+        stream = engine.add_request({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=6, **GREEDY), "early")
+        for _ in range(200):  # (let the loop step it; nothing reads the stream meanwhile)
+            if not engine.engine.has_unfinished_requests() and engine.num_steps:
+                break
+            await asyncio.sleep(0.01)
+        steps_unread = engine.num_steps
+        outs = [o async for o in stream]  # then read: the outputs waited in the stream
+        await engine.shutdown()
+        return steps_unread, outs
+
+    steps_unread, outs = asyncio.run(main())
+    assert steps_unread >= 1, "the engine never ran the request before its stream was read"
+    want = run_to_completion(make_fake_engine(), {0: [("early", {"prompt_token_ids": [5, 6]},
+                                                       SamplingParams(max_tokens=6, **GREEDY))]})  # fmt: skip
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == want["early"].outputs[0].token_ids
+
+
+def test_closing_an_unread_stream_aborts_its_request():
+    """The request of a client gone before its response started (its stream never read) is
+    aborted by closing the stream: its blocks are freed and it stops running."""
+    async def main():
+        engine = AsyncLLMEngine(make_fake_engine(max_model_len=64))
+        stream = engine.add_request([5, 6, 7], SamplingParams(max_tokens=50, **GREEDY), "unread")
+        while not engine.num_steps:
+            await asyncio.sleep(0.01)
+        stream.close()
+        steps_at_close = len(engine.engine.model_runner.batches)
+        other = await collect(engine, [9], SamplingParams(max_tokens=3, **GREEDY), "next")
+        await engine.shutdown()
+        return engine, steps_at_close, other, stream
+
+    engine, steps_at_close, other, stream = asyncio.run(main())
+    later = [step for step in engine.engine.model_runner.batches[steps_at_close:] if any(r == "unread" for r, _ in step)]
+    assert len(later) <= 1, "the closed stream's request kept running"
+    assert other[-1].finished and stream.finished
+    bm = engine.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.engine.has_unfinished_requests()

@@ -55,3 +55,20 @@ def test_host_bound_run_counts_the_model_steps_and_a_stream_interval(tmp_path, c
     for run in (sat, thinned):
         assert all(0 < run[f"{k}_cpu_busy"] < 64 for k in ("server", "engine", "client")), run
     assert "model steps" in capsys.readouterr().out
+
+
+def test_paced_run_waits_like_a_gpu_and_counts_only_the_runs_steps(tmp_path, monkeypatch):
+    """--paced: every model step of the server's engine process and of offline's waits as long as
+    an H100's (bench/paced_step.py, installed in the server's processes by its sitecustomize); a
+    run's model steps and CPU are counted from its start (bench serve's initial test request, one
+    more request of 20 tokens before it, is not the run's)."""
+    import paced_step
+
+    monkeypatch.setenv(paced_step.ENV, "10")  # (steps 10x an H100's: 11 ms and more, far above the CPU's own)
+    result = bench_serve.main(["--paced", "--num-prompts", "1", "--input-len", "16", "--output-len", "20",
+                               "--out", str(tmp_path / "serve.json")])  # fmt: skip
+    sat, off = result["online"][0], result["offline"]
+    assert sat["total_output_tokens"] == off["output_tokens"] == 20
+    assert 20 <= off["engine_steps"] <= 21 and 20 <= sat["engine_steps"] <= 21, (sat["engine_steps"], off["engine_steps"])
+    floor = 20 * paced_step.step_ms(1, 0) / 1e3  # (20 steps of one sequence, each at least this long)
+    assert off["seconds"] >= floor and sat["duration"] >= floor

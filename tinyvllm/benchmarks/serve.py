@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -212,7 +213,9 @@ def _get_json(url: str, api_key: str | None, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
-def bench_serve_main(args: argparse.Namespace) -> int:
+def bench_serve_main(args: argparse.Namespace, before_run: Callable[[], None] | None = None) -> int:
+    """`tinyvllm bench serve`: the initial test request, then a run per request rate (``before_run``,
+    if given, is called just before each run: a caller's snapshot of the server's counters)."""
     base = args.base_url.rstrip("/")
     try:
         import aiohttp  # noqa: F401
@@ -248,6 +251,8 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             return 1
     runs = []
     for rate in args.request_rate:
+        if before_run is not None:
+            before_run()
         metrics = asyncio.run(run_benchmark(args, requests, model, rate))
         print(format_table(metrics, args.metric_percentiles), flush=True)
         runs.append(metrics)

@@ -4,7 +4,8 @@
     async for out in engine.generate("Hello", SamplingParams(max_tokens=8), request_id="r0"):
         print(out.outputs[0].text)          # the text so far; out.finished on the last one
 
-Every client coroutine calls :meth:`generate` and gets its own stream of RequestOutputs. One
+Every client coroutine calls :meth:`generate` (or :meth:`add_request`, which adds the request at
+once and returns its :class:`RequestStream`) and gets its own stream of RequestOutputs. One
 background task, the *engine loop*, owns the LLMEngine:
 
     while there is work:
@@ -41,6 +42,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -59,6 +61,50 @@ class EngineError(RuntimeError):
 
 class EngineShutdownError(RuntimeError):
     """The engine is shutting down; the request was ended (a server answers 503)."""
+
+
+class RequestStream:
+    """One request's RequestOutputs as the engine makes them (an async iterator, the last one
+    finished). ``close()`` / ``aclose()`` before the last output aborts the request: its blocks are
+    freed before the next step. (A class, not an async generator: closing a generator that never
+    started runs none of its code, and a request added early must be abortable before it is read.)
+
+    When this reader is behind (several steps' outputs queued), they come out as one: a cumulative
+    output holds everything the earlier ones did, so only the newest counts; DELTA outputs are
+    added up. So a slow consumer costs one item per turn of the event loop, not one per step
+    (vLLM's output collector merges the same way)."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, queue: asyncio.Queue, kind: Any) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine, self._queue, self._kind = engine, queue, kind
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        queue, kind = self._queue, self._kind
+        while not queue.empty() and not isinstance(item, BaseException) and kind != RequestOutputKind.FINAL_ONLY:
+            newer = queue.get_nowait()
+            item = newer if kind == RequestOutputKind.CUMULATIVE or isinstance(newer, BaseException) \
+                else item.add(newer)  # fmt: skip
+        if isinstance(item, BaseException):
+            self.finished = True  # the engine already dropped it
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless its last output came (or it failed); idempotent."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 @dataclass
@@ -142,20 +188,24 @@ class AsyncLLMEngine:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run_engine_loop(), name="tinyvllm-engine-loop")
 
-    async def generate(
+    def add_request(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams,
         request_id: str,
         *,
         prompt_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield this request's RequestOutputs as the engine makes progress; the last is finished.
+    ) -> RequestStream:
+        """Add a request now and return its stream of RequestOutputs (vLLM V1's
+        ``AsyncLLM.add_request``): the engine takes it before its next step whether or not the
+        stream is being read yet. Closing the stream before the last output aborts the request.
 
-        Closing the generator early (``break``, the consuming task cancelled: a client that went
-        away) aborts the request. A request the engine refuses raises ValueError/TypeError from the
-        first ``__anext__``; an engine failure raises :class:`EngineError`.
-        """
+        A server adds a request as soon as its handler has checked it, not when its response
+        starts streaming: between the two lie several turns of the event loop, and when a
+        thousand requests arrive at once each turn is long (each request's every stage runs in
+        turn), so a lazy add left the engine stepping half-empty batches for hundreds of ms.
+        Raises ValueError/TypeError for a value the engine refuses at once, :class:`EngineError`
+        if the engine process is gone."""
         self.start()
         request_id = str(request_id)
         if request_id in self._streams:
@@ -172,29 +222,27 @@ class AsyncLLMEngine:
             self._work.new.append(_NewRequest(request_id, prompt, sampling_params, prompt_token_ids))
         self._streams[request_id] = queue
         self._wake.set()
-        finished = False
-        # When this client is behind (several steps' outputs queued), they go out as one: a
-        # cumulative output holds everything the earlier ones did, so only the newest counts; DELTA
-        # outputs are added up. So a slow consumer costs one chunk per turn of the event loop, not
-        # one per step (vLLM's output collector merges the same way).
-        kind = getattr(sampling_params, "output_kind", None)
-        try:
-            while True:
-                item = await queue.get()
-                while not queue.empty() and not isinstance(item, BaseException) and kind != RequestOutputKind.FINAL_ONLY:
-                    newer = queue.get_nowait()
-                    item = newer if kind == RequestOutputKind.CUMULATIVE or isinstance(newer, BaseException) \
-                        else item.add(newer)  # fmt: skip
-                if isinstance(item, BaseException):
-                    finished = True  # the engine already dropped it
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue, getattr(sampling_params, "output_kind", None))
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        prompt_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's RequestOutputs as the engine makes progress; the last is finished.
+
+        The request is added at the first ``__anext__`` (:meth:`add_request` adds it at once).
+        Closing the generator early (``break``, the consuming task cancelled: a client that went
+        away) aborts the request. A request the engine refuses raises ValueError/TypeError from the
+        first ``__anext__``; an engine failure raises :class:`EngineError`.
+        """
+        stream = self.add_request(prompt, sampling_params, request_id, prompt_token_ids=prompt_token_ids)
+        async with aclosing(stream):
+            async for out in stream:
+                yield out
 
     def abort(self, request_id: str) -> None:
         """Stop a request: it leaves the batch (blocks freed) before the next step. Unknown ids are ignored."""

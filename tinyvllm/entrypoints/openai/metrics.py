@@ -101,11 +101,12 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def track(self, stream: AsyncIterator[RequestOutput], num_prompt_tokens: int,
-                    delta: bool = False) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def track(self, stream: AsyncIterator[RequestOutput], num_prompt_tokens: int, delta: bool = False,
+                    arrival: float | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Pass ``stream`` through, recording its timings and token counts (``delta``: its outputs
-        are DELTA ones, each with the new tokens only; else each holds all tokens so far)."""
-        arrival = last = time.perf_counter()
+        are DELTA ones, each with the new tokens only; else each holds all tokens so far;
+        ``arrival``: when the request was added, ``time.perf_counter()``; default: the first read)."""
+        arrival = last = time.perf_counter() if arrival is None else arrival
         num_tokens = 0
         finished_reason = "abort"  # unless the stream ends properly
         try:

@@ -15,15 +15,13 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from fastapi.responses import StreamingResponse
-
 from tinyvllm.entrypoints.openai.logprobs import chat_logprobs
 from tinyvllm.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
     ChatStreamChoice, DeltaMessage, UsageInfo,
 )  # fmt: skip
 from tinyvllm.entrypoints.openai.serving_engine import (
-    OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, merge_async_iterators, new_request_id,
+    EngineStreamingResponse, OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, new_request_id,
     raise_as_openai_error, sse,
 )  # fmt: skip
 
@@ -98,12 +96,14 @@ class OpenAIServingChat(OpenAIServing):
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=num_logprobs)
         request_id = new_request_id("chatcmpl")
-        merged = merge_async_iterators([self.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)])
+        added = self.add_requests([{"prompt": text, "prompt_token_ids": ids}], params, [request_id])
         if request.stream:
-            return StreamingResponse(self._stream(merged, request, request_id, len(ids), num_logprobs),
-                                     media_type="text/event-stream")  # fmt: skip
-        with raise_as_openai_error():
-            (final,) = await last_items(merged, raw_request, 1)
+            return EngineStreamingResponse(self._stream(added.outputs, request, request_id, len(ids), num_logprobs), added)
+        try:
+            with raise_as_openai_error():
+                (final,) = await last_items(added.outputs, raw_request, 1)
+        finally:
+            added.close()
         if final.error:
             raise OpenAIError(400, final.error, param="messages")
         choices = [

@@ -20,12 +20,10 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from fastapi.responses import StreamingResponse
-
 from tinyvllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs
 from tinyvllm.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from tinyvllm.entrypoints.openai.serving_engine import (
-    OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, merge_async_iterators, new_request_id,
+    EngineStreamingResponse, OpenAIError, OpenAIServing, UnsentDeltas, error_event, last_items, new_request_id,
     raise_as_openai_error, sse,
 )  # fmt: skip
 
@@ -40,14 +38,16 @@ class OpenAIServingCompletion(OpenAIServing):
         params = self.sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs,
                                       prompt_logprobs=echo_logprobs)  # fmt: skip
         request_id = new_request_id("cmpl")
-        streams = [self.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
-        merged = merge_async_iterators(streams)
+        added = self.add_requests(prompts, params, [f"{request_id}-{i}" for i in range(len(prompts))])
         num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         if request.stream:
-            body = self._stream(merged, request, request_id, params.n, num_prompt_tokens, prompts)
-            return StreamingResponse(body, media_type="text/event-stream")
-        with raise_as_openai_error():
-            finals = await last_items(merged, raw_request, len(prompts))
+            body = self._stream(added.outputs, request, request_id, params.n, num_prompt_tokens, prompts)
+            return EngineStreamingResponse(body, added)
+        try:
+            with raise_as_openai_error():
+                finals = await last_items(added.outputs, raw_request, len(prompts))
+        finally:
+            added.close()
         choices = []
         for i, out in enumerate(finals):
             if out.error:

@@ -18,10 +18,13 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from contextlib import aclosing, contextmanager
 from typing import Any, AsyncIterator
 
-from tinyvllm.engine.async_llm_engine import AsyncLLMEngine, EngineError, EngineShutdownError
+from fastapi.responses import StreamingResponse
+
+from tinyvllm.engine.async_llm_engine import AsyncLLMEngine, EngineError, EngineShutdownError, RequestStream
 from tinyvllm.entrypoints.openai.metrics import ServerMetrics
 from tinyvllm.entrypoints.openai.protocol import (
     ErrorInfo, ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo, random_id,
@@ -168,11 +171,54 @@ class OpenAIServing:
         """Tokenize off the event loop (a long prompt takes milliseconds)."""
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
-    def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """The engine's stream for one prompt (DELTA outputs: see :meth:`sampling_params`), with the
-        server's metrics recorded along the way."""
-        return self.metrics.track(self.engine.generate(prompt, params, request_id), len(prompt["prompt_token_ids"]),
-                                  delta=params.output_kind == RequestOutputKind.DELTA)  # fmt: skip
+    def add_requests(self, prompts: list[dict], params: SamplingParams, request_ids: list[str]) -> AddedRequests:
+        """Add one engine request per prompt now, as soon as the handler has checked them (not when
+        the response starts: see ``AsyncLLMEngine.add_request``); their outputs are DELTA ones (see
+        :meth:`sampling_params`), with the server's metrics recorded along the way. If one is
+        refused, those added before it are aborted and the refusal raised as an OpenAIError."""
+        streams: list[RequestStream] = []
+        try:
+            with raise_as_openai_error():
+                for prompt, request_id in zip(prompts, request_ids):
+                    streams.append(self.engine.add_request(prompt, params, request_id))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        arrival, delta = time.perf_counter(), params.output_kind == RequestOutputKind.DELTA
+        metered = [self.metrics.track(s, len(p["prompt_token_ids"]), delta=delta, arrival=arrival)
+                   for s, p in zip(streams, prompts)]  # fmt: skip
+        return AddedRequests(merge_async_iterators(metered), streams)
+
+
+@dataclasses.dataclass
+class AddedRequests:
+    """The engine requests of one HTTP request: ``outputs`` yields ``(prompt index, output)`` as
+    they come; ``close()`` aborts those not finished, whether or not their outputs were ever read
+    (a streamed response calls it when it ends, however it ends: :class:`EngineStreamingResponse`)."""
+
+    outputs: AsyncIterator[tuple[int, RequestOutput]]
+    streams: list[RequestStream]
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """Server-sent events for requests added before the response began: when the response ends
+    (finished, failed, or its client gone before the first chunk, when the body never started and
+    so never ran its own clean-up), the requests not finished are aborted."""
+
+    def __init__(self, body: AsyncIterator[str], requests: AddedRequests) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.requests = requests
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.requests.close()
 
 
 # ---- streams -----------------------------------------------------------------------------------
