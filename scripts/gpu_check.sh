@@ -27,7 +27,13 @@
 #       (the Chrome traces go to /tmp/tinyvllm_traces, since the device tool brings back at most
 #        8 files; PROFILE_TRACE_DIR=$OUT/traces brings them back, one per batch size)
 #
-# Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out.
+# Results (logs, JSON, PNG) go to $OUT (the device tool's folder) or ./out; PACK_OUT=1 packs them
+# into one $OUT/results.tgz at the end (the device tool brings back at most 8 files).
+#
+# What the open issues still need, in one call of about 7 minutes (`.whl` carried):
+#   PACK_OUT=1 SERVE_ARGS="--stream-intervals 10 --in-process" \
+#     E2E_ARGS="--skip-hf --skip-compile --skip-eager --workloads latency" \
+#     bash scripts/gpu_check.sh build gemmbench e2e serve
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -176,3 +182,8 @@ fi
 echo
 echo "================ summary ($(cat "$OUT/gpu.txt")) ================"
 printf '%s\n' "${summary[@]}"
+if [[ -n "${PACK_OUT:-}" ]]; then  # one archive: the device tool brings back at most 8 files
+  printf '%s\n' "${summary[@]}" > "$OUT/summary.txt"
+  tar czf /tmp/gpu_check_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+    && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz" && echo "packed into $OUT/results.tgz"
+fi
