@@ -176,6 +176,7 @@ class OpenAIServing:
         the response starts: see ``AsyncLLMEngine.add_request``); their outputs are DELTA ones (see
         :meth:`sampling_params`), with the server's metrics recorded along the way. If one is
         refused, those added before it are aborted and the refusal raised as an OpenAIError."""
+        arrival = time.perf_counter()  # (the server's TTFT starts before the adds, as the engine's clock does)
         streams: list[RequestStream] = []
         try:
             with raise_as_openai_error():
@@ -185,7 +186,7 @@ class OpenAIServing:
             for s in streams:
                 s.close()
             raise
-        arrival, delta = time.perf_counter(), params.output_kind == RequestOutputKind.DELTA
+        delta = params.output_kind == RequestOutputKind.DELTA
         metered = [self.metrics.track(s, len(p["prompt_token_ids"]), delta=delta, arrival=arrival)
                    for s, p in zip(streams, prompts)]  # fmt: skip
         return AddedRequests(merge_async_iterators(metered), streams)
