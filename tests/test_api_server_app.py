@@ -117,3 +117,43 @@ def test_a_stream_whose_client_left_before_its_first_byte_is_aborted():
     assert len(ran) <= at_disconnect + 1 < 60, "the request ran on after its client left"
     bm = inner.block_manager
     assert not inner.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_refused_prompt_aborts_the_prompts_added_before_it():
+    """A multi-prompt completion is added prompt by prompt in the handler: if the engine refuses a
+    later prompt at once, the earlier ones (already running) are aborted and the refusal is a 400."""
+    import asyncio
+
+    from tinyvllm import SamplingParams
+    from tinyvllm.entrypoints.openai.metrics import ServerMetrics
+    from tinyvllm.entrypoints.openai.serving_engine import OpenAIError, OpenAIServing
+
+    inner = make_fake_engine(max_model_len=64)
+
+    async def main():
+        engine = AsyncLLMEngine(inner)
+        serving = OpenAIServing(engine, ["toy"], ServerMetrics(engine))
+        real_add = engine.add_request
+
+        def add_request(prompt, params, request_id, **kw):
+            if request_id.endswith("-1"):
+                raise ValueError("prompt 1 is refused")
+            return real_add(prompt, params, request_id, **kw)
+
+        engine.add_request = add_request
+        prompts = [{"prompt": None, "prompt_token_ids": [3, 4, 5]}, {"prompt": None, "prompt_token_ids": [6]}]
+        with pytest.raises(OpenAIError) as err:
+            serving.add_requests(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), ["c-0", "c-1"])
+        for _ in range(200):
+            if not inner.has_unfinished_requests() and not engine._streams:
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        return err.value
+
+    err = asyncio.run(main())
+    assert err.status == 400 and "prompt 1 is refused" in err.message
+    ran = [step for step in inner.model_runner.batches if any(r == "c-0" for r, _ in step)]
+    assert len(ran) <= 1, "the first prompt ran on after the second was refused"
+    bm = inner.block_manager
+    assert not inner.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
