@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "work against offline's (default 512 prompts of 16 tokens, 64 out, rate inf)")
     ap.add_argument("--paced", action="store_true",
                     help="--host-bound with every model step as long as an H100's (bench/paced_step.py), and the "
-                         "online workload's sizes (1000 prompts of 512 tokens, 128 out, rate inf): does one server "
+                         "online workload's sizes but 16-token prompts (1000 prompts, 128 out, rate inf; the CPU "
+                         "model's own attention over 512-token prompts would outweigh the pace): does one server "
                          "process keep up with a GPU's engine?")
     ap.add_argument("--stream-intervals", default="",
                     help="also rate inf with `serve --stream-interval N` for each N here, comma-separated (e.g. 10)")
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, tiny, host_bound in (("--num-prompts", 6, 512), ("--input-len", 16, 16), ("--output-len", 4, 64),
                                    ("--seconds", 2.0, 2.0), ("--rates", "1,4,inf", "inf")):  # fmt: skip
         if flag not in given and (a.tiny or a.host_bound):  # (the CPU runs' own sizes, unless given)
-            if a.paced and flag != "--rates":
-                continue  # (paced: the GPU's sizes)
+            if a.paced and flag not in ("--rates", "--input-len"):
+                continue  # (paced: the GPU's sizes, but the host-bound prompts)
             setattr(a, flag[2:].replace("-", "_"), host_bound if a.host_bound else tiny)
     cpu = a.tiny or a.host_bound
     # --host-bound: one thread per process (the server's engine too): the host's work, not the model's
